@@ -1,0 +1,903 @@
+//! Configuration: the TOML file and the command-line flags merged into one
+//! validated [`Config`]. Pure: text in, a config or a list of errors out,
+//! each error naming its key path (and line, where TOML knows it).
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    /// Number of shards (executors).
+    pub shards: usize,
+    /// The CPU each shard is pinned to, by shard index; `None` leaves shards
+    /// unpinned.
+    pub cpus: Option<Vec<usize>>,
+    pub admin: Option<SocketAddr>,
+    /// How long in-flight requests may run after SIGINT/SIGTERM.
+    pub drain_timeout: Duration,
+    /// Client connections per shard above which new ones are refused (503).
+    pub max_connections: usize,
+    pub limits: Limits,
+    pub cache: CacheConfig,
+    pub pools: Vec<PoolConfig>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+    /// From the first byte of a request head to its end (408 after).
+    pub header_timeout: Duration,
+    /// Between requests on a keep-alive connection (closed silently after).
+    pub idle_timeout: Duration,
+    /// Between two reads of a request body (408 after).
+    pub body_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub size_bytes: u64,
+    pub collapse: bool,
+    pub collapse_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    /// From the end of the request to the response head.
+    pub response_timeout: Duration,
+    /// Between two reads of a response body.
+    pub body_timeout: Duration,
+    /// Idle keep-alive connections kept per backend per shard.
+    pub keepalive: usize,
+    /// How long an idle upstream connection is kept.
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Index into `Config::pools`.
+    pub pool: usize,
+}
+
+impl Config {
+    /// The pool for a request, by host (without port) and path: the longest
+    /// matching path prefix among routes for this host, then among `*` routes.
+    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Option<usize> {
+        let mut best: Option<(bool, usize, usize)> = None;
+        for r in &self.routes {
+            let host_match = match (&r.host, host) {
+                (None, _) => false,
+                (Some(h), Some(req)) if h.as_bytes().eq_ignore_ascii_case(req) => true,
+                (Some(_), _) => continue,
+            };
+            if !path.starts_with(r.path_prefix.as_bytes()) {
+                continue;
+            }
+            let key = (host_match, r.path_prefix.len(), r.pool);
+            if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
+                best = Some(key);
+            }
+        }
+        best.map(|b| b.2)
+    }
+}
+
+/// One configuration error, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// All errors found in one configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---- the file's shape -------------------------------------------------------
+
+/// A size: an integer of bytes or a string like `64MiB`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub cache: CacheSection,
+    #[serde(default)]
+    pub pool: Vec<PoolSection>,
+    #[serde(default)]
+    pub store: Vec<toml::Value>,
+    #[serde(default)]
+    pub route: Vec<RouteSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: Option<Vec<String>>,
+    pub shards: Option<usize>,
+    pub cpus: Option<String>,
+    pub admin: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_header_bytes: Option<SizeValue>,
+    pub max_headers: Option<usize>,
+    pub max_uri_bytes: Option<SizeValue>,
+    pub max_body_bytes: Option<SizeValue>,
+    pub header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub size: Option<SizeValue>,
+    pub collapse: Option<bool>,
+    pub collapse_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    pub name: String,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+    pub health: Option<toml::Value>,
+    pub sticky: Option<toml::Value>,
+    pub retries: Option<u32>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    pub keepalive: Option<usize>,
+    pub keepalive_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub addr: String,
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub to: String,
+}
+
+/// Command-line values that override the file (see INTERFACE.md).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub backends: Vec<String>,
+    pub balance: Option<String>,
+    pub hash_key: Option<String>,
+    pub origin_dir: Option<String>,
+    pub cache_size: Option<String>,
+    pub shards: Option<usize>,
+    pub cpus: Option<String>,
+    pub admin: Option<String>,
+    pub health_path: Option<String>,
+    pub health_interval: Option<String>,
+}
+
+/// Parses TOML text into the file shape; the error names the key path and line.
+pub fn parse_file(text: &str) -> Result<FileConfig, ConfigErrors> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| text[..s.start].matches('\n').count() + 1);
+        let msg = inner.message().to_string();
+        let key = if path == "." || path.is_empty() {
+            "(top level)".to_string()
+        } else {
+            path
+        };
+        ConfigErrors(vec![ConfigError {
+            key,
+            message: match line {
+                Some(l) => format!("{msg} (line {l})"),
+                None => msg,
+            },
+        }])
+    })
+}
+
+/// Parses `512KiB`, `64MiB`, `1GiB`, `10kB`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 512KiB, 64MiB, 1GiB or bytes)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "kB" | "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` in `{s}` (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 250ms, 5s, 2m)"))?;
+    Ok(match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "us" | "µs" => Duration::from_micros(n),
+        "" => return Err(format!("duration `{s}` needs a unit (ms, s, m)")),
+        u => {
+            return Err(format!(
+                "unknown duration unit `{u}` in `{s}` (use ms, s, m)"
+            ))
+        }
+    })
+}
+
+/// Parses a CPU list: `1`, `0-3`, `0,2,4`, `0-1,4`.
+pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: usize = a.trim().parse().map_err(|_| format!("bad CPU `{part}`"))?;
+            let b: usize = b.trim().parse().map_err(|_| format!("bad CPU `{part}`"))?;
+            if a > b {
+                return Err(format!("bad CPU range `{part}`"));
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| format!("bad CPU `{part}`"))?);
+        }
+    }
+    if out.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    let mut seen = out.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != out.len() {
+        return Err(format!("CPU list `{s}` names a CPU twice"));
+    }
+    Ok(out)
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{s}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
+}
+
+/// Builds a validated config from the file (if any) and the flags. Every
+/// problem found is reported, each with its key path.
+pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Config, ConfigErrors> {
+    let mut errs: Vec<ConfigError> = Vec::new();
+    let mut err = |key: &str, msg: String| {
+        errs.push(ConfigError {
+            key: key.to_string(),
+            message: msg,
+        })
+    };
+
+    // [server]
+    let listen_src: Vec<(String, String)> = if !ov.listen.is_empty() {
+        ov.listen
+            .iter()
+            .map(|l| ("--listen".to_string(), l.clone()))
+            .collect()
+    } else if let Some(l) = &file.server.listen {
+        l.iter()
+            .enumerate()
+            .map(|(i, a)| (format!("server.listen[{i}]"), a.clone()))
+            .collect()
+    } else {
+        vec![("server.listen".into(), "127.0.0.1:8080".into())]
+    };
+    let mut listen = Vec::new();
+    for (key, a) in &listen_src {
+        match resolve(a) {
+            Ok(sa) => listen.push(sa),
+            Err(m) => err(key, m),
+        }
+    }
+    let (cpus_key, cpus_src) = match (&ov.cpus, &file.server.cpus) {
+        (Some(c), _) => ("--cpus", Some(c.clone())),
+        (None, Some(c)) => ("server.cpus", Some(c.clone())),
+        _ => ("server.cpus", None),
+    };
+    let cpus = match cpus_src.as_deref().map(parse_cpus) {
+        Some(Ok(c)) => {
+            if let Some(bad) = c.iter().find(|&&c| c >= online_cpus) {
+                err(
+                    cpus_key,
+                    format!("CPU {bad} does not exist (this machine has {online_cpus})"),
+                );
+            }
+            Some(c)
+        }
+        Some(Err(m)) => {
+            err(cpus_key, m);
+            None
+        }
+        None => None,
+    };
+    let shards_key = if ov.shards.is_some() {
+        "--shards"
+    } else {
+        "server.shards"
+    };
+    let shards = ov
+        .shards
+        .or(file.server.shards)
+        .unwrap_or_else(|| cpus.as_ref().map_or(online_cpus, Vec::len));
+    if shards == 0 || shards > 1024 {
+        err(
+            shards_key,
+            format!("must be between 1 and 1024, not {shards}"),
+        );
+    }
+    let cpus = cpus.map(|c| (0..shards).map(|i| c[i % c.len()]).collect());
+    let admin_src = ov.admin.clone().or(file.server.admin.clone());
+    if admin_src.is_some() {
+        let key = if ov.admin.is_some() {
+            "--admin"
+        } else {
+            "server.admin"
+        };
+        err(
+            key,
+            "the admin listener is not available in this build yet (see the README's status)"
+                .into(),
+        );
+    }
+    let drain_timeout = dur(
+        &mut err,
+        "server.drain_timeout",
+        &file.server.drain_timeout,
+        "10s",
+    );
+    let max_connections = file.server.max_connections.unwrap_or(16_384);
+    if max_connections == 0 {
+        err("server.max_connections", "must be at least 1".into());
+    }
+
+    // [limits]
+    let l = &file.limits;
+    let max_header_bytes = size(
+        &mut err,
+        "limits.max_header_bytes",
+        &l.max_header_bytes,
+        32 << 10,
+    );
+    if !(1024..=1 << 20).contains(&max_header_bytes) {
+        err(
+            "limits.max_header_bytes",
+            "must be between 1KiB and 1MiB".into(),
+        );
+    }
+    let max_headers = l.max_headers.unwrap_or(100);
+    if max_headers == 0 || max_headers > crate::http::request::HEADER_TABLE {
+        err(
+            "limits.max_headers",
+            format!(
+                "must be between 1 and {}",
+                crate::http::request::HEADER_TABLE
+            ),
+        );
+    }
+    let max_uri_bytes = size(&mut err, "limits.max_uri_bytes", &l.max_uri_bytes, 8 << 10);
+    if max_uri_bytes == 0 || max_uri_bytes > max_header_bytes {
+        err(
+            "limits.max_uri_bytes",
+            "must be between 1 and max_header_bytes".into(),
+        );
+    }
+    let max_body_bytes = size(
+        &mut err,
+        "limits.max_body_bytes",
+        &l.max_body_bytes,
+        1 << 30,
+    );
+    let header_timeout = dur(&mut err, "limits.header_timeout", &l.header_timeout, "10s");
+    let idle_timeout = dur(&mut err, "limits.idle_timeout", &l.idle_timeout, "60s");
+    let body_timeout = dur(&mut err, "limits.body_timeout", &l.body_timeout, "30s");
+
+    // [cache]
+    let (cache_key, cache_src) = match &ov.cache_size {
+        Some(s) => ("--cache-size", Some(SizeValue::Text(s.clone()))),
+        None => ("cache.size", file.cache.size.clone()),
+    };
+    let cache_size = size(&mut err, cache_key, &cache_src, 256 << 20);
+    let collapse_timeout = dur(
+        &mut err,
+        "cache.collapse_timeout",
+        &file.cache.collapse_timeout,
+        "5s",
+    );
+
+    // [[pool]]
+    let mut pools = Vec::new();
+    let mut pool_sections = file.pool;
+    if !ov.backends.is_empty() {
+        let mut p = match pool_sections.iter().position(|p| p.name == "default") {
+            Some(i) => pool_sections.remove(i),
+            None => PoolSection {
+                name: "default".into(),
+                ..Default::default()
+            },
+        };
+        p.backends = ov
+            .backends
+            .iter()
+            .map(|b| {
+                let mut parts = b.split(',');
+                let addr = parts.next().unwrap_or("").trim().to_string();
+                let mut weight = None;
+                for opt in parts {
+                    match opt.trim().strip_prefix("weight=").map(str::parse::<u32>) {
+                        Some(Ok(w)) => weight = Some(w),
+                        _ => weight = Some(u32::MAX), // flagged below
+                    }
+                }
+                BackendSection { addr, weight }
+            })
+            .collect();
+        pool_sections.insert(0, p);
+    }
+    if let Some(b) = &ov.balance {
+        if let Some(p) = pool_sections.first_mut() {
+            p.balance = Some(b.clone());
+        }
+    }
+    if let Some(h) = &ov.hash_key {
+        if let Some(p) = pool_sections.first_mut() {
+            p.hash_key = Some(h.clone());
+        }
+    }
+    for (i, p) in pool_sections.iter().enumerate() {
+        let k = |f: &str| format!("pool[{i}].{f}");
+        if p.name.is_empty() {
+            err(&k("name"), "must not be empty".into());
+        }
+        if pool_sections[..i].iter().any(|q| q.name == p.name) {
+            err(&k("name"), format!("pool `{}` is defined twice", p.name));
+        }
+        let balance = match p.balance.as_deref().unwrap_or("round-robin") {
+            "round-robin" => Balance::RoundRobin,
+            a @ ("random" | "least-loaded" | "peak-ewma" | "hash" | "sticky") => {
+                err(
+                    &k("balance"),
+                    format!("`{a}` is not available in this build yet; use round-robin"),
+                );
+                Balance::RoundRobin
+            }
+            a => {
+                err(
+                    &k("balance"),
+                    format!("unknown algorithm `{a}` (round-robin, random, least-loaded, peak-ewma, hash, sticky)"),
+                );
+                Balance::RoundRobin
+            }
+        };
+        if p.hash_key.is_some() {
+            err(
+                &k("hash_key"),
+                "only used by hash and sticky balancing, not available yet".into(),
+            );
+        }
+        if p.health.is_some() {
+            err(
+                &k("health"),
+                "health checks are not available in this build yet".into(),
+            );
+        }
+        if p.sticky.is_some() {
+            err(
+                &k("sticky"),
+                "sticky sessions are not available in this build yet".into(),
+            );
+        }
+        if p.retries.is_some() {
+            err(
+                &k("retries"),
+                "retries to other backends are not available in this build yet".into(),
+            );
+        }
+        if p.backends.is_empty() {
+            err(&k("backends"), "a pool needs at least one backend".into());
+        }
+        let mut backends = Vec::new();
+        for (j, b) in p.backends.iter().enumerate() {
+            match resolve(&b.addr) {
+                Ok(addr) => {
+                    let weight = b.weight.unwrap_or(1);
+                    if weight == 0 || weight > 1000 {
+                        err(
+                            &format!("pool[{i}].backends[{j}].weight"),
+                            "must be between 1 and 1000".into(),
+                        );
+                    }
+                    backends.push(Backend { addr, weight });
+                }
+                Err(m) => err(&format!("pool[{i}].backends[{j}].addr"), m),
+            }
+        }
+        pools.push(PoolConfig {
+            name: p.name.clone(),
+            balance,
+            backends,
+            connect_timeout: dur(&mut err, &k("connect_timeout"), &p.connect_timeout, "3s"),
+            response_timeout: dur(&mut err, &k("response_timeout"), &p.response_timeout, "60s"),
+            body_timeout: dur(&mut err, &k("body_timeout"), &p.body_timeout, "60s"),
+            keepalive: p.keepalive.unwrap_or(64),
+            keepalive_timeout: dur(
+                &mut err,
+                &k("keepalive_timeout"),
+                &p.keepalive_timeout,
+                "30s",
+            ),
+        });
+    }
+
+    // [[store]] and --origin-dir
+    if !file.store.is_empty() {
+        err(
+            "store",
+            "origin stores are not available in this build yet".into(),
+        );
+    }
+    if ov.origin_dir.is_some() {
+        err(
+            "--origin-dir",
+            "origin stores are not available in this build yet".into(),
+        );
+    }
+    if ov.health_path.is_some() {
+        err(
+            "--health-path",
+            "health checks are not available in this build yet".into(),
+        );
+    }
+    if let Some(h) = &ov.health_interval {
+        if let Err(m) = parse_duration(h) {
+            err("--health-interval", m);
+        }
+    }
+
+    // [[route]]
+    let mut routes = Vec::new();
+    for (i, r) in file.route.iter().enumerate() {
+        let pool = pools.iter().position(|p| p.name == r.to);
+        if pool.is_none() {
+            err(
+                &format!("route[{i}].to"),
+                format!("no pool named `{}`", r.to),
+            );
+        }
+        let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
+        if !path_prefix.starts_with('/') {
+            err(
+                &format!("route[{i}].path_prefix"),
+                "must start with `/`".into(),
+            );
+        }
+        let host = r
+            .host
+            .as_deref()
+            .filter(|h| *h != "*")
+            .map(|h| h.to_ascii_lowercase());
+        routes.push(Route {
+            host,
+            path_prefix,
+            pool: pool.unwrap_or(0),
+        });
+    }
+    if pools.is_empty() {
+        err(
+            "pool",
+            "no origin: give --backend ADDR or a [[pool]] with backends".into(),
+        );
+    } else if routes.is_empty()
+        || !routes
+            .iter()
+            .any(|r| r.host.is_none() && r.path_prefix == "/")
+    {
+        // Anything unrouted goes to the first pool, like a default server.
+        routes.push(Route {
+            host: None,
+            path_prefix: "/".into(),
+            pool: 0,
+        });
+    }
+
+    if !errs.is_empty() {
+        return Err(ConfigErrors(errs));
+    }
+    Ok(Config {
+        listen,
+        shards,
+        cpus,
+        admin: None,
+        drain_timeout,
+        max_connections,
+        limits: Limits {
+            max_header_bytes: max_header_bytes as usize,
+            max_headers,
+            max_uri_bytes: max_uri_bytes as usize,
+            max_body_bytes,
+            header_timeout,
+            idle_timeout,
+            body_timeout,
+        },
+        cache: CacheConfig {
+            size_bytes: cache_size,
+            collapse: file.cache.collapse.unwrap_or(true),
+            collapse_timeout,
+        },
+        pools,
+        routes,
+    })
+}
+
+fn dur(
+    err: &mut impl FnMut(&str, String),
+    key: &str,
+    v: &Option<String>,
+    default: &str,
+) -> Duration {
+    let s = v.as_deref().unwrap_or(default);
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            err(key, "must be greater than zero".into());
+            Duration::from_secs(1)
+        }
+        Ok(d) => d,
+        Err(m) => {
+            err(key, m);
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn size(err: &mut impl FnMut(&str, String), key: &str, v: &Option<SizeValue>, default: u64) -> u64 {
+    match v {
+        None => default,
+        Some(SizeValue::Bytes(n)) => *n,
+        Some(SizeValue::Text(s)) => parse_size(s).unwrap_or_else(|m| {
+            err(key, m);
+            default
+        }),
+    }
+}
+
+/// Reads, parses and validates a config file plus flags.
+pub fn load(
+    path: Option<&str>,
+    ov: &Overrides,
+    online_cpus: usize,
+) -> Result<Config, ConfigErrors> {
+    let file = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    key: "--config".into(),
+                    message: format!("cannot read {p}: {e}"),
+                }])
+            })?;
+            parse_file(&text)?
+        }
+        None => FileConfig::default(),
+    };
+    build(file, ov, online_cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Result<Config, ConfigErrors> {
+        build(parse_file(text)?, &Overrides::default(), 4)
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert_eq!(parse_cpus("0-2,5"), Ok(vec![0, 1, 2, 5]));
+        assert!(parse_cpus("1,1").is_err());
+        assert!(parse_cpus("3-1").is_err());
+    }
+
+    #[test]
+    fn full_file() {
+        let c = cfg(r#"
+[server]
+listen = ["127.0.0.1:0"]
+shards = 2
+cpus = "0-1"
+[limits]
+max_header_bytes = "16KiB"
+max_body_bytes = 1048576
+header_timeout = "2s"
+[cache]
+size = "64MiB"
+[[pool]]
+name = "web"
+backends = [{ addr = "127.0.0.1:9001", weight = 3 }, { addr = "127.0.0.1:9002" }]
+connect_timeout = "250ms"
+[[pool]]
+name = "api"
+backends = [{ addr = "127.0.0.1:9003" }]
+[[route]]
+path_prefix = "/api/"
+to = "api"
+[[route]]
+host = "static.example"
+to = "web"
+"#)
+        .unwrap();
+        assert_eq!(c.shards, 2);
+        assert_eq!(c.cpus, Some(vec![0, 1]));
+        assert_eq!(c.limits.max_header_bytes, 16 << 10);
+        assert_eq!(c.limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.pools[0].backends[0].weight, 3);
+        assert_eq!(c.pools[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.route(None, b"/api/x"), Some(1));
+        assert_eq!(c.route(Some(b"static.example"), b"/api/x"), Some(0));
+        assert_eq!(c.route(Some(b"other"), b"/x"), Some(0));
+    }
+
+    #[test]
+    fn unknown_key_names_its_path_and_line() {
+        let e = cfg("[server]\nlisten = [\"127.0.0.1:0\"]\n\n[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", wieght = 2 }]\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("pool[0].backends[0]"), "{s}");
+        assert!(s.contains("wieght"), "{s}");
+        assert!(s.contains("line 6"), "{s}");
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let e = cfg(r#"
+[server]
+listen = ["not an address"]
+shards = 0
+[limits]
+header_timeout = "soon"
+[[pool]]
+name = "a"
+balance = "fastest"
+backends = [{ addr = "127.0.0.1:1", weight = 0 }]
+[[route]]
+to = "nope"
+"#)
+        .unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        for k in [
+            "server.listen[0]",
+            "server.shards",
+            "limits.header_timeout",
+            "pool[0].balance",
+            "pool[0].backends[0].weight",
+            "route[0].to",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = parse_file("[server]\nlisten = [\"127.0.0.1:1\"]\n").unwrap();
+        let ov = Overrides {
+            listen: vec!["127.0.0.1:0".into()],
+            backends: vec!["127.0.0.1:9000,weight=5".into()],
+            shards: Some(3),
+            ..Default::default()
+        };
+        let c = build(file, &ov, 2).unwrap();
+        assert_eq!(c.listen[0].port(), 0);
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.pools[0].name, "default");
+        assert_eq!(c.pools[0].backends[0].weight, 5);
+    }
+
+    #[test]
+    fn no_origin_is_an_error() {
+        let e = cfg("").unwrap_err();
+        assert_eq!(e.0[0].key, "pool");
+    }
+}

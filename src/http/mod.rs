@@ -1,0 +1,216 @@
+//! HTTP/1.1 wire format (RFC 9112): request and response heads, body framing,
+//! header rewriting and the responses corral makes itself. Pure: bytes in,
+//! bytes and decisions out; no I/O.
+
+pub mod chunked;
+pub mod request;
+pub mod response;
+pub mod rewrite;
+
+use std::fmt;
+
+/// A failure to accept a client request, mapped to the status code the client
+/// gets. Every one of them closes the connection after the answer, because the
+/// framing of whatever follows can no longer be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientError {
+    /// 400: malformed or ambiguous framing; the reason is for the log.
+    BadRequest(&'static str),
+    /// 408: the head (or a body chunk) did not arrive in time.
+    Timeout,
+    /// 413: the declared or streamed body exceeds `max_body_bytes`.
+    BodyTooLarge,
+    /// 414: the request target exceeds `max_uri_bytes`.
+    UriTooLong,
+    /// 431: the head exceeds `max_header_bytes` or `max_headers`.
+    HeaderTooLarge,
+    /// 501: a transfer-coding corral does not know.
+    NotImplemented(&'static str),
+}
+
+impl ClientError {
+    pub fn status(self) -> u16 {
+        match self {
+            ClientError::BadRequest(_) => 400,
+            ClientError::Timeout => 408,
+            ClientError::BodyTooLarge => 413,
+            ClientError::UriTooLong => 414,
+            ClientError::HeaderTooLarge => 431,
+            ClientError::NotImplemented(_) => 501,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            ClientError::BadRequest(r) | ClientError::NotImplemented(r) => r,
+            ClientError::Timeout => "request head not received in time",
+            ClientError::BodyTooLarge => "request body larger than max_body_bytes",
+            ClientError::UriTooLong => "request target longer than max_uri_bytes",
+            ClientError::HeaderTooLarge => "request head larger than max_header_bytes",
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.status(), self.reason())
+    }
+}
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body at all (GET without framing headers, HEAD responses, 204, 304, 1xx).
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+    /// Until the sender closes (responses only).
+    Close,
+}
+
+/// Canonical reason phrases for the statuses corral writes itself.
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        100 => "Continue",
+        200 => "OK",
+        204 => "No Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Appends a complete response that corral makes itself (an error page) to
+/// `out`: a short text body, `Via`, and `Connection: close` when `close`.
+pub fn write_simple_response(
+    out: &mut Vec<u8>,
+    code: u16,
+    body: &str,
+    close: bool,
+    extra: &[(&str, &str)],
+) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nVia: 1.1 corral\r\n",
+        code,
+        reason_phrase(code),
+        body.len() + 1
+    );
+    for (k, v) in extra {
+        let _ = write!(out, "{k}: {v}\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out.push(b'\n');
+}
+
+/// ASCII case-insensitive comparison of a header name.
+#[inline]
+pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(lower)
+}
+
+/// Iterates the comma-separated elements of a list-valued field (RFC 9110
+/// §5.6.1), trimmed of optional whitespace, skipping empty elements.
+pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+}
+
+/// Trims spaces and tabs from both ends.
+pub fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Parses a Content-Length field value: one or more comma-separated copies of
+/// the same decimal number (RFC 9110 §8.6 lets a recipient accept identical
+/// repeats); a sign, whitespace inside the number, differing values or
+/// overflow are errors.
+pub fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    let mut any = false;
+    for part in value.split(|&b| b == b',') {
+        let part = trim_ows(part);
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for &d in part {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+        any = true;
+    }
+    if any {
+        found
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b" 42 "), Some(42));
+        assert_eq!(parse_content_length(b"42, 42"), Some(42));
+        assert_eq!(parse_content_length(b"42, 43"), None);
+        assert_eq!(parse_content_length(b"+42"), None);
+        assert_eq!(parse_content_length(b"-1"), None);
+        assert_eq!(parse_content_length(b"4 2"), None);
+        assert_eq!(parse_content_length(b""), None);
+        assert_eq!(parse_content_length(b"0x10"), None);
+        assert_eq!(parse_content_length(b"99999999999999999999"), None);
+        assert_eq!(parse_content_length(b"18446744073709551615"), None);
+        assert_eq!(
+            parse_content_length(b"1844674407370955161"),
+            Some(1844674407370955161)
+        );
+    }
+
+    #[test]
+    fn list_elements_skip_empty() {
+        let v: Vec<&[u8]> = list_elements(b" gzip ,, chunked,").collect();
+        assert_eq!(v, vec![&b"gzip"[..], &b"chunked"[..]]);
+    }
+
+    #[test]
+    fn simple_response_is_framed() {
+        let mut out = Vec::new();
+        write_simple_response(&mut out, 502, "bad gateway", false, &[]);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(s.contains("Content-Length: 12\r\n"));
+        assert!(s.ends_with("\r\n\r\nbad gateway\n"));
+    }
+}

@@ -1,0 +1,498 @@
+//! Request heads (RFC 9112 §2–3, §6): parsing with httparse, then the framing
+//! checks that keep a proxy safe from request smuggling. Pure.
+//!
+//! The parsed head refers to the receive buffer by byte ranges, so parsing
+//! allocates nothing per request beyond the reusable header table.
+
+use super::{list_elements, name_is, parse_content_length, trim_ows, BodyKind, ClientError};
+use std::ops::Range;
+
+/// httparse needs a fixed header table; `max_headers` is checked against the
+/// count and may not exceed this.
+pub const HEADER_TABLE: usize = 256;
+
+/// Limits applied while parsing a head.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Options,
+    Patch,
+    Trace,
+    Connect,
+    Other,
+}
+
+impl Method {
+    fn from_bytes(m: &[u8]) -> Method {
+        match m {
+            b"GET" => Method::Get,
+            b"HEAD" => Method::Head,
+            b"POST" => Method::Post,
+            b"PUT" => Method::Put,
+            b"DELETE" => Method::Delete,
+            b"OPTIONS" => Method::Options,
+            b"PATCH" => Method::Patch,
+            b"TRACE" => Method::Trace,
+            b"CONNECT" => Method::Connect,
+            _ => Method::Other,
+        }
+    }
+
+    /// RFC 9110 §9.2.2: safe to repeat without changing the outcome.
+    pub fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
+        )
+    }
+}
+
+/// One header field as ranges into the buffer the head was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub name: (u32, u32),
+    pub value: (u32, u32),
+}
+
+impl Field {
+    pub fn name<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.name.0 as usize..self.name.1 as usize]
+    }
+    pub fn value<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.value.0 as usize..self.value.1 as usize]
+    }
+}
+
+/// A parsed, validated request head.
+#[derive(Debug, Clone, Default)]
+pub struct RequestHead {
+    /// Length of the head in the buffer, including the final empty line.
+    pub head_len: usize,
+    pub method: Option<Method>,
+    pub method_range: Range<usize>,
+    pub target: Range<usize>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    pub fields: Vec<Field>,
+    pub body: Option<BodyKind>,
+    /// The client asked to close (`Connection: close`, or HTTP/1.0 without
+    /// `keep-alive`).
+    pub close: bool,
+    pub expect_continue: bool,
+    pub host: Option<Range<usize>>,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> Method {
+        self.method.unwrap_or(Method::Other)
+    }
+    pub fn body(&self) -> BodyKind {
+        self.body.unwrap_or(BodyKind::Empty)
+    }
+    pub fn target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.target.clone()]
+    }
+    /// The path part of the target, without query.
+    pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        let t = self.target(buf);
+        let t = strip_absolute_form(t);
+        match memchr::memchr(b'?', t) {
+            Some(i) => &t[..i],
+            None => t,
+        }
+    }
+    /// The host the request is for, without port, lower-cased by the caller
+    /// when needed.
+    pub fn host<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
+        let h = &buf[self.host.clone()?];
+        // Strip a port, minding IPv6 literals.
+        if h.first() == Some(&b'[') {
+            return memchr::memchr(b']', h).map(|i| &h[..=i]);
+        }
+        Some(match memchr::memrchr(b':', h) {
+            Some(i) => &h[..i],
+            None => h,
+        })
+    }
+}
+
+/// `http://host/path` → `/path` (RFC 9112 §3.2.2 absolute-form).
+fn strip_absolute_form(t: &[u8]) -> &[u8] {
+    if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        let rest = &t[7..];
+        return match memchr::memchr(b'/', rest) {
+            Some(i) => &rest[i..],
+            None => b"/",
+        };
+    }
+    t
+}
+
+/// Parses the head at the start of `buf` into `head` (whose field table is
+/// reused). `Ok(false)` means the head is incomplete and within limits.
+pub fn parse_request(
+    buf: &[u8],
+    limits: &HeadLimits,
+    head: &mut RequestHead,
+) -> Result<bool, ClientError> {
+    let mut table = [httparse::EMPTY_HEADER; HEADER_TABLE];
+    let max = limits.max_headers.min(HEADER_TABLE);
+    let mut req = httparse::Request::new(&mut table[..max]);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(ClientError::HeaderTooLarge),
+        Err(httparse::Error::Token) => return Err(ClientError::BadRequest("invalid method token")),
+        Err(httparse::Error::Version) => {
+            return Err(ClientError::BadRequest("invalid HTTP version"))
+        }
+        Err(httparse::Error::HeaderName) => {
+            return Err(ClientError::BadRequest("invalid header name"))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(ClientError::BadRequest("invalid header value"))
+        }
+        Err(httparse::Error::NewLine) => {
+            return Err(ClientError::BadRequest("invalid line ending"))
+        }
+        Err(_) => return Err(ClientError::BadRequest("malformed request head")),
+    };
+    let head_len = match status {
+        httparse::Status::Partial => {
+            // A request line that alone exceeds the URI limit gets 414, any
+            // other oversized head 431.
+            if memchr::memchr(b'\n', buf).is_none() && buf.len() > limits.max_uri_bytes + 32 {
+                return Err(ClientError::UriTooLong);
+            }
+            if buf.len() > limits.max_header_bytes {
+                return Err(ClientError::HeaderTooLarge);
+            }
+            return Ok(false);
+        }
+        httparse::Status::Complete(n) => n,
+    };
+    let base = buf.as_ptr() as usize;
+    let off = |s: &[u8]| s.as_ptr() as usize - base;
+    let method = req.method.unwrap_or("");
+    let path = req.path.unwrap_or("");
+    if path.len() > limits.max_uri_bytes {
+        return Err(ClientError::UriTooLong);
+    }
+    if head_len > limits.max_header_bytes {
+        return Err(ClientError::HeaderTooLarge);
+    }
+    let minor = req.version.unwrap_or(1);
+    head.head_len = head_len;
+    head.method = Some(Method::from_bytes(method.as_bytes()));
+    head.method_range = off(method.as_bytes())..off(method.as_bytes()) + method.len();
+    head.target = off(path.as_bytes())..off(path.as_bytes()) + path.len();
+    head.minor = minor;
+    head.fields.clear();
+    head.body = None;
+    head.expect_continue = false;
+    head.host = None;
+
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut te_chunked_last = false;
+    let mut te_chunked_count = 0;
+    let mut te_unknown = false;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        let n0 = off(name);
+        let v0 = off(value);
+        head.fields.push(Field {
+            name: (n0 as u32, (n0 + name.len()) as u32),
+            value: (v0 as u32, (v0 + value.len()) as u32),
+        });
+        if name_is(name, b"content-length") {
+            let v = parse_content_length(value)
+                .ok_or(ClientError::BadRequest("invalid Content-Length"))?;
+            if content_length.is_some_and(|c| c != v) {
+                return Err(ClientError::BadRequest("conflicting Content-Length"));
+            }
+            content_length = Some(v);
+        } else if name_is(name, b"transfer-encoding") {
+            te_seen = true;
+            for coding in list_elements(value) {
+                // Codings may carry parameters; only the name matters here.
+                let coding = trim_ows(coding.split(|&b| b == b';').next().unwrap_or(coding));
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    te_chunked_count += 1;
+                    te_chunked_last = true;
+                } else {
+                    te_chunked_last = false;
+                    if !KNOWN_CODINGS.iter().any(|k| coding.eq_ignore_ascii_case(k)) {
+                        te_unknown = true;
+                    }
+                }
+            }
+        } else if name_is(name, b"connection") {
+            for t in list_elements(value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    conn_keep_alive = true;
+                }
+            }
+        } else if name_is(name, b"host") {
+            if head.host.is_some() {
+                return Err(ClientError::BadRequest("more than one Host field"));
+            }
+            let v = trim_ows(value);
+            let v0 = off(v);
+            head.host = Some(v0..v0 + v.len());
+        } else if name_is(name, b"expect") {
+            if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
+                head.expect_continue = true;
+            } else {
+                // RFC 9110 §10.1.1 permits 417; 400 keeps the error set small.
+                return Err(ClientError::BadRequest("unsupported Expect"));
+            }
+        }
+    }
+
+    // RFC 9112 §3.2: a 1.1 request without exactly one Host is a 400.
+    if minor == 1 && head.host.is_none() {
+        return Err(ClientError::BadRequest("missing Host"));
+    }
+    // RFC 9112 §6.1 and §6.3: the framing rules.
+    head.body = Some(if te_seen {
+        if minor == 0 {
+            return Err(ClientError::BadRequest("Transfer-Encoding in HTTP/1.0"));
+        }
+        if content_length.is_some() {
+            return Err(ClientError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if te_unknown {
+            return Err(ClientError::NotImplemented("unsupported transfer-coding"));
+        }
+        if !te_chunked_last || te_chunked_count != 1 {
+            return Err(ClientError::BadRequest(
+                "Transfer-Encoding does not end in a single chunked",
+            ));
+        }
+        BodyKind::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyKind::Empty,
+            Some(n) => BodyKind::Length(n),
+        }
+    });
+    if head.expect_continue && minor == 0 {
+        // RFC 9110 §10.1.1: ignore 100-continue from HTTP/1.0 clients.
+        head.expect_continue = false;
+    }
+    head.close = conn_close || (minor == 0 && !conn_keep_alive);
+    if matches!(head.method(), Method::Connect) {
+        return Err(ClientError::NotImplemented("CONNECT is not supported"));
+    }
+    Ok(true)
+}
+
+/// Transfer-codings that are registered but that corral does not decode; a
+/// request ending in one of them is a 400, any other coding a 501.
+const KNOWN_CODINGS: &[&[u8]] = &[
+    b"gzip",
+    b"x-gzip",
+    b"deflate",
+    b"compress",
+    b"x-compress",
+    b"identity",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_header_bytes: 8192,
+        max_headers: 64,
+        max_uri_bytes: 2048,
+    };
+
+    fn parse(buf: &[u8]) -> Result<Option<RequestHead>, ClientError> {
+        let mut h = RequestHead::default();
+        Ok(parse_request(buf, &LIMITS, &mut h)?.then_some(h))
+    }
+
+    fn status(buf: &[u8]) -> u16 {
+        match parse(buf) {
+            Ok(Some(_)) => 200,
+            Ok(None) => 0,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn simple_get() {
+        let buf = b"GET /a/b?x=1 HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\n\r\nrest";
+        let h = parse(buf).unwrap().unwrap();
+        assert_eq!(h.method(), Method::Get);
+        assert_eq!(h.target(buf), b"/a/b?x=1");
+        assert_eq!(h.path(buf), b"/a/b");
+        assert_eq!(h.host(buf), Some(&b"example.com"[..]));
+        assert_eq!(h.head_len, buf.len() - 4);
+        assert_eq!(h.body(), BodyKind::Empty);
+        assert!(!h.close);
+        assert_eq!(h.fields.len(), 2);
+        assert_eq!(h.fields[1].name(buf), b"Accept");
+        assert_eq!(h.fields[1].value(buf), b"*/*");
+    }
+
+    #[test]
+    fn http10_keepalive_rules() {
+        let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(h.close);
+        let h = parse(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.close);
+        let h = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.close);
+    }
+
+    #[test]
+    fn body_framing() {
+        let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.body(), BodyKind::Length(10));
+        let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.body(), BodyKind::Chunked);
+        let h =
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(h.body(), BodyKind::Length(5));
+        let h = parse(
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(h.expect_continue);
+    }
+
+    /// Request-smuggling and malformed-head cases, each with the status the
+    /// client must get (hyper's table, extended).
+    #[test]
+    fn smuggling_table() {
+        let cases: &[(&[u8], u16)] = &[
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +10\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 0\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo, chunked\r\n\r\n", 501),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX-Fold: a\r\n b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\rHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX\x00: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+            (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n", 400),
+            (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", 0),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                status(input),
+                *want,
+                "for {:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(3000));
+        assert_eq!(status(long_uri.as_bytes()), 414);
+        // Still in the request line when the limit is passed.
+        let partial = format!("GET /{}", "a".repeat(3000));
+        assert_eq!(status(partial.as_bytes()), 414);
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "b".repeat(9000)
+        );
+        assert_eq!(status(big.as_bytes()), 431);
+        let big_partial = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}", "b".repeat(9000));
+        assert_eq!(status(big_partial.as_bytes()), 431);
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..70 {
+            many.push_str(&format!("X-{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(status(many.as_bytes()), 431);
+    }
+
+    /// Every prefix of a valid head is either incomplete or (at full length)
+    /// the same parse: splitting the input anywhere changes nothing.
+    #[test]
+    fn every_split_point() {
+        let buf: &[u8] =
+            b"POST /upload?x=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n";
+        let full = parse(buf).unwrap().unwrap();
+        for i in 0..buf.len() {
+            assert!(parse(&buf[..i]).unwrap().is_none(), "prefix {i} parsed");
+        }
+        assert_eq!(full.head_len, buf.len());
+        assert_eq!(full.body(), BodyKind::Chunked);
+    }
+
+    #[test]
+    fn absolute_form_path() {
+        let buf = b"GET http://x.org/p/q?z HTTP/1.1\r\nHost: x.org\r\n\r\n";
+        let h = parse(buf).unwrap().unwrap();
+        assert_eq!(h.path(buf), b"/p/q");
+    }
+
+    proptest::proptest! {
+        /// The parser never panics, whatever the bytes.
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse(&bytes);
+        }
+    }
+}

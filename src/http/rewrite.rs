@@ -1,0 +1,313 @@
+//! Header rewriting between the client and upstream sides (RFC 9110 §7.6):
+//! hop-by-hop fields are dropped, `X-Forwarded-For`, `X-Forwarded-Proto` and
+//! `Via` are added, and each side gets the framing corral chose for it. Pure.
+
+use super::request::{Field, RequestHead};
+use super::response::ResponseHead;
+use super::{list_elements, name_is, reason_phrase, BodyKind};
+use std::io::Write;
+
+/// Fields that describe one connection and never cross the proxy
+/// (RFC 9110 §7.6.1), plus the framing fields corral rewrites itself.
+const HOP_BY_HOP: &[&[u8]] = &[
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-connection",
+];
+
+/// Whether a field must not be forwarded: a standard hop-by-hop field or one
+/// the message's `Connection` field names.
+fn is_hop_by_hop(name: &[u8], buf: &[u8], fields: &[Field]) -> bool {
+    if HOP_BY_HOP.iter().any(|h| name_is(name, h)) {
+        return true;
+    }
+    fields
+        .iter()
+        .filter(|f| name_is(f.name(buf), b"connection"))
+        .any(|f| list_elements(f.value(buf)).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
+/// What the upstream request needs beyond the client's head.
+pub struct Forwarded<'a> {
+    /// The client's address, for `X-Forwarded-For`.
+    pub client_ip: &'a str,
+    /// `http` for plain listeners.
+    pub proto: &'a str,
+    /// The backend's address, used as `Host` when the client sent none.
+    pub backend_host: &'a str,
+}
+
+/// Writes the request head sent upstream. The body framing is `body` (the
+/// client's own length, or chunked, re-encoded by the caller). Always
+/// HTTP/1.1 with keep-alive towards the backend.
+pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarded) {
+    out.extend_from_slice(&buf[head.method_range.clone()]);
+    out.push(b' ');
+    out.extend_from_slice(head.target(buf));
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut xff_done = false;
+    let mut via_done = false;
+    for f in &head.fields {
+        let name = f.name(buf);
+        if is_hop_by_hop(name, buf, &head.fields)
+            || name_is(name, b"expect")
+            || name_is(name, b"x-forwarded-proto")
+        {
+            continue;
+        }
+        if name_is(name, b"content-length") {
+            // Re-written below from the validated framing.
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value(buf));
+        if name_is(name, b"x-forwarded-for") && !xff_done {
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(fwd.client_ip.as_bytes());
+            xff_done = true;
+        } else if name_is(name, b"via") && !via_done {
+            out.extend_from_slice(b", 1.1 corral");
+            via_done = true;
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.host.is_none() {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(fwd.backend_host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !xff_done {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        out.extend_from_slice(fwd.client_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    out.extend_from_slice(fwd.proto.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !via_done {
+        out.extend_from_slice(b"Via: 1.1 corral\r\n");
+    }
+    match head.body() {
+        BodyKind::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        BodyKind::Empty | BodyKind::Close => {
+            // Keep an explicit zero length the client sent for methods that
+            // usually carry a body.
+            if head
+                .fields
+                .iter()
+                .any(|f| name_is(f.name(buf), b"content-length"))
+            {
+                out.extend_from_slice(b"Content-Length: 0\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How corral frames a response body towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFraming {
+    /// No body bytes follow the head (HEAD, 1xx, 204, 304); the backend's
+    /// `Content-Length`, if any, is kept as information.
+    NoBody,
+    /// The backend's Content-Length, passed through.
+    Length(u64),
+    /// Re-encoded as chunked (HTTP/1.1 clients, when the backend sent chunked
+    /// or close-delimited).
+    Chunked,
+    /// Delimited by closing the connection (HTTP/1.0 clients without a length).
+    Close,
+}
+
+impl ClientFraming {
+    /// Picks the client framing for an upstream body.
+    pub fn choose(upstream: BodyKind, client_minor: u8) -> ClientFraming {
+        match upstream {
+            BodyKind::Empty => ClientFraming::NoBody,
+            BodyKind::Length(n) => ClientFraming::Length(n),
+            BodyKind::Chunked | BodyKind::Close => {
+                if client_minor >= 1 {
+                    ClientFraming::Chunked
+                } else {
+                    ClientFraming::Close
+                }
+            }
+        }
+    }
+}
+
+/// Writes the response head sent to the client. `close`: the connection ends
+/// after this response; `client_minor` decides whether an HTTP/1.0 client is
+/// told `keep-alive`.
+pub fn write_client_response(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    framing: ClientFraming,
+    close: bool,
+    client_minor: u8,
+) {
+    let _ = write!(out, "HTTP/1.1 {} ", head.code);
+    let reason = head.reason(buf);
+    if reason.is_empty() {
+        out.extend_from_slice(reason_phrase(head.code).as_bytes());
+    } else {
+        out.extend_from_slice(reason);
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut via_done = false;
+    for f in &head.fields {
+        let name = f.name(buf);
+        if is_hop_by_hop(name, buf, &head.fields) {
+            continue;
+        }
+        if name_is(name, b"content-length") && framing != ClientFraming::NoBody {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value(buf));
+        if name_is(name, b"via") && !via_done {
+            out.extend_from_slice(b", 1.1 corral");
+            via_done = true;
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    if !via_done {
+        out.extend_from_slice(b"Via: 1.1 corral\r\n");
+    }
+    match framing {
+        ClientFraming::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        ClientFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        ClientFraming::NoBody | ClientFraming::Close => {}
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_minor == 0 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes an interim (1xx) response through to the client.
+pub fn write_interim(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+    let _ = write!(out, "HTTP/1.1 {} ", head.code);
+    out.extend_from_slice(head.reason(buf));
+    out.extend_from_slice(b"\r\n");
+    for f in &head.fields {
+        let name = f.name(buf);
+        if is_hop_by_hop(name, buf, &head.fields) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value(buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::request::{parse_request, HeadLimits};
+    use super::super::response::parse_response;
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_header_bytes: 8192,
+        max_headers: 64,
+        max_uri_bytes: 2048,
+    };
+
+    #[test]
+    fn upstream_request_drops_hop_by_hop() {
+        let buf = b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 300\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: close\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nVia: 1.0 edge\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\nAccept: */*\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_upstream_request(
+            &mut out,
+            buf,
+            &head,
+            &Forwarded {
+                client_ip: "127.0.0.1",
+                proto: "http",
+                backend_host: "b:1",
+            },
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("POST /x HTTP/1.1\r\nHost: a\r\n"), "{s}");
+        for gone in [
+            "Connection",
+            "X-Secret",
+            "Keep-Alive",
+            "TE:",
+            "Upgrade",
+            "Proxy-Connection",
+            "Expect",
+            "https",
+        ] {
+            assert!(!s.contains(gone), "{gone} forwarded in {s}");
+        }
+        assert!(s.contains("X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n"));
+        assert!(s.contains("X-Forwarded-Proto: http\r\n"));
+        assert!(s.contains("Via: 1.0 edge, 1.1 corral\r\n"));
+        assert!(s.contains("Transfer-Encoding: chunked\r\n"));
+        assert!(s.contains("Accept: */*\r\n"));
+        assert!(s.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn upstream_request_for_http10_gets_host() {
+        let buf = b"GET / HTTP/1.0\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_upstream_request(
+            &mut out,
+            buf,
+            &head,
+            &Forwarded {
+                client_ip: "::1",
+                proto: "http",
+                backend_host: "127.0.0.1:9",
+            },
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.starts_with("GET / HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn client_response_reframes() {
+        let buf = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: X-Hop\r\nX-Hop: 1\r\nContent-Type: text/plain\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(buf, false, 8192, &mut head).unwrap());
+        let mut out = Vec::new();
+        let framing = ClientFraming::choose(head.body(), 0);
+        assert_eq!(framing, ClientFraming::Close);
+        write_client_response(&mut out, buf, &head, framing, true, 0);
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nVia: 1.1 corral\r\nConnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        write_client_response(&mut out, buf, &head, ClientFraming::Chunked, false, 1);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("Transfer-Encoding: chunked\r\n"));
+        assert!(!s.contains("Connection"));
+    }
+}

@@ -1,0 +1,20 @@
+//! corral: a caching reverse proxy and load balancer for Linux, one pinned
+//! io_uring executor (glommio) per CPU.
+//!
+//! Architecture (see `../shared/design/ARCHITECTURE.md`): every shard owns its
+//! listener (SO_REUSEPORT), its connections and its upstream pools, with no
+//! locks on the request path. The modules split into pure cores and thin I/O:
+//!
+//! - [`http`] (pure): request/response heads, chunked framing, rewriting.
+//! - [`config`] (pure): TOML and flags into a validated [`config::Config`].
+//! - [`balance`] (pure): backend selection.
+//! - [`origin`] (I/O): upstream connection pools.
+//! - [`shard`] (I/O): executors, listeners, the connection driver and the
+//!   socket fast path.
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod origin;
+pub mod shard;

@@ -1,0 +1,4 @@
+//! Origins: upstream pools of HTTP backends (I/O). The origin store lands with
+//! its own issue.
+
+pub mod pool;

@@ -1,0 +1,734 @@
+//! The client connection driver (I/O): reads request heads, applies limits
+//! and timeouts, forwards each request to its upstream pool and streams the
+//! response back, in order, until the connection ends.
+//!
+//! Bodies stream in both directions through fixed-size buffers: memory per
+//! connection is bounded by `max_header_bytes` plus [`UPSTREAM_BUF`], whatever
+//! the body sizes.
+
+use super::net::{NetError, Sock};
+use super::Shard;
+use crate::http::chunked::{self, ChunkedDecoder, Decoded};
+use crate::http::request::{parse_request, Method, RequestHead};
+use crate::http::response::{parse_response, ResponseHead};
+use crate::http::rewrite::{
+    write_client_response, write_interim, write_upstream_request, ClientFraming, Forwarded,
+};
+use crate::http::{write_simple_response, BodyKind, ClientError};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Receive buffer for upstream responses; also the unit of body streaming.
+const UPSTREAM_BUF: usize = 64 * 1024;
+/// Initial client buffer; grows to `max_header_bytes` only for large heads.
+const CLIENT_BUF: usize = 16 * 1024;
+/// Largest upstream response head accepted (502 beyond).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Request body bytes coalesced with the head into one upstream write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// A byte buffer with a read cursor: `data[start..end]` is unconsumed input.
+struct Buf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    fn new(cap: usize) -> Buf {
+        Buf {
+            data: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
+    }
+    fn filled(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+    fn consume(&mut self, n: usize) {
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+    /// Free space after the data, at least `want` bytes if the buffer may
+    /// grow to `max_cap`; moves the data to the front when that helps.
+    fn space(&mut self, want: usize, max_cap: usize) -> &mut [u8] {
+        if self.data.len() - self.end < want && self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.data.len() - self.end < want && self.data.len() < max_cap {
+            let new_len = (self.data.len() * 2).max(self.end + want).min(max_cap);
+            self.data.resize(new_len, 0);
+        }
+        &mut self.data[self.end..]
+    }
+    fn advance(&mut self, n: usize) {
+        self.end += n;
+    }
+}
+
+/// How one request ended, for the connection loop.
+enum Outcome {
+    /// Response complete; the connection may serve another request.
+    KeepAlive,
+    /// Close the connection (cleanly, after what was written).
+    Close,
+}
+
+/// Why an upstream exchange failed before the response head.
+enum UpstreamFail {
+    /// Refused, reset, closed or malformed: 502.
+    Bad(String),
+    /// Connect, send or response-head timeout: 504.
+    Timeout(String),
+    /// A reused keep-alive connection failed before any response byte: safe
+    /// to retry on a fresh connection when the request had no body.
+    Stale,
+    /// The client's body broke a rule (413, 400): answer it and close.
+    Client(ClientError),
+    /// The client went away mid-request: close quietly.
+    ClientGone,
+}
+
+/// What an upstream attempt sends, the same bytes on a retry.
+struct UpRequest<'a> {
+    head: &'a [u8],
+    body: BodyKind,
+    expect_continue: bool,
+    method: Method,
+    response_timeout: std::time::Duration,
+}
+
+pub struct ClientConn {
+    shard: Rc<Shard>,
+    sock: Sock,
+    peer_ip: String,
+    inbuf: Buf,
+    ubuf: Buf,
+    out: Vec<u8>,
+    head: RequestHead,
+    rhead: ResponseHead,
+}
+
+impl ClientConn {
+    pub fn new(shard: Rc<Shard>, sock: Sock) -> ClientConn {
+        let peer_ip = sock
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        ClientConn {
+            shard,
+            sock,
+            peer_ip,
+            inbuf: Buf::new(CLIENT_BUF),
+            ubuf: Buf::new(UPSTREAM_BUF),
+            out: Vec::with_capacity(4096),
+            head: RequestHead::default(),
+            rhead: ResponseHead::default(),
+        }
+    }
+
+    /// Serves requests until the client leaves, an error closes the
+    /// connection, or the shard drains.
+    pub async fn run(mut self) {
+        loop {
+            match self.read_head().await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.log(&format!("rejected request: {e}"));
+                    self.send_error(e.status(), e.reason(), true).await;
+                    return;
+                }
+            }
+            match self.proxy().await {
+                Outcome::KeepAlive if !self.shard.draining() => {}
+                _ => return,
+            }
+        }
+    }
+
+    fn log(&self, msg: &str) {
+        eprintln!("corral[{}] {}: {}", self.shard.id, self.peer_ip, msg);
+    }
+
+    fn max_inbuf(&self) -> usize {
+        (self.shard.cfg.limits.max_header_bytes + 1024).max(CLIENT_BUF)
+    }
+
+    /// Reads and parses the next request head. `Ok(false)`: the connection
+    /// ended between requests (EOF, idle timeout, shutdown).
+    async fn read_head(&mut self) -> Result<bool, ClientError> {
+        let limits = &self.shard.cfg.limits;
+        let head_limits = self.shard.head_limits;
+        let mut started = !self.inbuf.is_empty();
+        let mut deadline = Instant::now()
+            + if started {
+                limits.header_timeout
+            } else {
+                limits.idle_timeout
+            };
+        loop {
+            if started && parse_request(self.inbuf.filled(), &head_limits, &mut self.head)? {
+                return Ok(true);
+            }
+            let max = self.max_inbuf();
+            let space = self.inbuf.space(4096, max);
+            let r = if started {
+                self.sock.read(space, deadline).await
+            } else {
+                // Between requests: also end on shutdown.
+                let shard = self.shard.clone();
+                let sock = &mut self.sock;
+                futures_lite::future::or(sock.read(space, deadline), async move {
+                    shard.drain_signal().await;
+                    Err(NetError::TimedOut)
+                })
+                .await
+            };
+            match r {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.inbuf.advance(n);
+                    if !started {
+                        started = true;
+                        deadline = Instant::now() + limits.header_timeout;
+                    }
+                }
+                Err(NetError::TimedOut) if started => return Err(ClientError::Timeout),
+                Err(_) => return Ok(false),
+            }
+        }
+    }
+
+    /// Writes a response corral makes itself.
+    async fn send_error(&mut self, code: u16, body: &str, close: bool) {
+        self.out.clear();
+        let extra: &[(&str, &str)] = if code == 503 {
+            &[("Retry-After", "1")]
+        } else {
+            &[]
+        };
+        write_simple_response(&mut self.out, code, body, close, extra);
+        let deadline = Instant::now() + self.shard.cfg.limits.body_timeout;
+        let _ = self.sock.write_all(&self.out, deadline).await;
+        if close {
+            self.sock.shutdown_write();
+        }
+    }
+
+    /// Forwards the parsed request and streams the response back.
+    async fn proxy(&mut self) -> Outcome {
+        let shard = self.shard.clone();
+        let cfg = &shard.cfg;
+        let buf = self.inbuf.filled();
+        let pool_idx = cfg
+            .route(self.head.host(buf), self.head.path(buf))
+            .unwrap_or(0);
+        let pool = &shard.pools[pool_idx];
+        let req_body = self.head.body();
+        let method = self.head.method();
+        let minor = self.head.minor;
+        let client_close = self.head.close;
+        if let BodyKind::Length(n) = req_body {
+            if n > cfg.limits.max_body_bytes {
+                self.log("rejected request: 413 (declared body too large)");
+                self.send_error(413, ClientError::BodyTooLarge.reason(), true)
+                    .await;
+                return Outcome::Close;
+            }
+        }
+        let backend = pool.pick();
+        let response_timeout = pool.cfg.response_timeout;
+        let body_timeout = pool.cfg.body_timeout;
+        // The upstream head is built once; a retry resends the same bytes.
+        let mut up_head = Vec::with_capacity(self.head.head_len + 128);
+        write_upstream_request(
+            &mut up_head,
+            buf,
+            &self.head,
+            &Forwarded {
+                client_ip: &self.peer_ip,
+                proto: "http",
+                backend_host: &pool.backend_names[backend],
+            },
+        );
+        let expect_continue = self.head.expect_continue;
+        self.inbuf.consume(self.head.head_len);
+
+        let has_body = req_body != BodyKind::Empty;
+        let up_req = UpRequest {
+            head: &up_head,
+            body: req_body,
+            expect_continue,
+            method,
+            response_timeout,
+        };
+        let mut attempt = 0;
+        let (mut up, resp_ok) = loop {
+            attempt += 1;
+            let now = Instant::now();
+            let (mut up, reused) = match pool.checkout(backend, now) {
+                Some(s) => (s, true),
+                None => {
+                    let addr = pool.cfg.backends[backend].addr;
+                    match Sock::connect(addr, pool.cfg.connect_timeout).await {
+                        Ok(s) => (s, false),
+                        Err(NetError::TimedOut) => {
+                            return self
+                                .upstream_failed(
+                                    504,
+                                    &format!("connect to {addr} timed out"),
+                                    has_body,
+                                )
+                                .await
+                        }
+                        Err(NetError::Io(e)) => {
+                            return self
+                                .upstream_failed(
+                                    502,
+                                    &format!("connect to {addr} failed: {e}"),
+                                    has_body,
+                                )
+                                .await
+                        }
+                    }
+                }
+            };
+            let r = self.exchange(&mut up, &up_req, reused).await;
+            match r {
+                Ok(()) => break (up, true),
+                Err(UpstreamFail::Stale) if !has_body && attempt < 3 => continue,
+                Err(UpstreamFail::Stale) => {
+                    let addr = pool.cfg.backends[backend].addr;
+                    return self
+                        .upstream_failed(502, &format!("{addr} closed the connection"), false)
+                        .await;
+                }
+                Err(UpstreamFail::Bad(m)) => return self.upstream_failed(502, &m, false).await,
+                Err(UpstreamFail::Timeout(m)) => return self.upstream_failed(504, &m, false).await,
+                Err(UpstreamFail::Client(e)) => {
+                    self.log(&format!("rejected request body: {e}"));
+                    self.send_error(e.status(), e.reason(), true).await;
+                    return Outcome::Close;
+                }
+                Err(UpstreamFail::ClientGone) => return Outcome::Close,
+            }
+        };
+        debug_assert!(resp_ok);
+        match self
+            .stream_response(&mut up, minor, client_close, body_timeout)
+            .await
+        {
+            Err(()) => Outcome::Close,
+            Ok((reusable, close)) => {
+                if reusable {
+                    pool.checkin(backend, up, Instant::now());
+                }
+                if close {
+                    self.sock.shutdown_write();
+                    Outcome::Close
+                } else {
+                    Outcome::KeepAlive
+                }
+            }
+        }
+    }
+
+    /// Answers an upstream failure with `code`. `body_unread`: the request
+    /// body is still on the client socket, so the connection must close.
+    async fn upstream_failed(&mut self, code: u16, msg: &str, body_unread: bool) -> Outcome {
+        self.log(&format!("{code}: {msg}"));
+        let close = body_unread || self.head.close || self.shard.draining();
+        let text = if code == 504 {
+            "upstream timed out"
+        } else {
+            "upstream failed"
+        };
+        self.send_error(code, text, close).await;
+        if close {
+            Outcome::Close
+        } else {
+            Outcome::KeepAlive
+        }
+    }
+
+    /// Sends the request (head and body) and reads the final response head
+    /// into `self.rhead`/`self.ubuf`, forwarding interim responses.
+    async fn exchange(
+        &mut self,
+        up: &mut Sock,
+        req: &UpRequest<'_>,
+        reused: bool,
+    ) -> Result<(), UpstreamFail> {
+        let (up_head, req_body, expect_continue, method) =
+            (req.head, req.body, req.expect_continue, req.method);
+        let shard = self.shard.clone();
+        let cfg = &shard.cfg;
+        let pool_timeout = Instant::now() + cfg.limits.body_timeout;
+        // Head, plus as much of a length-delimited body as is already here.
+        self.out.clear();
+        self.out.extend_from_slice(up_head);
+        let mut body_left = match req_body {
+            BodyKind::Length(n) => n,
+            _ => 0,
+        };
+        if body_left > 0 {
+            let take = (body_left as usize)
+                .min(self.inbuf.len())
+                .min(COALESCE_BODY);
+            self.out.extend_from_slice(&self.inbuf.filled()[..take]);
+            self.inbuf.consume(take);
+            body_left -= take as u64;
+        }
+        if let Err(e) = up.write_all(&self.out, pool_timeout).await {
+            return Err(match e {
+                _ if reused && req_body == BodyKind::Empty => UpstreamFail::Stale,
+                NetError::TimedOut => UpstreamFail::Timeout("sending request timed out".into()),
+                NetError::Io(e) => UpstreamFail::Bad(format!("sending request failed: {e}")),
+            });
+        }
+        if req_body != BodyKind::Empty {
+            if expect_continue && self.inbuf.is_empty() {
+                let deadline = Instant::now() + cfg.limits.body_timeout;
+                if self
+                    .sock
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+                    .await
+                    .is_err()
+                {
+                    return Err(UpstreamFail::ClientGone);
+                }
+            }
+            self.send_body(up, req_body, body_left).await?;
+        }
+        // The response head.
+        self.ubuf.clear();
+        let deadline = Instant::now() + req.response_timeout;
+        loop {
+            let space = self.ubuf.space(4096, MAX_RESPONSE_HEAD + 4096);
+            match up.read(space, deadline).await {
+                Ok(0) | Err(NetError::Io(_)) if reused && self.ubuf.is_empty() => {
+                    return Err(UpstreamFail::Stale)
+                }
+                Ok(0) => {
+                    return Err(UpstreamFail::Bad(
+                        "backend closed the connection before a response".into(),
+                    ))
+                }
+                Ok(n) => self.ubuf.advance(n),
+                Err(NetError::TimedOut) => {
+                    return Err(UpstreamFail::Timeout("response head timed out".into()))
+                }
+                Err(NetError::Io(e)) => {
+                    return Err(UpstreamFail::Bad(format!("reading response failed: {e}")))
+                }
+            }
+            loop {
+                let done = parse_response(
+                    self.ubuf.filled(),
+                    method == Method::Head,
+                    MAX_RESPONSE_HEAD,
+                    &mut self.rhead,
+                )
+                .map_err(|crate::http::response::UpstreamError::BadHead(m)| {
+                    UpstreamFail::Bad(m.to_string())
+                })?;
+                if !done {
+                    break;
+                }
+                if !(100..200).contains(&self.rhead.code) {
+                    return Ok(());
+                }
+                if self.rhead.code == 101 {
+                    return Err(UpstreamFail::Bad("backend switched protocols".into()));
+                }
+                // Interim response: pass it on to HTTP/1.1 clients, keep reading.
+                if self.head.minor >= 1 && self.rhead.code != 100 {
+                    self.out.clear();
+                    write_interim(&mut self.out, self.ubuf.filled(), &self.rhead);
+                    let d = Instant::now() + cfg.limits.body_timeout;
+                    if self.sock.write_all(&self.out, d).await.is_err() {
+                        return Err(UpstreamFail::ClientGone);
+                    }
+                }
+                self.ubuf.consume(self.rhead.head_len);
+            }
+        }
+    }
+
+    /// Streams the request body from the client to the backend.
+    async fn send_body(
+        &mut self,
+        up: &mut Sock,
+        req_body: BodyKind,
+        mut body_left: u64,
+    ) -> Result<(), UpstreamFail> {
+        let shard = self.shard.clone();
+        let limits = &shard.cfg.limits;
+        let max = self.max_inbuf();
+        match req_body {
+            BodyKind::Length(_) => {
+                while body_left > 0 {
+                    if self.inbuf.is_empty() {
+                        let deadline = Instant::now() + limits.body_timeout;
+                        self.read_body_bytes(max, deadline).await?;
+                    }
+                    let take = (body_left as usize).min(self.inbuf.len());
+                    let deadline = Instant::now() + limits.body_timeout;
+                    up.write_all(&self.inbuf.filled()[..take], deadline)
+                        .await
+                        .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                    self.inbuf.consume(take);
+                    body_left -= take as u64;
+                }
+            }
+            BodyKind::Chunked => {
+                let mut dec = ChunkedDecoder::new();
+                let mut total: u64 = 0;
+                loop {
+                    if !self.inbuf.is_empty() {
+                        match dec.decode(self.inbuf.filled()) {
+                            Ok(Decoded::NeedMore { consumed }) => self.inbuf.consume(consumed),
+                            Ok(Decoded::Data {
+                                consumed,
+                                start,
+                                len,
+                            }) => {
+                                total += len as u64;
+                                if total > limits.max_body_bytes {
+                                    return Err(UpstreamFail::Client(ClientError::BodyTooLarge));
+                                }
+                                self.out.clear();
+                                chunked::encode_chunk_head(&mut self.out, len);
+                                self.out
+                                    .extend_from_slice(&self.inbuf.filled()[start..start + len]);
+                                self.out.extend_from_slice(chunked::CHUNK_END);
+                                self.inbuf.consume(consumed);
+                                let deadline = Instant::now() + limits.body_timeout;
+                                up.write_all(&self.out, deadline)
+                                    .await
+                                    .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                                continue;
+                            }
+                            Ok(Decoded::Done { consumed }) => {
+                                self.inbuf.consume(consumed);
+                                let deadline = Instant::now() + limits.body_timeout;
+                                up.write_all(chunked::LAST_CHUNK, deadline)
+                                    .await
+                                    .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                return Err(UpstreamFail::Client(ClientError::BadRequest(
+                                    e.reason(),
+                                )))
+                            }
+                        }
+                    }
+                    let deadline = Instant::now() + limits.body_timeout;
+                    self.read_body_bytes(max, deadline).await?;
+                }
+            }
+            BodyKind::Empty | BodyKind::Close => {}
+        }
+        Ok(())
+    }
+
+    /// Reads more request body from the client into `inbuf`.
+    async fn read_body_bytes(&mut self, max: usize, deadline: Instant) -> Result<(), UpstreamFail> {
+        let space = self.inbuf.space(16 * 1024, max);
+        match self.sock.read(space, deadline).await {
+            Ok(0) | Err(NetError::Io(_)) => Err(UpstreamFail::ClientGone),
+            Ok(n) => {
+                self.inbuf.advance(n);
+                Ok(())
+            }
+            Err(NetError::TimedOut) => Err(UpstreamFail::Client(ClientError::Timeout)),
+        }
+    }
+
+    /// Writes the response head and streams the body to the client.
+    /// `Ok((reusable, close))`: the client got the whole response; the
+    /// upstream connection may go back to the pool if `reusable`; the client
+    /// connection ends if `close`. `Err(())`: the client connection must
+    /// close now (a truncated body, or the client went away).
+    async fn stream_response(
+        &mut self,
+        up: &mut Sock,
+        minor: u8,
+        client_close: bool,
+        body_timeout: std::time::Duration,
+    ) -> Result<(bool, bool), ()> {
+        let shard = self.shard.clone();
+        let send_timeout = shard.cfg.limits.body_timeout;
+        let up_body = self.rhead.body();
+        let framing = ClientFraming::choose(up_body, minor);
+        let close = client_close || shard.draining() || framing == ClientFraming::Close;
+        self.out.clear();
+        write_client_response(
+            &mut self.out,
+            self.ubuf.filled(),
+            &self.rhead,
+            framing,
+            close,
+            minor,
+        );
+        self.ubuf.consume(self.rhead.head_len);
+        let up_close = self.rhead.close;
+        match up_body {
+            BodyKind::Empty => {
+                self.write_client(send_timeout).await?;
+                Ok((!up_close && self.ubuf.is_empty(), close))
+            }
+            BodyKind::Length(n) => {
+                let mut left = n;
+                let take = (left as usize).min(self.ubuf.len());
+                self.out.extend_from_slice(&self.ubuf.filled()[..take]);
+                self.ubuf.consume(take);
+                left -= take as u64;
+                self.write_client(send_timeout).await?;
+                while left > 0 {
+                    self.ubuf.clear();
+                    let want = (left as usize).min(UPSTREAM_BUF);
+                    let space = &mut self.ubuf.space(want, UPSTREAM_BUF)[..want];
+                    match up.read(space, Instant::now() + body_timeout).await {
+                        Ok(0) | Err(_) => {
+                            self.log("backend ended the body early; closing the client connection");
+                            return Err(());
+                        }
+                        Ok(got) => {
+                            let deadline = Instant::now() + send_timeout;
+                            self.sock
+                                .write_all(&self.ubuf.data[..got], deadline)
+                                .await
+                                .map_err(|_| ())?;
+                            left -= got as u64;
+                        }
+                    }
+                }
+                self.ubuf.clear();
+                Ok((!up_close, close))
+            }
+            BodyKind::Chunked => {
+                let mut dec = ChunkedDecoder::new();
+                loop {
+                    // Re-frame everything buffered, then write once.
+                    let mut done = false;
+                    while !self.ubuf.is_empty() && !done {
+                        match dec.decode(self.ubuf.filled()) {
+                            Ok(Decoded::NeedMore { consumed }) => {
+                                self.ubuf.consume(consumed);
+                                break;
+                            }
+                            Ok(Decoded::Data {
+                                consumed,
+                                start,
+                                len,
+                            }) => {
+                                let data = &self.ubuf.filled()[start..start + len];
+                                if framing == ClientFraming::Chunked {
+                                    chunked::encode_chunk_head(&mut self.out, len);
+                                    self.out.extend_from_slice(data);
+                                    self.out.extend_from_slice(chunked::CHUNK_END);
+                                } else {
+                                    self.out.extend_from_slice(data);
+                                }
+                                self.ubuf.consume(consumed);
+                            }
+                            Ok(Decoded::Done { consumed }) => {
+                                self.ubuf.consume(consumed);
+                                done = true;
+                            }
+                            Err(e) => {
+                                self.log(&format!(
+                                    "backend sent a bad chunked body: {}",
+                                    e.reason()
+                                ));
+                                let _ = self.write_client(send_timeout).await;
+                                return Err(());
+                            }
+                        }
+                    }
+                    if done {
+                        if framing == ClientFraming::Chunked {
+                            self.out.extend_from_slice(chunked::LAST_CHUNK);
+                        }
+                        self.write_client(send_timeout).await?;
+                        return Ok((!up_close && self.ubuf.is_empty(), close));
+                    }
+                    if !self.out.is_empty() {
+                        self.write_client(send_timeout).await?;
+                    }
+                    let space = self.ubuf.space(16 * 1024, UPSTREAM_BUF);
+                    match up.read(space, Instant::now() + body_timeout).await {
+                        Ok(0) | Err(_) => {
+                            self.log(
+                                "backend ended a chunked body early; closing the client connection",
+                            );
+                            return Err(());
+                        }
+                        Ok(n) => self.ubuf.advance(n),
+                    }
+                }
+            }
+            BodyKind::Close => {
+                // Everything until the backend closes.
+                loop {
+                    if !self.ubuf.is_empty() {
+                        let data = self.ubuf.filled();
+                        if framing == ClientFraming::Chunked {
+                            chunked::encode_chunk_head(&mut self.out, data.len());
+                            self.out.extend_from_slice(data);
+                            self.out.extend_from_slice(chunked::CHUNK_END);
+                        } else {
+                            self.out.extend_from_slice(data);
+                        }
+                        self.ubuf.clear();
+                    }
+                    if !self.out.is_empty() {
+                        self.write_client(send_timeout).await?;
+                    }
+                    let space = self.ubuf.space(16 * 1024, UPSTREAM_BUF);
+                    match up.read(space, Instant::now() + body_timeout).await {
+                        Ok(0) => break,
+                        Ok(n) => self.ubuf.advance(n),
+                        Err(_) => {
+                            self.log("backend failed during a close-delimited body");
+                            return Err(());
+                        }
+                    }
+                }
+                if framing == ClientFraming::Chunked {
+                    self.out.extend_from_slice(chunked::LAST_CHUNK);
+                    self.write_client(send_timeout).await?;
+                }
+                Ok((false, close))
+            }
+        }
+    }
+
+    /// Writes and clears `self.out`.
+    async fn write_client(&mut self, timeout: std::time::Duration) -> Result<(), ()> {
+        let r = self
+            .sock
+            .write_all(&self.out, Instant::now() + timeout)
+            .await;
+        self.out.clear();
+        r.map_err(|_| ())
+    }
+}

@@ -1,0 +1,405 @@
+//! Shards (I/O): one pinned glommio executor per CPU, each with its own
+//! SO_REUSEPORT listeners, connections and upstream pools; start-up checks,
+//! and the graceful drain on SIGINT/SIGTERM.
+
+pub mod conn;
+pub mod net;
+
+use crate::config::Config;
+use crate::http::request::HeadLimits;
+use crate::origin::pool::UpstreamPool;
+use futures_lite::FutureExt;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Listen backlog per shard socket.
+const BACKLOG: i32 = 4096;
+/// How often a shard looks at the process-wide stop flag and sweeps idle
+/// upstream connections. Only shutdown latency depends on it.
+const HOUSEKEEPING: Duration = Duration::from_millis(50);
+/// Registered io_uring buffer memory per executor. corral does no file I/O
+/// through it yet, and glommio locks about three times this per executor.
+const IO_MEMORY: usize = 2 << 20;
+
+/// A start-up failure; the binary prints it and exits with code 2.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// One shard's state, shared by its tasks through `Rc`.
+pub struct Shard {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub head_limits: HeadLimits,
+    pub pools: Vec<UpstreamPool>,
+    /// Open client connections.
+    conns: Cell<usize>,
+    draining: Cell<bool>,
+    drain_wakers: RefCell<Vec<Waker>>,
+}
+
+impl Shard {
+    fn new(id: usize, cfg: Arc<Config>) -> Shard {
+        Shard {
+            id,
+            head_limits: HeadLimits {
+                max_header_bytes: cfg.limits.max_header_bytes,
+                max_headers: cfg.limits.max_headers,
+                max_uri_bytes: cfg.limits.max_uri_bytes,
+            },
+            pools: cfg.pools.iter().cloned().map(UpstreamPool::new).collect(),
+            conns: Cell::new(0),
+            draining: Cell::new(false),
+            drain_wakers: RefCell::new(Vec::new()),
+            cfg,
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    fn begin_drain(&self) {
+        self.draining.set(true);
+        for w in self.drain_wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Completes when the shard starts draining.
+    pub fn drain_signal(&self) -> DrainSignal<'_> {
+        DrainSignal { shard: self }
+    }
+}
+
+pub struct DrainSignal<'a> {
+    shard: &'a Shard,
+}
+
+impl Future for DrainSignal<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.shard.draining.get() {
+            return Poll::Ready(());
+        }
+        let mut w = self.shard.drain_wakers.borrow_mut();
+        if !w.iter().any(|x| x.will_wake(cx.waker())) {
+            w.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// Counts a connection for its whole life, even if its task panics.
+struct ConnGuard(Rc<Shard>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.conns.set(self.0.conns.get() - 1);
+    }
+}
+
+/// Checks that io_uring can be used, naming the likely causes when not.
+pub fn check_io_uring() -> Result<(), StartError> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Params {
+        sq_entries: u32,
+        cq_entries: u32,
+        flags: u32,
+        sq_thread_cpu: u32,
+        sq_thread_idle: u32,
+        features: u32,
+        wq_fd: u32,
+        resv: [u32; 3],
+        sq_off: [u32; 10],
+        cq_off: [u32; 10],
+    }
+    let mut p = Params::default();
+    // SAFETY: io_uring_setup reads and writes a correctly sized params struct.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut p as *mut Params) };
+    if fd >= 0 {
+        // SAFETY: fd was just returned by the kernel and is ours.
+        unsafe { libc::close(fd as i32) };
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    let why = match e.raw_os_error() {
+        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.8 or newer is needed)",
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "io_uring is forbidden here: a container seccomp profile, or sysctl kernel.io_uring_disabled"
+        }
+        Some(libc::ENOMEM) => "not enough locked memory for io_uring: raise the memlock limit (ulimit -l)",
+        _ => "io_uring could not be set up",
+    };
+    Err(StartError(format!("io_uring is unavailable: {why} ({e})")))
+}
+
+/// A memlock limit too small for glommio's registered buffers, as a warning.
+fn memlock_note() -> Option<String> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root || r.rlim_cur == libc::RLIM_INFINITY || r.rlim_cur >= (3 * IO_MEMORY as u64 + (1 << 20))
+    {
+        return None;
+    }
+    Some(format!(
+        "memlock limit is {} KiB: io_uring buffers will not be registered (slower file I/O); raise it with `ulimit -l`",
+        r.rlim_cur / 1024
+    ))
+}
+
+fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Resolves port 0 to a concrete port shared by every shard and detects an
+/// address already in use. The returned sockets hold the ports until every
+/// shard has bound its own.
+fn reserve(listen: &[SocketAddr]) -> Result<(Vec<SocketAddr>, Vec<socket2::Socket>), StartError> {
+    let mut addrs = Vec::new();
+    let mut holds = Vec::new();
+    for &a in listen {
+        if a.port() == 0 {
+            let s =
+                listen_socket(a, true).map_err(|e| StartError(format!("cannot bind {a}: {e}")))?;
+            let local = s
+                .local_addr()
+                .ok()
+                .and_then(|l| l.as_socket())
+                .ok_or_else(|| StartError(format!("cannot read the bound address of {a}")))?;
+            addrs.push(local);
+            holds.push(s);
+        } else {
+            // Without SO_REUSEPORT this fails if anyone listens there, even
+            // another process that set SO_REUSEPORT itself.
+            match listen_socket(a, false) {
+                Ok(_) => addrs.push(a),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(StartError(format!("address {a} is already in use")))
+                }
+                Err(e) => return Err(StartError(format!("cannot bind {a}: {e}"))),
+            }
+        }
+    }
+    Ok((addrs, holds))
+}
+
+/// A running proxy: its bound addresses and a way to stop it.
+pub struct Running {
+    pub addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Running {
+    /// Asks every shard to drain and stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// The flag that stops the shards when set (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits for every shard to finish.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts every shard and returns once all of them listen.
+pub fn start(cfg: Config) -> Result<Running, StartError> {
+    check_io_uring()?;
+    if let Some(note) = memlock_note() {
+        eprintln!("corral: warning: {note}");
+    }
+    let (addrs, holds) = reserve(&cfg.listen)?;
+    let cfg = Arc::new(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::new();
+    for id in 0..cfg.shards {
+        let placement = match &cfg.cpus {
+            Some(c) => Placement::Fixed(c[id]),
+            None => Placement::Unbound,
+        };
+        let (cfg, addrs, stop, ready) =
+            (cfg.clone(), addrs.clone(), stop.clone(), ready_tx.clone());
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("corral-shard{id}"))
+            .io_memory(IO_MEMORY)
+            .spawn(move || shard_main(id, cfg, addrs, stop, ready))
+            .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    for _ in 0..cfg.shards {
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err(m)) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(StartError(m));
+            }
+            Err(_) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(StartError("a shard failed to start (see above)".into()));
+            }
+        }
+    }
+    drop(holds);
+    Ok(Running {
+        addrs,
+        stop,
+        handles,
+    })
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = listen_socket(addr, true)?;
+    s.listen(BACKLOG)?;
+    // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
+    Ok(unsafe { TcpListener::from_raw_fd(s.into_raw_fd()) })
+}
+
+async fn shard_main(
+    id: usize,
+    cfg: Arc<Config>,
+    addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
+    let mut listeners = Vec::new();
+    for a in &addrs {
+        match bind_listener(*a) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: cannot listen on {a}: {e}")));
+                return;
+            }
+        }
+    }
+    // The first timer in a process is slow to register: pay it before serving.
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    let shard = Rc::new(Shard::new(id, cfg.clone()));
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        let shard = shard.clone();
+        accept_tasks.push(glommio::spawn_local(accept_loop(shard, l)));
+    }
+    let _ = ready.send(Ok(()));
+    drop(ready);
+
+    let mut last_sweep = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(HOUSEKEEPING).await;
+        let now = Instant::now();
+        if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+            for p in &shard.pools {
+                p.sweep(now);
+            }
+            last_sweep = now;
+        }
+    }
+    // Drain: stop accepting, close idle connections, let requests finish.
+    shard.begin_drain();
+    for t in accept_tasks {
+        t.await;
+    }
+    let deadline = Instant::now() + cfg.drain_timeout;
+    while shard.conns.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if shard.conns.get() > 0 {
+        eprintln!(
+            "corral[{id}]: drain timeout: closing {} connections",
+            shard.conns.get()
+        );
+    }
+    for p in &shard.pools {
+        p.clear();
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let refusal = {
+        let mut v = Vec::new();
+        crate::http::write_simple_response(
+            &mut v,
+            503,
+            "too many connections",
+            true,
+            &[("Retry-After", "1")],
+        );
+        v
+    };
+    loop {
+        let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.drain_signal().await;
+            None
+        })
+        .await;
+        let stream = match next {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                eprintln!("corral[{}]: accept failed: {e}", shard.id);
+                // Out of file descriptors or similar: back off briefly.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let sock = net::Sock::new(stream);
+        if shard.conns.get() >= shard.cfg.max_connections {
+            sock.try_write(&refusal);
+            continue;
+        }
+        shard.conns.set(shard.conns.get() + 1);
+        let guard = ConnGuard(shard.clone());
+        let conn = conn::ClientConn::new(shard.clone(), sock);
+        glommio::spawn_local(async move {
+            let _guard = guard;
+            if AssertUnwindSafe(conn.run()).catch_unwind().await.is_err() {
+                eprintln!("corral: a connection task panicked; the shard goes on");
+            }
+        })
+        .detach();
+    }
+}

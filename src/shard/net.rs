@@ -1,0 +1,203 @@
+//! The socket fast path: the one place that reads and writes TCP streams.
+//!
+//! glommio's stream arms an io_uring poll after every short read, and the next
+//! read waits for that poll; each wake-up interrupts the CPU. Measured against
+//! nginx (../shared/design/GLOMMIO.md) that costs about a third of the
+//! throughput. So reads and writes first go straight to the fd with
+//! `MSG_DONTWAIT`; on `EAGAIN` the task yields to the others a bounded number
+//! of times ([`SPIN_YIELDS`]) and only then falls back to glommio's readiness
+//! wait, bounded by a deadline. An idle connection therefore costs a few
+//! yields and then nothing.
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::future::Future;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Yields on `EAGAIN` before parking on the reactor. Tuned with the
+/// pass-through benchmark; large enough to catch a response already on its
+/// way, small enough that the reactor (accepts, timers) still runs often.
+pub const SPIN_YIELDS: u32 = 16;
+
+/// Why a socket operation did not complete.
+#[derive(Debug)]
+pub enum NetError {
+    TimedOut,
+    Io(io::Error),
+}
+
+impl From<io::Error> for NetError {
+    fn from(e: io::Error) -> Self {
+        NetError::Io(e)
+    }
+}
+
+/// Runs `fut` until `deadline`; `None` if the deadline passed first.
+pub async fn until<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
+    let now = Instant::now();
+    if deadline <= now {
+        return None;
+    }
+    let dur = deadline - now;
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::Timer::new(dur).await;
+        None
+    })
+    .await
+}
+
+/// A TCP stream with the fast path.
+pub struct Sock {
+    stream: TcpStream,
+    fd: RawFd,
+}
+
+impl Sock {
+    pub fn new(stream: TcpStream) -> Sock {
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        Sock { stream, fd }
+    }
+
+    /// Connects within `timeout`.
+    pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Result<Sock, NetError> {
+        match TcpStream::connect_timeout(addr, timeout).await {
+            Ok(s) => Ok(Sock::new(s)),
+            Err(e) => {
+                let e: io::Error = e.into();
+                if e.kind() == io::ErrorKind::TimedOut {
+                    Err(NetError::TimedOut)
+                } else {
+                    Err(NetError::Io(e))
+                }
+            }
+        }
+    }
+
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+
+    /// One non-blocking `recv`: `Ok(Some(n))`, or `Ok(None)` on EAGAIN.
+    fn try_recv(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<Option<usize>> {
+        loop {
+            // SAFETY: buf is a valid, writable slice for its whole length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    flags | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Reads at least one byte (or 0 at EOF), waiting until `deadline`.
+    pub async fn read(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, NetError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        for _ in 0..SPIN_YIELDS {
+            if let Some(n) = self.try_recv(buf, 0)? {
+                return Ok(n);
+            }
+            glommio::executor().yield_now().await;
+        }
+        match until(deadline, self.stream.read(buf)).await {
+            Some(r) => Ok(r?),
+            None => Err(NetError::TimedOut),
+        }
+    }
+
+    /// Whether an idle pooled connection is still usable: no EOF, no error and
+    /// no unexpected bytes waiting.
+    pub fn idle_is_alive(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.try_recv(&mut b, libc::MSG_PEEK), Ok(None))
+    }
+
+    /// Writes all of `buf`, waiting until `deadline`.
+    pub async fn write_all(&mut self, mut buf: &[u8], deadline: Instant) -> Result<(), NetError> {
+        while !buf.is_empty() {
+            // SAFETY: buf is a valid slice for its whole length.
+            let n = unsafe {
+                libc::send(
+                    self.fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                buf = &buf[n as usize..];
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    // The send buffer is full: let glommio wait for room.
+                    match until(deadline, self.stream.write(buf)).await {
+                        Some(Ok(n)) => buf = &buf[n..],
+                        Some(Err(e)) => return Err(NetError::Io(e)),
+                        None => return Err(NetError::TimedOut),
+                    }
+                }
+                _ => return Err(NetError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what fits without waiting (for refusing a connection cheaply).
+    pub fn try_write(&self, buf: &[u8]) {
+        // SAFETY: buf is a valid slice for its whole length.
+        unsafe {
+            libc::send(
+                self.fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+    }
+
+    /// Half-closes the write side, so the peer sees EOF after what was sent.
+    pub fn shutdown_write(&self) {
+        // SAFETY: fd is owned by self.stream and open.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_WR);
+        }
+    }
+
+    /// Closes with a reset instead of FIN (SO_LINGER 0): for a body that was
+    /// cut short, so the client cannot mistake it for a complete message.
+    pub fn set_reset_on_close(&self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid fd and a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! End-to-end tests of the pass-through proxy: real corral processes, real
+//! origins, real sockets on loopback, all on port 0.
+
+mod common;
+
+use common::*;
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn proxy_for(origin: &Origin, extra: &[&str]) -> Proxy {
+    let b = origin.addr.to_string();
+    let mut args = vec!["--backend", b.as_str()];
+    if !extra.contains(&"--shards") {
+        args.extend_from_slice(&["--shards", "2"]);
+    }
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+#[test]
+fn keep_alive_reuses_both_sides() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &["--shards", "1"]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for i in 0..100 {
+        write!(w, "GET /n/{i} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), format!("ok /n/{i}"));
+        assert_eq!(resp.header("Via"), Some("1.1 corral"));
+        assert!(resp.header("Connection").is_none());
+    }
+    assert_eq!(origin.requests(), 100);
+    // The upstream connection was pooled and reused.
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[test]
+fn pipelined_requests_answered_in_order() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut all = Vec::new();
+    for i in 0..20 {
+        // Mixed sizes and framings, so that a reordering would show.
+        let path = match i % 4 {
+            0 => format!("/p/{i}"),
+            1 => "/chunked/3000".to_string(),
+            2 => "/delay/30".to_string(),
+            _ => "/size/70000".to_string(),
+        };
+        all.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    all.extend_from_slice(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    all.extend_from_slice(b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    w.write_all(&all).unwrap();
+    let mut r = BufReader::new(s);
+    for i in 0..20 {
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        match i % 4 {
+            0 => assert_eq!(resp.text(), format!("ok /p/{i}")),
+            1 => assert_eq!(resp.body.len(), 3000),
+            2 => assert_eq!(resp.text(), "late"),
+            _ => assert_eq!(resp.body.len(), 70000),
+        }
+    }
+    let echo = read_response(&mut r, false).unwrap();
+    assert_eq!(
+        echo.text(),
+        format!("3 {}", b"abc".iter().map(|&b| b as u64).sum::<u64>())
+    );
+    let last = read_response(&mut r, false).unwrap();
+    assert_eq!(last.text(), "ok /last");
+    assert_eq!(last.header("Connection"), Some("close"));
+}
+
+#[test]
+fn http10_with_and_without_keep_alive() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    // Without keep-alive: answered, then closed.
+    let out = raw_exchange(p.addr, b"GET /a HTTP/1.0\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("Connection: close"));
+    assert!(out.ends_with("ok /a"));
+    // The origin got a Host even though the client sent none.
+    assert_eq!(
+        origin.last_seen().header("host"),
+        Some(origin.addr.to_string().as_str())
+    );
+    // With keep-alive: the connection stays open.
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for _ in 0..3 {
+        w.write_all(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("Connection"), Some("keep-alive"));
+    }
+    // A chunked upstream body goes to an HTTP/1.0 client delimited by close.
+    let out = raw_exchange(
+        p.addr,
+        b"GET /chunked/2500 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
+    assert!(!out.contains("Transfer-Encoding"));
+    assert!(out.contains("Connection: close"));
+    assert_eq!(out.split("\r\n\r\n").nth(1).unwrap().len(), 2500);
+}
+
+#[test]
+fn chunked_both_ways_and_close_delimited() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    // Chunked request body, split over several writes.
+    w.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    w.write_all(b"6;ext=1\r\n world\r\n0\r\nTrailer-X: 1\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut r, false).unwrap();
+    let sum: u64 = b"hello world".iter().map(|&b| b as u64).sum();
+    assert_eq!(resp.text(), format!("11 {sum}"));
+    // Chunked response body.
+    w.write_all(b"GET /chunked/12345 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.header("Transfer-Encoding"), Some("chunked"));
+    assert_eq!(resp.body, vec![b'c'; 12345]);
+    // A close-delimited response is re-framed as chunked; the client
+    // connection survives.
+    w.write_all(b"GET /close/5000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.header("Transfer-Encoding"), Some("chunked"));
+    assert_eq!(resp.body, vec![b'z'; 5000]);
+    w.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().text(), "ok /again");
+}
+
+#[test]
+fn head_204_304_have_no_body() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"HEAD /size/100 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut r, true).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("Content-Length"), Some("100"));
+    for code in [204, 304] {
+        write!(w, "GET /status/{code} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, code);
+        assert!(resp.body.is_empty());
+    }
+    // The connection is still in sync.
+    w.write_all(b"GET /sync HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().text(), "ok /sync");
+}
+
+#[test]
+fn forwarding_headers_and_hop_by_hop() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(
+        b"GET /h HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Private\r\nX-Private: secret\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Connection: keep-alive\r\nX-Forwarded-For: 192.0.2.1\r\nVia: 1.0 edge\r\nX-Keep: me\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let seen = origin.last_seen();
+    for gone in [
+        "Connection",
+        "X-Private",
+        "Keep-Alive",
+        "TE",
+        "Upgrade",
+        "Proxy-Connection",
+    ] {
+        assert!(seen.header(gone).is_none(), "{gone} was forwarded");
+    }
+    assert_eq!(seen.header("X-Forwarded-For"), Some("192.0.2.1, 127.0.0.1"));
+    assert_eq!(seen.header("X-Forwarded-Proto"), Some("http"));
+    assert_eq!(seen.header("Via"), Some("1.0 edge, 1.1 corral"));
+    assert_eq!(seen.header("X-Keep"), Some("me"));
+    assert_eq!(seen.header("Host"), Some("t"));
+}
+
+#[test]
+fn expect_100_continue() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let mut s = p.connect();
+    s.write_all(
+        b"PUT /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 25];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"data").unwrap();
+    let resp = read_response(&mut BufReader::new(s), false).unwrap();
+    let sum: u64 = b"data".iter().map(|&b| b as u64).sum();
+    assert_eq!(resp.text(), format!("4 {sum}"));
+    assert!(origin.last_seen().header("Expect").is_none());
+}
+
+#[test]
+fn large_bodies_stream_with_bounded_memory() {
+    const SIZE: u64 = 200 << 20;
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &["--shards", "1"]);
+    let base = p.rss_bytes();
+    let mut s = p.connect();
+    write!(
+        s,
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {SIZE}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut max_rss = 0;
+    for i in 0..(SIZE >> 20) {
+        s.write_all(&chunk).unwrap();
+        if i % 16 == 0 {
+            max_rss = max_rss.max(p.rss_bytes());
+        }
+    }
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.text(), format!("{SIZE} {}", SIZE * 7));
+    // And 200 MiB back down.
+    write!(s, "GET /size/{SIZE} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"));
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut got: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while got < SIZE {
+        let n = r.read(&mut buf).unwrap();
+        assert!(n > 0, "body ended early at {got}");
+        got += n as u64;
+        if got % (16 << 20) < n as u64 {
+            max_rss = max_rss.max(p.rss_bytes());
+        }
+    }
+    assert_eq!(got, SIZE);
+    let growth = max_rss.saturating_sub(base);
+    assert!(
+        growth < 32 << 20,
+        "RSS grew by {} MiB while streaming 200 MiB",
+        growth >> 20
+    );
+}
+
+#[test]
+fn backend_down_is_502() {
+    // A port with nothing listening: bind, note the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let d = dead.to_string();
+    let p = Proxy::start(&["--backend", &d]);
+    let resp = get(p.addr, "/x");
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.header("Via"), Some("1.1 corral"));
+    // The client connection survives a 502 when the request had no body.
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for _ in 0..2 {
+        w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut r, false).unwrap().status, 502);
+    }
+}
+
+#[test]
+fn backend_timeout_is_504_and_hang_is_bounded() {
+    let origin = Origin::start();
+    let cfg = write_config(
+        "timeout",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\nresponse_timeout = \"300ms\"\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let t = Instant::now();
+    let resp = get(p.addr, "/hang");
+    assert_eq!(resp.status, 504);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(get(p.addr, "/delay/1").status, 200);
+}
+
+#[test]
+fn backend_dying_mid_body_cuts_the_client() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    w.write_all(b"GET /die/100000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let resp = read_response(&mut r, false).unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.truncated, "a short body must not look complete");
+    assert_eq!(resp.body.len(), 100000);
+    // The connection is closed, not left for another request.
+    let mut s = s;
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+}
+
+#[test]
+fn stale_pooled_connection_is_retried() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &["--shards", "1"]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for _ in 0..5 {
+        // The origin closes after each answer without saying so; the pooled
+        // connection is dead when the next request comes.
+        w.write_all(b"GET /oneshot HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), "once");
+        std::thread::sleep(Duration::from_millis(60));
+    }
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_close() {
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &[]);
+    let cases: &[(&[u8], &str)] = &[
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", "400"),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", "400"),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: snappy, chunked\r\n\r\n", "501"),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n folded\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost : t\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: a\rb\r\n\r\n", "400"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "400"),
+        (b"GET / HTTP/1.1\r\n\r\n", "400"),
+    ];
+    for (req, code) in cases {
+        let out = raw_exchange(p.addr, req);
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {code}")),
+            "{:?} gave {out:?}",
+            String::from_utf8_lossy(req)
+        );
+        assert!(out.contains("Connection: close"));
+    }
+    // Nothing malformed reached the origin, and the proxy still serves.
+    assert_eq!(origin.requests(), 0);
+    assert_eq!(get(p.addr, "/fine").status, 200);
+}
+
+#[test]
+fn limits_414_431_413() {
+    let origin = Origin::start();
+    let cfg = write_config(
+        "limits",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nmax_header_bytes = \"4KiB\"\nmax_uri_bytes = 1024\nmax_headers = 20\nmax_body_bytes = 1000\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let uri = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "u".repeat(2000));
+    assert!(raw_exchange(p.addr, uri.as_bytes()).starts_with("HTTP/1.1 414"));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+        "h".repeat(5000)
+    );
+    assert!(raw_exchange(p.addr, big.as_bytes()).starts_with("HTTP/1.1 431"));
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..30 {
+        many.push_str(&format!("X-{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    assert!(raw_exchange(p.addr, many.as_bytes()).starts_with("HTTP/1.1 431"));
+    let body = "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n";
+    assert!(raw_exchange(p.addr, body.as_bytes()).starts_with("HTTP/1.1 413"));
+    // A chunked body that grows past the limit is cut off with 413.
+    let mut s = p.connect();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    for _ in 0..3 {
+        let _ = s.write_all(b"200\r\n");
+        let _ = s.write_all(&[b'x'; 512]);
+        let _ = s.write_all(b"\r\n");
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert_eq!(origin.requests(), 0);
+}
+
+#[test]
+fn slowloris_gets_408_and_idle_connections_close() {
+    let origin = Origin::start();
+    let cfg = write_config(
+        "slow",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nheader_timeout = \"400ms\"\nidle_timeout = \"600ms\"\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    // A head trickled byte by byte never completes in time.
+    let mut s = p.connect();
+    let t = Instant::now();
+    let mut got = String::new();
+    for b in b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: "
+        .iter()
+        .cycle()
+        .take(200)
+    {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if t.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let _ = s.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // An idle keep-alive connection is closed after idle_timeout.
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    let t = Instant::now();
+    let mut s = s;
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+    assert!(t.elapsed() >= Duration::from_millis(400));
+}
+
+#[test]
+fn connection_cap_refuses_cleanly() {
+    let origin = Origin::start();
+    let cfg = write_config(
+        "cap",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\nmax_connections = 2\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let s = p.connect();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+        held.push(s);
+    }
+    let out = raw_exchange(p.addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("Retry-After"));
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(p.addr, "/").status, 200);
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_requests() {
+    let origin = Origin::start();
+    let mut p = proxy_for(&origin, &[]);
+    // An idle keep-alive connection, and one with a request in flight.
+    let mut idle = p.connect();
+    let busy = p.connect();
+    let mut w = busy.try_clone().unwrap();
+    w.write_all(b"GET /delay/700 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    p.signal(libc::SIGTERM);
+    // The idle connection is closed promptly.
+    assert!(closed_within(&mut idle, Duration::from_secs(2)));
+    // The in-flight request completes, and is told the connection closes.
+    let resp = read_response(&mut BufReader::new(busy), false).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), "late");
+    assert_eq!(resp.header("Connection"), Some("close"));
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+    // Nobody listens any more.
+    assert!(TcpStream::connect(p.addr).is_err());
+}
+
+#[test]
+fn startup_errors_exit_2() {
+    // Address in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = taken.local_addr().unwrap().to_string();
+    let err = Proxy::try_start(&["--listen", &a, "--backend", "127.0.0.1:9"])
+        .err()
+        .unwrap();
+    assert_eq!(err.0, 2);
+    assert!(err.1.contains("already in use"), "{}", err.1);
+    // No origin.
+    let err = Proxy::try_start(&[]).err().unwrap();
+    assert_eq!(err.0, 2);
+    // A bad config names its key.
+    let cfg = write_config("bad", "[server]\nlisten = [\"127.0.0.1:0\"]\nshrads = 2\n");
+    let err = Proxy::try_start(&["-c", &cfg]).err().unwrap();
+    assert_eq!(err.0, 2);
+    assert!(err.1.contains("shrads"), "{}", err.1);
+}
+
+#[test]
+fn check_config_reports_every_error() {
+    let cfg = write_config(
+        "check",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[limits]\nidle_timeout = \"forever\"\n[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[route]]\nto = \"b\"\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["check-config", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "limits.idle_timeout",
+        "pool[0].backends[0].weight",
+        "route[0].to",
+    ] {
+        assert!(err.contains(key), "{key} missing from {err}");
+    }
+    let good = write_config(
+        "good",
+        "[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["check-config", &good])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn routes_pick_pools_by_host_and_prefix() {
+    let a = Origin::start();
+    let b = Origin::start();
+    let cfg = write_config(
+        "routes",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[[pool]]\nname = \"a\"\nbackends = [{{ addr = \"{}\" }}]\n[[pool]]\nname = \"b\"\nbackends = [{{ addr = \"{}\" }}]\n[[route]]\npath_prefix = \"/api/\"\nto = \"b\"\n[[route]]\nhost = \"B.example\"\nto = \"b\"\n",
+            a.addr, b.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let req = |host: &str, path: &str| {
+        let out = raw_exchange(
+            p.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    };
+    req("a.example", "/x");
+    assert_eq!((a.requests(), b.requests()), (1, 0));
+    req("a.example", "/api/v1");
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+    req("b.example:8080", "/x");
+    assert_eq!((a.requests(), b.requests()), (1, 2));
+}
+
+#[test]
+fn weighted_round_robin_spreads_requests() {
+    let a = Origin::start();
+    let b = Origin::start();
+    let (sa, sb) = (format!("{},weight=3", a.addr), b.addr.to_string());
+    let p = Proxy::start(&["--backend", &sa, "--backend", &sb, "--shards", "1"]);
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for _ in 0..40 {
+        w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    }
+    assert_eq!((a.requests(), b.requests()), (30, 10));
+}
