@@ -29,6 +29,9 @@ const BACKLOG: i32 = 4096;
 /// How often a shard looks at the process-wide stop flag and sweeps idle
 /// upstream connections. Only shutdown latency depends on it.
 const HOUSEKEEPING: Duration = Duration::from_millis(50);
+/// Preemption period of the connection task queue: the longest a parked
+/// connection can wait behind connections that keep running.
+const CONN_PREEMPT: Duration = Duration::from_millis(1);
 /// Registered io_uring buffer memory per executor. corral does no file I/O
 /// through it yet, and glommio locks about three times this per executor.
 const IO_MEMORY: usize = 2 << 20;
@@ -319,10 +322,25 @@ async fn shard_main(
     // The first timer in a process is slow to register: pay it before serving.
     glommio::timer::sleep(Duration::from_millis(1)).await;
     let shard = Rc::new(Shard::new(id, cfg.clone()));
+    // Connections run in a latency-sensitive queue: its I/O completes on
+    // glommio's latency ring, and any completion there preempts the tasks
+    // that are spinning on the fast path (see net.rs), so a parked
+    // connection is woken at once instead of at the next preempt tick.
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(CONN_PREEMPT),
+        "connections",
+    );
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let shard = shard.clone();
-        accept_tasks.push(glommio::spawn_local(accept_loop(shard, l)));
+        match glommio::spawn_local_into(accept_loop(shard, l, queue), queue) {
+            Ok(t) => accept_tasks.push(t),
+            Err(e) => {
+                let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+                return;
+            }
+        }
     }
     let _ = ready.send(Ok(()));
     drop(ready);
@@ -358,7 +376,7 @@ async fn shard_main(
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, queue: glommio::TaskQueueHandle) {
     let refusal = {
         let mut v = Vec::new();
         crate::http::write_simple_response(
@@ -394,12 +412,18 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         shard.conns.set(shard.conns.get() + 1);
         let guard = ConnGuard(shard.clone());
         let conn = conn::ClientConn::new(shard.clone(), sock);
-        glommio::spawn_local(async move {
-            let _guard = guard;
-            if AssertUnwindSafe(conn.run()).catch_unwind().await.is_err() {
-                eprintln!("corral: a connection task panicked; the shard goes on");
-            }
-        })
-        .detach();
+        let task = glommio::spawn_local_into(
+            async move {
+                let _guard = guard;
+                if AssertUnwindSafe(conn.run()).catch_unwind().await.is_err() {
+                    eprintln!("corral: a connection task panicked; the shard goes on");
+                }
+            },
+            queue,
+        );
+        match task {
+            Ok(t) => drop(t.detach()),
+            Err(e) => eprintln!("corral[{}]: cannot spawn a connection task: {e}", shard.id),
+        };
     }
 }
