@@ -1,0 +1,791 @@
+//! The load engine (I/O): one pinned glommio executor per thread, the
+//! connections spread over them, each connection a task that writes
+//! requests and reads responses with the same non-blocking fast path corral
+//! uses (direct `recv`/`send`, a few yields on EAGAIN, then the reactor).
+
+use crate::client::ResponseReader;
+use crate::keys::{random_range, Dist, Keys, Rng};
+use crate::stats::{corrected_latency_us, Report, Round, Schedule, Stats};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Yields on EAGAIN before parking on the reactor (as in corral).
+const SPIN_YIELDS: u32 = 16;
+/// Pause before reconnecting after a connect error.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
+/// Gap between herd rounds, so every connection is parked and ready.
+const HERD_GAP: Duration = Duration::from_millis(50);
+
+/// Where requests go, parsed from `http://host[:port]/path`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("only http:// URLs are supported, not `{url}`"))?;
+        let (hostport, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if hostport.is_empty() {
+            return Err(format!("no host in `{url}`"));
+        }
+        let with_port = if hostport.starts_with('[') {
+            if hostport.contains("]:") {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:80")
+            }
+        } else if hostport.contains(':') {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:80")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve `{hostport}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{hostport}` resolves to nothing"))?;
+        Ok(Target {
+            addr,
+            host: hostport.to_string(),
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub target: Target,
+    pub url: String,
+    pub connections: usize,
+    pub duration: Duration,
+    /// Stop after this many responses instead of after `duration`.
+    pub requests: Option<u64>,
+    /// Open loop: total requests per second.
+    pub rate: Option<f64>,
+    pub pipeline: usize,
+    pub threads: usize,
+    pub cpus: Option<Vec<usize>>,
+    pub keys: Option<u64>,
+    pub dist: Dist,
+    pub herd: bool,
+    pub range: Option<u64>,
+    pub object_size: Option<u64>,
+    pub headers: Vec<(String, String)>,
+    /// A response not complete after this long is a timeout.
+    pub timeout: Duration,
+    pub method: String,
+    /// Print a progress line on stderr each second.
+    pub progress: bool,
+    pub seed: u64,
+}
+
+impl Options {
+    pub fn new(url: &str) -> Result<Options, String> {
+        Ok(Options {
+            target: Target::parse(url)?,
+            url: url.to_string(),
+            connections: 64,
+            duration: Duration::from_secs(10),
+            requests: None,
+            rate: None,
+            pipeline: 1,
+            threads: 1,
+            cpus: None,
+            keys: None,
+            dist: Dist::Uniform,
+            herd: false,
+            range: None,
+            object_size: None,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(10),
+            method: "GET".into(),
+            progress: false,
+            seed: 0x5EED,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        if self.threads == 0 || self.threads > self.connections {
+            return Err("--threads must be between 1 and --connections".into());
+        }
+        if self.pipeline == 0 {
+            return Err("--pipeline must be at least 1".into());
+        }
+        if self.range.is_some() != self.object_size.is_some() {
+            return Err("--range and --object-size go together".into());
+        }
+        if self.herd && (self.rate.is_some() || self.pipeline > 1) {
+            return Err("--herd is closed loop with one request per connection".into());
+        }
+        if let Some(r) = self.rate {
+            if r.is_nan() || r <= 0.0 {
+                return Err("--rate must be positive".into());
+            }
+        }
+        if let Some(c) = &self.cpus {
+            if c.is_empty() {
+                return Err("--cpus is empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn mode(&self) -> String {
+        if self.herd {
+            "herd".into()
+        } else if let Some(r) = self.rate {
+            format!("open loop at {r:.0} req/s")
+        } else if self.pipeline > 1 {
+            format!("closed loop, pipeline {}", self.pipeline)
+        } else {
+            "closed loop".into()
+        }
+    }
+}
+
+/// State shared by every thread.
+struct Shared {
+    opts: Options,
+    keys: Option<Keys>,
+    start: Instant,
+    stop: AtomicBool,
+    /// Requests handed out (for `--requests`).
+    issued: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    /// A unique tag so herd keys were never seen before.
+    run_tag: u64,
+    herd: HerdSync,
+}
+
+/// Herd rounds: all connections fire at `start_ns` of `round`; the last one
+/// to finish opens the next round.
+struct HerdSync {
+    round: AtomicU64,
+    start_ns: AtomicU64,
+    remaining: AtomicUsize,
+    rounds: Mutex<Vec<Round>>,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn should_stop(&self) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.opts.requests {
+            Some(n) => self.completed.load(Ordering::Relaxed) >= n,
+            None => self.start.elapsed() >= self.opts.duration,
+        }
+    }
+
+    /// Claims one request slot; false when `--requests` are all handed out.
+    fn claim(&self) -> bool {
+        match self.opts.requests {
+            Some(n) => self.issued.fetch_add(1, Ordering::Relaxed) < n,
+            None => true,
+        }
+    }
+}
+
+/// Runs the load and returns the merged report.
+pub fn run(opts: Options) -> Result<Report, String> {
+    opts.validate()?;
+    let keys = match opts.keys {
+        Some(n) => Some(Keys::new(n, &opts.dist)?),
+        None => None,
+    };
+    let run_tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let shared = Arc::new(Shared {
+        keys,
+        start: Instant::now() + Duration::from_millis(20),
+        stop: AtomicBool::new(false),
+        issued: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        run_tag,
+        herd: HerdSync {
+            round: AtomicU64::new(0),
+            start_ns: AtomicU64::new(HERD_GAP.as_nanos() as u64),
+            remaining: AtomicUsize::new(opts.connections),
+            rounds: Mutex::new(vec![Round::default()]),
+        },
+        opts,
+    });
+    let opts = &shared.opts;
+    let mut handles = Vec::new();
+    for t in 0..opts.threads {
+        let placement = match &opts.cpus {
+            Some(c) => Placement::Fixed(c[t % c.len()]),
+            None => Placement::Unbound,
+        };
+        let sh = shared.clone();
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("loadgen{t}"))
+            .io_memory(1 << 20)
+            .spawn(move || worker(t, sh))
+            .map_err(|e| format!("cannot start thread {t}: {e}"))?;
+        handles.push(h);
+    }
+    let mut stats = Stats::default();
+    for h in handles {
+        match h.join() {
+            Ok(s) => stats.merge(&s),
+            Err(e) => return Err(format!("a worker failed: {e}")),
+        }
+    }
+    let elapsed = shared.start.elapsed();
+    let duration = match opts.requests {
+        Some(_) => elapsed,
+        None => elapsed.min(opts.duration.max(Duration::from_millis(1))),
+    };
+    let mut rounds =
+        std::mem::take(&mut *shared.herd.rounds.lock().unwrap_or_else(|p| p.into_inner()));
+    // Only whole rounds: the last one may be cut short by the end of the run.
+    rounds.retain(|r| r.latencies_us.len() + r.failed as usize == opts.connections);
+    Ok(Report {
+        stats,
+        duration,
+        rounds,
+        url: opts.url.clone(),
+        connections: opts.connections,
+        threads: opts.threads,
+        mode: opts.mode(),
+    })
+}
+
+async fn worker(t: usize, shared: Arc<Shared>) -> Stats {
+    let opts = &shared.opts;
+    let stats = Rc::new(RefCell::new(Stats::default()));
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(Duration::from_millis(1)),
+        "load",
+    );
+    // Warm the timer wheel before the clock starts.
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    let wait = shared.start.saturating_duration_since(Instant::now());
+    glommio::timer::sleep(wait).await;
+    let mut tasks = Vec::new();
+    for c in (t..opts.connections).step_by(opts.threads) {
+        let (sh, st) = (shared.clone(), stats.clone());
+        let fut = connection(c, sh, st);
+        if let Ok(task) = glommio::spawn_local_into(fut, queue) {
+            tasks.push(task);
+        }
+    }
+    if t == 0 && opts.progress {
+        let sh = shared.clone();
+        tasks.push(glommio::spawn_local(async move {
+            let mut last = 0u64;
+            while !sh.should_stop() {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                let done = sh.completed.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {:>5.1}s  {:>9} req/s  {:>10} done  {:>6} errors   ",
+                    sh.start.elapsed().as_secs_f64(),
+                    done - last,
+                    done,
+                    sh.errors.load(Ordering::Relaxed)
+                );
+                last = done;
+            }
+            eprintln!();
+        }));
+    }
+    for task in tasks {
+        task.await;
+    }
+    let s = stats.borrow().clone();
+    s
+}
+
+/// One request in flight: when it counts from, and whether it was HEAD.
+struct InFlight {
+    from_ns: u64,
+    /// When it was written, for the timeout.
+    sent_ns: u64,
+    head: bool,
+    round: Option<u64>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    fd: i32,
+    reader: ResponseReader,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+enum Io {
+    Ok,
+    Eof,
+    Err,
+    TimedOut,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, timeout: Duration) -> Option<Conn> {
+        let stream = TcpStream::connect_timeout(addr, timeout).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        Some(Conn {
+            stream,
+            fd,
+            reader: ResponseReader::new(),
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+        })
+    }
+
+    async fn write_all(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            // SAFETY: a valid slice and our own open fd.
+            let n = unsafe {
+                libc::send(
+                    self.fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n > 0 {
+                data = &data[n as usize..];
+                continue;
+            }
+            let e = io::Error::last_os_error().raw_os_error();
+            if n < 0 && (e == Some(libc::EAGAIN) || e == Some(libc::EINTR)) {
+                match self.stream.write(data).await {
+                    Ok(k) => data = &data[k..],
+                    Err(_) => return false,
+                }
+                continue;
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Reads more bytes into the buffer, waiting until `deadline_ns`.
+    async fn fill(&mut self, shared: &Shared, deadline_ns: u64) -> Io {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        for _ in 0..SPIN_YIELDS {
+            let space = &mut self.buf[self.end..];
+            // SAFETY: a valid writable slice and our own open fd.
+            let n = unsafe {
+                libc::recv(
+                    self.fd,
+                    space.as_mut_ptr().cast(),
+                    space.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                self.end += n as usize;
+                return Io::Ok;
+            }
+            if n == 0 {
+                return Io::Eof;
+            }
+            let e = io::Error::last_os_error().raw_os_error();
+            if e != Some(libc::EAGAIN) && e != Some(libc::EINTR) {
+                return Io::Err;
+            }
+            glommio::executor().yield_now().await;
+        }
+        let now = shared.now_ns();
+        if deadline_ns <= now {
+            return Io::TimedOut;
+        }
+        let wait = Duration::from_nanos(deadline_ns - now);
+        let end = self.end;
+        let stream = &mut self.stream;
+        let space = &mut self.buf[end..];
+        match until(wait, stream.read(space)).await {
+            None => Io::TimedOut,
+            Some(Ok(0)) => Io::Eof,
+            Some(Ok(n)) => {
+                self.end += n;
+                Io::Ok
+            }
+            Some(Err(_)) => Io::Err,
+        }
+    }
+}
+
+async fn until<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(dur).await;
+        None
+    })
+    .await
+}
+
+/// Builds one request into `out`; returns whether it is HEAD.
+fn build_request(
+    out: &mut Vec<u8>,
+    opts: &Options,
+    key: Option<String>,
+    range: Option<(u64, u64)>,
+) -> bool {
+    use std::io::Write;
+    let path = match key {
+        None => opts.target.path.clone(),
+        Some(k) => {
+            if opts.target.path.contains("{key}") {
+                opts.target.path.replace("{key}", &k)
+            } else if opts.target.path.contains('?') {
+                format!("{}&k={k}", opts.target.path)
+            } else {
+                format!("{}?k={k}", opts.target.path)
+            }
+        }
+    };
+    let _ = write!(
+        out,
+        "{} {} HTTP/1.1\r\nHost: {}\r\n",
+        opts.method, path, opts.target.host
+    );
+    if let Some((a, b)) = range {
+        let _ = write!(out, "Range: bytes={a}-{b}\r\n");
+    }
+    for (k, v) in &opts.headers {
+        let _ = write!(out, "{k}: {v}\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    opts.method == "HEAD"
+}
+
+async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
+    let opts = &shared.opts;
+    let mut rng = Rng::new(opts.seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9));
+    let mut schedule = opts.rate.map(|r| {
+        let per_conn = r / opts.connections as f64;
+        let interval = 1e9 / per_conn;
+        Schedule::new(
+            per_conn,
+            (interval * id as f64 / opts.connections as f64) as u64,
+        )
+    });
+    let timeout_ns = opts.timeout.as_nanos() as u64;
+    let mut conn: Option<Conn> = None;
+    let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut out = Vec::with_capacity(512);
+    let mut herd_round = 0u64;
+    'run: while !shared.should_stop() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match Conn::open(opts.target.addr, opts.timeout).await {
+                Some(c) => conn.insert(c),
+                None => {
+                    stats.borrow_mut().connect_errors += 1;
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    if opts.herd {
+                        herd_done(&shared, herd_round, None);
+                        herd_round += 1;
+                    }
+                    glommio::timer::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        // Send what the mode allows.
+        out.clear();
+        let now = shared.now_ns();
+        let mut wait_until: Option<u64> = None;
+        if opts.herd {
+            if inflight.is_empty() {
+                // Wait for the round to open, then fire at its instant.
+                loop {
+                    if shared.should_stop() {
+                        break 'run;
+                    }
+                    let r = shared.herd.round.load(Ordering::Acquire);
+                    if r >= herd_round {
+                        herd_round = r;
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                let at = shared.herd.start_ns.load(Ordering::Acquire);
+                let now = shared.now_ns();
+                if at > now {
+                    glommio::timer::sleep(Duration::from_nanos(at - now)).await;
+                }
+                if !shared.claim() {
+                    break;
+                }
+                let key = format!("herd-{:x}-{herd_round}", shared.run_tag);
+                let head = build_request(&mut out, opts, Some(key), None);
+                inflight.push_back(InFlight {
+                    from_ns: shared.now_ns(),
+                    sent_ns: shared.now_ns(),
+                    head,
+                    round: Some(herd_round),
+                });
+            }
+        } else if let Some(s) = schedule.as_mut() {
+            while inflight.len() < opts.pipeline && s.peek() <= now {
+                if !shared.claim() {
+                    break;
+                }
+                let (intended, late) = s.take(now);
+                if late {
+                    stats.borrow_mut().late += 1;
+                }
+                let (key, range) = draw(&shared, &mut rng);
+                let head = build_request(&mut out, opts, key, range);
+                inflight.push_back(InFlight {
+                    from_ns: intended,
+                    sent_ns: now,
+                    head,
+                    round: None,
+                });
+            }
+            if inflight.len() < opts.pipeline {
+                wait_until = Some(s.peek());
+            }
+        } else {
+            while inflight.len() < opts.pipeline && shared.claim() {
+                let (key, range) = draw(&shared, &mut rng);
+                let head = build_request(&mut out, opts, key, range);
+                inflight.push_back(InFlight {
+                    from_ns: now,
+                    sent_ns: now,
+                    head,
+                    round: None,
+                });
+            }
+        }
+        if !out.is_empty() && !c.write_all(&out).await {
+            fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+            continue;
+        }
+        if inflight.is_empty() {
+            match wait_until {
+                Some(t) => {
+                    let now = shared.now_ns();
+                    if t > now {
+                        glommio::timer::sleep(Duration::from_nanos(t - now)).await;
+                    }
+                    continue;
+                }
+                None => break, // closed loop with nothing left to send
+            }
+        }
+        // Read until at least one response completes, or it is time to send.
+        let timeout_at = inflight.front().map_or(0, |f| f.sent_ns) + timeout_ns;
+        let deadline = wait_until.map_or(timeout_at, |w| w.min(timeout_at));
+        let mut completed_any = false;
+        loop {
+            // Parse what is buffered.
+            while c.start < c.end {
+                let Some(front) = inflight.front() else { break };
+                match c.reader.feed(&c.buf[c.start..c.end], front.head) {
+                    Ok(p) => {
+                        c.start += p.consumed;
+                        if let Some(done) = p.done {
+                            let f = inflight.pop_front().expect("a request is in flight");
+                            let lat = corrected_latency_us(f.from_ns, shared.now_ns());
+                            stats.borrow_mut().record(done.status, lat, done.body_bytes);
+                            shared.completed.fetch_add(1, Ordering::Relaxed);
+                            if let Some(r) = f.round {
+                                herd_done(&shared, r, Some(lat));
+                                herd_round = r + 1;
+                            }
+                            completed_any = true;
+                            if done.close {
+                                fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
+                                continue 'run;
+                            }
+                        } else {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                        continue 'run;
+                    }
+                }
+            }
+            if completed_any || inflight.is_empty() {
+                continue 'run;
+            }
+            match c.fill(&shared, deadline).await {
+                Io::Ok => {}
+                Io::TimedOut => {
+                    if shared.now_ns() >= timeout_at {
+                        stats.borrow_mut().timeouts += 1;
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(f) = inflight.front() {
+                            if let Some(r) = f.round {
+                                herd_done(&shared, r, None);
+                                herd_round = r + 1;
+                            }
+                        }
+                        inflight.pop_front();
+                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                    }
+                    continue 'run;
+                }
+                Io::Eof => {
+                    if let Ok(Some(done)) = c.reader.eof() {
+                        if let Some(f) = inflight.pop_front() {
+                            let lat = corrected_latency_us(f.from_ns, shared.now_ns());
+                            stats.borrow_mut().record(done.status, lat, done.body_bytes);
+                            shared.completed.fetch_add(1, Ordering::Relaxed);
+                            if let Some(r) = f.round {
+                                herd_done(&shared, r, Some(lat));
+                                herd_round = r + 1;
+                            }
+                        }
+                        fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
+                    } else {
+                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                    }
+                    continue 'run;
+                }
+                Io::Err => {
+                    fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                    continue 'run;
+                }
+            }
+        }
+    }
+}
+
+/// Drops the connection. Requests still in flight on it are lost: each is a
+/// read error (unless `clean` and none are left).
+fn fail_connection(
+    shared: &Shared,
+    stats: &Rc<RefCell<Stats>>,
+    conn: &mut Option<Conn>,
+    inflight: &mut VecDeque<InFlight>,
+    clean: bool,
+) {
+    *conn = None;
+    let lost = inflight.len() as u64;
+    if lost > 0 || !clean {
+        let n = lost.max(u64::from(!clean));
+        stats.borrow_mut().read_errors += n;
+        shared.errors.fetch_add(n, Ordering::Relaxed);
+    }
+    for f in inflight.drain(..) {
+        if let Some(r) = f.round {
+            herd_done(shared, r, None);
+        }
+        // Give the request slot back so `--requests` still completes.
+        if shared.opts.requests.is_some() {
+            shared.issued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Records a herd response (or a failure) for `round`; the last one opens
+/// the next round.
+fn herd_done(shared: &Shared, round: u64, latency_us: Option<u64>) {
+    {
+        let mut rounds = shared.herd.rounds.lock().unwrap_or_else(|p| p.into_inner());
+        while rounds.len() as u64 <= round + 1 {
+            rounds.push(Round::default());
+        }
+        match latency_us {
+            Some(l) => rounds[round as usize].latencies_us.push(l),
+            None => rounds[round as usize].failed += 1,
+        }
+    }
+    if shared.herd.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared
+            .herd
+            .remaining
+            .store(shared.opts.connections, Ordering::Release);
+        shared.herd.start_ns.store(
+            shared.now_ns() + HERD_GAP.as_nanos() as u64,
+            Ordering::Release,
+        );
+        shared.herd.round.store(round + 1, Ordering::Release);
+    }
+}
+
+/// The key and range of the next request.
+fn draw(shared: &Shared, rng: &mut Rng) -> (Option<String>, Option<(u64, u64)>) {
+    let key = shared.keys.as_ref().map(|k| k.draw(rng).to_string());
+    let range = match (shared.opts.range, shared.opts.object_size) {
+        (Some(r), Some(o)) => Some(random_range(rng, r, o)),
+        _ => None,
+    };
+    (key, range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_targets() {
+        let t = Target::parse("http://127.0.0.1:8080/a/b?c=1").unwrap();
+        assert_eq!(t.addr.port(), 8080);
+        assert_eq!(t.host, "127.0.0.1:8080");
+        assert_eq!(t.path, "/a/b?c=1");
+        let t = Target::parse("http://127.0.0.1").unwrap();
+        assert_eq!(t.addr.port(), 80);
+        assert_eq!(t.path, "/");
+        assert!(Target::parse("https://x/").is_err());
+    }
+
+    #[test]
+    fn requests_carry_keys_and_ranges() {
+        let mut o = Options::new("http://127.0.0.1:1/obj/{key}").unwrap();
+        o.headers.push(("X-A".into(), "b".into()));
+        let mut out = Vec::new();
+        build_request(&mut out, &o, Some("42".into()), Some((0, 99)));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /obj/42 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nRange: bytes=0-99\r\nX-A: b\r\n\r\n"
+        );
+        let o = Options::new("http://127.0.0.1:1/x?a=1").unwrap();
+        let mut out = Vec::new();
+        build_request(&mut out, &o, Some("7".into()), None);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with("GET /x?a=1&k=7 HTTP/1.1"));
+    }
+}

@@ -1,0 +1,163 @@
+//! loadgen against real servers on loopback: every framing, reconnects after
+//! the server closes, and errors counted apart.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A server answering each request by path: `/len`, `/chunked`, `/close`
+/// (close-delimited), `/every3` (Connection: close on every third response
+/// of a connection), `/slow` (never answers). Counts connections.
+fn server() -> (String, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut n = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    n += 1;
+                    let ok = match path.as_str() {
+                        "/len" => w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"),
+                        "/chunked" => w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1;e=1\r\nc\r\n0\r\n\r\n"),
+                        "/close" => {
+                            let _ = w.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close");
+                            return;
+                        }
+                        "/every3" => {
+                            if n % 3 == 0 {
+                                let _ = w.write_all(b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+                                return;
+                            }
+                            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+                        }
+                        "/slow" => {
+                            std::thread::sleep(Duration::from_secs(3));
+                            return;
+                        }
+                        _ => w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+                    };
+                    if ok.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (base, conns)
+}
+
+fn run(url: &str, f: impl FnOnce(&mut loadgen::Options)) -> loadgen::Report {
+    let mut o = loadgen::Options::new(url).unwrap();
+    o.connections = 4;
+    f(&mut o);
+    loadgen::run(o).unwrap()
+}
+
+#[test]
+fn counts_every_framing() {
+    let (base, _) = server();
+    for (path, body) in [("/len", 3u64), ("/chunked", 3)] {
+        let r = run(&format!("{base}{path}"), |o| o.requests = Some(400));
+        assert_eq!(r.stats.requests(), 400, "{path}");
+        assert_eq!(r.stats.status[&200], 400);
+        assert_eq!(r.stats.body_bytes, 400 * body);
+        assert_eq!(r.stats.errors(), 0);
+    }
+    let r = run(&format!("{base}/close"), |o| o.requests = Some(50));
+    assert_eq!(r.stats.requests(), 50);
+    assert_eq!(r.stats.body_bytes, 50 * 11);
+    assert_eq!(r.stats.errors(), 0);
+}
+
+#[test]
+fn reconnects_after_server_close() {
+    let (base, conns) = server();
+    let r = run(&format!("{base}/every3"), |o| {
+        o.requests = Some(300);
+        o.connections = 2;
+    });
+    assert_eq!(r.stats.requests(), 300);
+    assert_eq!(r.stats.status[&503], 100);
+    assert_eq!(r.stats.status[&200], 200);
+    assert_eq!(r.stats.errors(), 0);
+    assert!(conns.load(Ordering::SeqCst) >= 100);
+}
+
+#[test]
+fn pipelined_requests_match_responses() {
+    let (base, _) = server();
+    let r = run(&format!("{base}/len"), |o| {
+        o.requests = Some(1000);
+        o.pipeline = 8;
+    });
+    assert_eq!(r.stats.requests(), 1000);
+    assert_eq!(r.stats.body_bytes, 3000);
+}
+
+#[test]
+fn timeouts_and_connect_errors_are_counted_apart() {
+    let (base, _) = server();
+    let r = run(&format!("{base}/slow"), |o| {
+        o.duration = Duration::from_millis(800);
+        o.timeout = Duration::from_millis(300);
+        o.connections = 2;
+    });
+    assert!(r.stats.timeouts >= 2, "{:?}", r.stats);
+    assert_eq!(r.stats.connect_errors, 0);
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let r = run(&format!("http://{dead}/"), |o| {
+        o.duration = Duration::from_millis(300);
+        o.connections = 1;
+    });
+    assert!(r.stats.connect_errors > 0);
+    assert_eq!(r.stats.timeouts, 0);
+    assert_eq!(r.stats.requests(), 0);
+}
+
+#[test]
+fn open_loop_keeps_its_rate() {
+    let (base, _) = server();
+    let r = run(&format!("{base}/len"), |o| {
+        o.rate = Some(500.0);
+        o.duration = Duration::from_secs(1);
+    });
+    let n = r.stats.requests();
+    assert!((450..=510).contains(&n), "{n} requests at 500/s for 1s");
+}
+
+#[test]
+fn herd_rounds_fire_together() {
+    let (base, _) = server();
+    let r = run(&format!("{base}/len"), |o| {
+        o.herd = true;
+        o.connections = 10;
+        o.duration = Duration::from_millis(600);
+    });
+    assert!(!r.rounds.is_empty());
+    for round in &r.rounds {
+        assert_eq!(round.latencies_us.len(), 10);
+    }
+}
