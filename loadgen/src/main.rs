@@ -71,6 +71,10 @@ struct Cli {
     /// Write a latency percentile plot (SVG) here.
     #[arg(long)]
     svg: Option<String>,
+    /// Yields on EAGAIN before parking on io_uring: spinning is fastest on a
+    /// core of its own; use 0 when sharing the core with a server.
+    #[arg(long, default_value_t = loadgen::engine::SPIN_YIELDS)]
+    spin: u32,
     /// Seed for keys and ranges.
     #[arg(long, default_value_t = 0x5EED)]
     seed: u64,
@@ -112,6 +116,7 @@ fn options(cli: &Cli) -> Result<loadgen::Options, String> {
     o.method = cli.method.clone();
     o.timeout = loadgen::parse_duration(&cli.timeout)?;
     o.seed = cli.seed;
+    o.spin_yields = cli.spin;
     for h in &cli.headers {
         let (k, v) = h
             .split_once(':')

@@ -37,13 +37,17 @@ impl UpstreamPool {
         self.rr.borrow_mut().pick().unwrap_or(0)
     }
 
-    /// A live idle connection to backend `b`, if one is kept. Connections
-    /// that idled too long, were closed by the backend, or have unexpected
-    /// bytes waiting are dropped here.
-    pub fn checkout(&self, b: usize, now: Instant) -> Option<Sock> {
+    /// An idle connection to backend `b`, if one is kept. Connections that
+    /// idled too long are dropped here. With `verify`, a connection the
+    /// backend closed (or that has unexpected bytes waiting) is detected and
+    /// dropped too, at the cost of a `recv` call; callers whose request can
+    /// be retried on a fresh connection skip it.
+    pub fn checkout(&self, b: usize, now: Instant, verify: bool) -> Option<Sock> {
         let mut idle = self.idle.get(b)?.borrow_mut();
         while let Some((sock, since)) = idle.pop() {
-            if now.duration_since(since) < self.cfg.keepalive_timeout && sock.idle_is_alive() {
+            if now.duration_since(since) < self.cfg.keepalive_timeout
+                && (!verify || sock.idle_is_alive())
+            {
                 return Some(sock);
             }
         }

@@ -282,7 +282,10 @@ impl ClientConn {
         let (mut up, resp_ok) = loop {
             attempt += 1;
             let now = Instant::now();
-            let (mut up, reused) = match pool.checkout(backend, now) {
+            // A request without a body is retried on a fresh connection if
+            // a pooled one turns out stale; one with a body cannot be, so
+            // its pooled connection is verified first.
+            let (mut up, reused) = match pool.checkout(backend, now, has_body) {
                 Some(s) => (s, true),
                 None => {
                     let addr = pool.cfg.backends[backend].addr;
@@ -319,8 +322,12 @@ impl ClientConn {
                         .upstream_failed(502, &format!("{addr} closed the connection"), false)
                         .await;
                 }
-                Err(UpstreamFail::Bad(m)) => return self.upstream_failed(502, &m, false).await,
-                Err(UpstreamFail::Timeout(m)) => return self.upstream_failed(504, &m, false).await,
+                // With a body, part of it may still be unread on the client
+                // socket: answer, then close.
+                Err(UpstreamFail::Bad(m)) => return self.upstream_failed(502, &m, has_body).await,
+                Err(UpstreamFail::Timeout(m)) => {
+                    return self.upstream_failed(504, &m, has_body).await
+                }
                 Err(UpstreamFail::Client(e)) => {
                     self.log(&format!("rejected request body: {e}"));
                     self.send_error(e.status(), e.reason(), true).await;
@@ -601,6 +608,9 @@ impl ClientConn {
                 self.out.extend_from_slice(&self.ubuf.filled()[..take]);
                 self.ubuf.consume(take);
                 left -= take as u64;
+                // Bytes past the body are a backend protocol error: never
+                // reuse that connection.
+                let extra = !self.ubuf.is_empty();
                 self.write_client(send_timeout).await?;
                 while left > 0 {
                     self.ubuf.clear();
@@ -622,7 +632,7 @@ impl ClientConn {
                     }
                 }
                 self.ubuf.clear();
-                Ok((!up_close, close))
+                Ok((!up_close && !extra, close))
             }
             BodyKind::Chunked => {
                 let mut dec = ChunkedDecoder::new();

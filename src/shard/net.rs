@@ -21,6 +21,15 @@ use std::time::{Duration, Instant};
 /// way, small enough that the reactor (accepts, timers) still runs often.
 pub const SPIN_YIELDS: u32 = 16;
 
+/// The spin budget: [`SPIN_YIELDS`], or `CORRAL_SPIN_YIELDS` from the
+/// environment for tuning on other hardware.
+fn spin_yields() -> u32 {
+    thread_local! {
+        static SPIN: u32 = std::env::var("CORRAL_SPIN_YIELDS").ok().and_then(|v| v.parse().ok()).unwrap_or(SPIN_YIELDS);
+    }
+    SPIN.with(|s| *s)
+}
+
 /// Why a socket operation did not complete.
 #[derive(Debug)]
 pub enum NetError {
@@ -109,11 +118,14 @@ impl Sock {
         if buf.is_empty() {
             return Ok(0);
         }
-        for _ in 0..SPIN_YIELDS {
+        if let Some(n) = self.try_recv(buf, 0)? {
+            return Ok(n);
+        }
+        for _ in 0..spin_yields() {
+            glommio::executor().yield_now().await;
             if let Some(n) = self.try_recv(buf, 0)? {
                 return Ok(n);
             }
-            glommio::executor().yield_now().await;
         }
         match until(deadline, self.stream.read(buf)).await {
             Some(r) => Ok(r?),
