@@ -8,11 +8,13 @@
 //! - [`http`] (pure): request/response heads, chunked framing, rewriting.
 //! - [`config`] (pure): TOML and flags into a validated [`config::Config`].
 //! - [`balance`] (pure): backend selection.
+//! - [`cache`] (pure cores): RFC 9111 policy, S3-FIFO store, collapse table.
 //! - [`origin`] (I/O): upstream connection pools.
 //! - [`shard`] (I/O): executors, listeners, the connection driver and the
 //!   socket fast path.
 
 pub mod balance;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod http;

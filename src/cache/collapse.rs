@@ -1,0 +1,506 @@
+//! Collapsed forwarding within a shard: key → the one origin fetch in flight
+//! ([`Fill`]), which every request for that key reads while it is written.
+//! Single-threaded (`Rc`/`RefCell`), no locks, no polling: readers are woken
+//! by the fetch's progress through stored wakers.
+//!
+//! The fetch runs in its own task, not in any client's: a reader that goes
+//! away (even the first) never stops a cacheable fetch, and a slow reader
+//! never slows the fetch or the other readers; each reader keeps its own
+//! cursor into the shared, immutable chunks.
+//!
+//! States of a fill (pingora's lock states, single-threaded):
+//! `Waiting` (no head yet) → `Streaming` (head known, chunks arriving) →
+//! `Done`; or `Uncacheable` (only the first reader may read it: the others
+//! go to the origin on their own); or `Failed` (an origin error before any
+//! byte: readers answer with the status; after bytes: readers close).
+
+use super::object::Meta;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Waiting,
+    Streaming,
+    Done,
+    /// Not cacheable: the first reader alone reads it.
+    Uncacheable,
+    /// The origin failed; the status readers answer with if they sent nothing.
+    Failed(u16),
+}
+
+/// One origin fetch shared by every reader of its key.
+pub struct Fill {
+    pub key: u64,
+    state: RefCell<State>,
+    /// Readers that joined, the first included.
+    readers: Cell<usize>,
+    /// The first reader is still there (for uncacheable streams, which have
+    /// no other reader and stop when it leaves).
+    first_alive: Cell<bool>,
+    /// Bytes the first reader has taken (for back-pressure on uncacheable
+    /// streams).
+    first_taken: Cell<u64>,
+}
+
+struct State {
+    phase: Phase,
+    meta: Option<Arc<Meta>>,
+    /// Chunks from index `base` on; earlier ones were released.
+    chunks: Vec<Rc<[u8]>>,
+    base: usize,
+    bytes: u64,
+    /// Incremented on every change; readers wait for it to move.
+    version: u64,
+    wakers: Vec<Waker>,
+}
+
+/// What a reader sees at its cursor.
+pub enum Next {
+    /// The response head, once, before any chunk.
+    Chunk(Rc<[u8]>),
+    /// Nothing new yet: wait with [`Fill::changed`].
+    Pending,
+    /// The body is complete.
+    End,
+    /// This reader must not use the fill: go to the origin on its own.
+    GoAlone,
+    /// The origin failed: the status if nothing was sent, else close.
+    Failed(u16),
+}
+
+impl Fill {
+    fn new(key: u64) -> Fill {
+        Fill {
+            key,
+            state: RefCell::new(State {
+                phase: Phase::Waiting,
+                meta: None,
+                chunks: Vec::new(),
+                base: 0,
+                bytes: 0,
+                version: 0,
+                wakers: Vec::new(),
+            }),
+            readers: Cell::new(0),
+            first_alive: Cell::new(true),
+            first_taken: Cell::new(0),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.state.borrow().phase
+    }
+
+    pub fn meta(&self) -> Option<Arc<Meta>> {
+        self.state.borrow().meta.clone()
+    }
+
+    pub fn readers(&self) -> usize {
+        self.readers.get()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state.borrow().version
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.state.borrow().bytes
+    }
+
+    fn bump(&self, st: &mut State) {
+        st.version += 1;
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// The head is known; `cacheable` decides whether every reader may read.
+    pub fn start(&self, meta: Arc<Meta>, cacheable: bool) {
+        let mut st = self.state.borrow_mut();
+        st.meta = Some(meta);
+        st.phase = if cacheable {
+            Phase::Streaming
+        } else {
+            Phase::Uncacheable
+        };
+        self.bump(&mut st);
+    }
+
+    /// Appends body bytes.
+    pub fn push(&self, chunk: Rc<[u8]>) {
+        let mut st = self.state.borrow_mut();
+        st.bytes += chunk.len() as u64;
+        st.chunks.push(chunk);
+        self.bump(&mut st);
+    }
+
+    /// The body is complete.
+    pub fn finish(&self) {
+        let mut st = self.state.borrow_mut();
+        if matches!(
+            st.phase,
+            Phase::Streaming | Phase::Uncacheable | Phase::Waiting
+        ) {
+            st.phase = Phase::Done;
+        }
+        self.bump(&mut st);
+    }
+
+    /// The origin failed.
+    pub fn fail(&self, status: u16) {
+        let mut st = self.state.borrow_mut();
+        st.phase = Phase::Failed(status);
+        self.bump(&mut st);
+    }
+
+    /// Turns a cacheable stream into one only the first reader may read
+    /// (it outgrew the object size limit): later readers go alone, readers
+    /// already streaming keep their cursor until the chunks they need are
+    /// released.
+    pub fn demote(&self) {
+        let mut st = self.state.borrow_mut();
+        if st.phase == Phase::Streaming {
+            st.phase = Phase::Uncacheable;
+        }
+        self.bump(&mut st);
+    }
+
+    /// The body so far, concatenated (for storing a finished fill).
+    pub fn body(&self) -> Option<Vec<u8>> {
+        let st = self.state.borrow();
+        if st.base != 0 {
+            return None;
+        }
+        let mut v = Vec::with_capacity(st.bytes as usize);
+        for c in &st.chunks {
+            v.extend_from_slice(c);
+        }
+        Some(v)
+    }
+
+    /// Releases chunks the first reader has taken, when it is the only one
+    /// who may read (uncacheable streams), so memory stays bounded.
+    pub fn release_taken(&self, upto: usize) {
+        let mut st = self.state.borrow_mut();
+        if st.phase != Phase::Uncacheable && !matches!(st.phase, Phase::Done) {
+            return;
+        }
+        while st.base < upto && !st.chunks.is_empty() {
+            st.chunks.remove(0);
+            st.base += 1;
+        }
+    }
+
+    /// Bytes pushed but not yet taken by the first reader.
+    pub fn first_backlog(&self) -> u64 {
+        self.bytes().saturating_sub(self.first_taken.get())
+    }
+
+    pub fn first_alive(&self) -> bool {
+        self.first_alive.get()
+    }
+
+    /// Waits until the fill changes after `seen`.
+    pub fn changed(self: &Rc<Self>, seen: u64) -> Changed {
+        Changed {
+            fill: self.clone(),
+            seen,
+        }
+    }
+}
+
+pub struct Changed {
+    fill: Rc<Fill>,
+    seen: u64,
+}
+
+impl Future for Changed {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.fill.state.borrow_mut();
+        if st.version != self.seen {
+            return Poll::Ready(());
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// One reader's position in a fill.
+pub struct Reader {
+    pub fill: Rc<Fill>,
+    /// Whether this reader is the first (the one the fetch was made for).
+    pub first: bool,
+    next_chunk: usize,
+    taken: u64,
+}
+
+impl Reader {
+    /// The next thing to do at this reader's cursor.
+    pub fn next(&mut self) -> Next {
+        let st = self.fill.state.borrow();
+        match st.phase {
+            Phase::Waiting => return Next::Pending,
+            Phase::Failed(code) => return Next::Failed(code),
+            Phase::Uncacheable if !self.first && self.next_chunk == 0 && self.taken == 0 => {
+                return Next::GoAlone
+            }
+            _ => {}
+        }
+        if self.next_chunk < st.base {
+            // Released before this reader got it (a demoted stream).
+            return Next::Failed(502);
+        }
+        if let Some(c) = st.chunks.get(self.next_chunk - st.base) {
+            self.next_chunk += 1;
+            self.taken += c.len() as u64;
+            if self.first {
+                self.fill.first_taken.set(self.taken);
+            }
+            return Next::Chunk(c.clone());
+        }
+        if st.phase == Phase::Done {
+            Next::End
+        } else {
+            Next::Pending
+        }
+    }
+
+    /// The chunk index this reader has reached.
+    pub fn position(&self) -> usize {
+        self.next_chunk
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.first {
+            self.fill.first_alive.set(false);
+            let mut st = self.fill.state.borrow_mut();
+            self.fill.bump(&mut st);
+        }
+    }
+}
+
+/// The shard's fills by key, and keys recently found uncacheable.
+#[derive(Default)]
+pub struct CollapseTable {
+    fills: RefCell<HashMap<u64, Rc<Fill>>>,
+    /// Hit-for-miss: key → until when requests for it skip the table.
+    uncacheable: RefCell<HashMap<u64, Instant>>,
+}
+
+impl CollapseTable {
+    /// Joins the fill for `key`, creating it if none is in flight. The
+    /// second value is true for the reader that created it: that reader
+    /// must start the fetch.
+    pub fn join(&self, key: u64) -> (Reader, bool) {
+        let mut fills = self.fills.borrow_mut();
+        let (fill, created) = match fills.get(&key) {
+            Some(f) if !matches!(f.phase(), Phase::Done | Phase::Failed(_)) => (f.clone(), false),
+            _ => {
+                let f = Rc::new(Fill::new(key));
+                fills.insert(key, f.clone());
+                (f, true)
+            }
+        };
+        fill.readers.set(fill.readers.get() + 1);
+        (
+            Reader {
+                fill,
+                first: created,
+                next_chunk: 0,
+                taken: 0,
+            },
+            created,
+        )
+    }
+
+    /// Removes the fill once it ended (only if it is still the current one).
+    pub fn remove(&self, fill: &Rc<Fill>) {
+        let mut fills = self.fills.borrow_mut();
+        if fills.get(&fill.key).is_some_and(|f| Rc::ptr_eq(f, fill)) {
+            fills.remove(&fill.key);
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.fills.borrow().len()
+    }
+
+    /// Remembers `key` as uncacheable until `until` (hit-for-miss).
+    pub fn mark_uncacheable(&self, key: u64, until: Instant) {
+        let mut m = self.uncacheable.borrow_mut();
+        if m.len() > 100_000 {
+            let now = Instant::now();
+            m.retain(|_, t| *t > now);
+        }
+        m.insert(key, until);
+    }
+
+    pub fn forget_uncacheable(&self, key: u64) {
+        self.uncacheable.borrow_mut().remove(&key);
+    }
+
+    /// Whether requests for `key` should bypass the table.
+    pub fn is_uncacheable(&self, key: u64, now: Instant) -> bool {
+        let mut m = self.uncacheable.borrow_mut();
+        match m.get(&key) {
+            Some(t) if *t > now => true,
+            Some(_) => {
+                m.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Arc<Meta> {
+        Arc::new(Meta {
+            status: 200,
+            reason: b"OK".to_vec(),
+            fields: Vec::new(),
+            facts: Default::default(),
+            etag: None,
+            content_length: None,
+            vary: Vec::new(),
+        })
+    }
+
+    fn drain(r: &mut Reader) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        loop {
+            match r.next() {
+                Next::Chunk(c) => out.extend_from_slice(&c),
+                Next::End => return (out, true),
+                _ => return (out, false),
+            }
+        }
+    }
+
+    #[test]
+    fn one_leader_many_followers() {
+        let t = CollapseTable::default();
+        let (mut a, lead_a) = t.join(7);
+        let (mut b, lead_b) = t.join(7);
+        let (_c, lead_c) = t.join(8);
+        assert!(lead_a && !lead_b && lead_c);
+        assert!(matches!(b.next(), Next::Pending));
+        let f = a.fill.clone();
+        f.start(meta(), true);
+        f.push(Rc::from(&b"hel"[..]));
+        assert_eq!(drain(&mut b), (b"hel".to_vec(), false));
+        f.push(Rc::from(&b"lo"[..]));
+        f.finish();
+        assert_eq!(drain(&mut a), (b"hello".to_vec(), true));
+        assert_eq!(drain(&mut b), (b"lo".to_vec(), true));
+        assert_eq!(f.readers(), 2);
+        t.remove(&f);
+        // After the fill ended a new request leads a new fetch.
+        let (_d, lead_d) = t.join(7);
+        assert!(lead_d);
+    }
+
+    #[test]
+    fn uncacheable_sends_followers_alone() {
+        let t = CollapseTable::default();
+        let (mut a, _) = t.join(1);
+        let (mut b, _) = t.join(1);
+        a.fill.start(meta(), false);
+        assert!(matches!(b.next(), Next::GoAlone));
+        a.fill.push(Rc::from(&b"x"[..]));
+        assert!(matches!(a.next(), Next::Chunk(_)));
+        assert_eq!(a.fill.first_backlog(), 0);
+        a.fill.release_taken(a.position());
+        a.fill.finish();
+        assert!(matches!(a.next(), Next::End));
+    }
+
+    #[test]
+    fn failures_reach_every_reader() {
+        let t = CollapseTable::default();
+        let (a, _) = t.join(1);
+        let (mut b, _) = t.join(1);
+        a.fill.fail(504);
+        assert!(matches!(b.next(), Next::Failed(504)));
+        // A failed fill is replaced by the next join.
+        let (_c, lead) = t.join(1);
+        assert!(lead);
+    }
+
+    #[test]
+    fn first_reader_leaving_is_visible() {
+        let t = CollapseTable::default();
+        let (a, _) = t.join(1);
+        let f = a.fill.clone();
+        assert!(f.first_alive());
+        drop(a);
+        assert!(!f.first_alive());
+    }
+
+    #[test]
+    fn hit_for_miss_expires() {
+        let t = CollapseTable::default();
+        let now = Instant::now();
+        t.mark_uncacheable(5, now + std::time::Duration::from_secs(1));
+        assert!(t.is_uncacheable(5, now));
+        assert!(!t.is_uncacheable(5, now + std::time::Duration::from_secs(2)));
+        assert!(!t.is_uncacheable(5, now));
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of joins, pushes and reads: at most one fetch per
+        /// key is in flight, and every reader gets exactly the pushed bytes.
+        #[test]
+        fn every_reader_gets_every_byte(ops in proptest::collection::vec((0u8..3, 0usize..4), 1..60)) {
+            let t = CollapseTable::default();
+            let (first, _) = t.join(9);
+            let fill = first.fill.clone();
+            let mut readers = vec![(first, Vec::new())];
+            fill.start(meta(), true);
+            let mut pushed = Vec::new();
+            let mut n = 0u8;
+            for (op, which) in ops {
+                match op {
+                    0 => {
+                        let (r, lead) = t.join(9);
+                        proptest::prop_assert!(!lead);
+                        readers.push((r, Vec::new()));
+                    }
+                    1 => {
+                        n = n.wrapping_add(1);
+                        let chunk = vec![n; (which + 1) * 3];
+                        pushed.extend_from_slice(&chunk);
+                        fill.push(Rc::from(chunk));
+                    }
+                    _ => {
+                        let i = which % readers.len();
+                        let (r, got) = &mut readers[i];
+                        got.extend(drain(r).0);
+                    }
+                }
+            }
+            fill.finish();
+            for (r, got) in &mut readers {
+                let (rest, ended) = drain(r);
+                got.extend(rest);
+                proptest::prop_assert!(ended);
+                proptest::prop_assert_eq!(&*got, &pushed);
+            }
+        }
+    }
+}

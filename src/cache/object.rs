@@ -1,0 +1,308 @@
+//! A cached response: the end-to-end header fields to replay, the body, and
+//! what RFC 9111 needs to judge it later; how it is built from an upstream
+//! head and how a hit is written. Pure.
+
+use super::policy::{parse_http_date, CacheControl, ResponseFacts, Timing};
+use crate::http::request::RequestHead;
+use crate::http::response::ResponseHead;
+use crate::http::{list_elements, name_is};
+use std::io::Write;
+use std::sync::Arc;
+
+/// The cacheable description of a response, known once its head arrived.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub status: u16,
+    pub reason: Vec<u8>,
+    /// `Name: value\r\n` lines: every end-to-end field except the framing
+    /// ones and `Age` (re-computed on every hit).
+    pub fields: Vec<u8>,
+    pub facts: ResponseFacts,
+    pub etag: Option<Vec<u8>>,
+    /// The body length, when the origin gave one.
+    pub content_length: Option<u64>,
+    /// Lower-cased request field names from `Vary`.
+    pub vary: Vec<Vec<u8>>,
+}
+
+/// A stored response.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub meta: Arc<Meta>,
+    pub body: Arc<Vec<u8>>,
+    pub timing: Timing,
+    pub lifetime: u64,
+    /// The request's values of the `Vary` fields, in `meta.vary` order: a
+    /// request matches this object only with the same values.
+    pub vary_values: Vec<Option<Vec<u8>>>,
+}
+
+/// A request's values for the named fields (several fields joined by ", ").
+pub fn vary_values(buf: &[u8], req: &RequestHead, names: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+    names
+        .iter()
+        .map(|n| {
+            let mut v: Option<Vec<u8>> = None;
+            for f in req.fields.iter().filter(|f| name_is(f.name(buf), n)) {
+                let out = v.get_or_insert_with(Vec::new);
+                if !out.is_empty() {
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(crate::http::trim_ows(f.value(buf)));
+            }
+            v
+        })
+        .collect()
+}
+
+impl Object {
+    /// Bytes it costs in the store (body, fields and bookkeeping).
+    pub fn cost(&self) -> u64 {
+        (self.body.len() + self.meta.fields.len() + 256) as u64
+    }
+}
+
+/// Fields never replayed from the cache: hop-by-hop and framing fields, and
+/// `Age`, which the cache writes itself.
+fn skip_stored(name: &[u8]) -> bool {
+    const SKIP: &[&[u8]] = &[
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"content-length",
+        b"age",
+    ];
+    SKIP.iter().any(|s| name_is(name, s))
+}
+
+/// Extracts the cache's view of an upstream response head.
+pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
+    let mut facts = ResponseFacts {
+        status: head.code,
+        ..Default::default()
+    };
+    let mut cc_values: Vec<&[u8]> = Vec::new();
+    let mut fields = Vec::with_capacity(256);
+    let mut etag = None;
+    let mut connection_named: Vec<&[u8]> = Vec::new();
+    for f in &head.fields {
+        if name_is(f.name(buf), b"connection") {
+            connection_named.extend(list_elements(f.value(buf)));
+        }
+    }
+    let mut content_length = None;
+    let mut vary = Vec::new();
+    for f in &head.fields {
+        let (name, value) = (f.name(buf), f.value(buf));
+        if name_is(name, b"cache-control") {
+            cc_values.push(value);
+        } else if name_is(name, b"expires") {
+            match parse_http_date(value) {
+                Some(t) => facts.expires = Some(t),
+                None => facts.expires_invalid = true,
+            }
+        } else if name_is(name, b"date") {
+            facts.date = parse_http_date(value);
+        } else if name_is(name, b"age") {
+            facts.age = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+        } else if name_is(name, b"last-modified") {
+            facts.last_modified = parse_http_date(value);
+        } else if name_is(name, b"etag") {
+            facts.has_etag = true;
+            etag = Some(value.to_vec());
+        } else if name_is(name, b"set-cookie") {
+            facts.has_set_cookie = true;
+        } else if name_is(name, b"vary") {
+            for v in list_elements(value) {
+                if v == b"*" {
+                    facts.vary_star = true;
+                } else {
+                    vary.push(v.to_ascii_lowercase());
+                }
+            }
+        } else if name_is(name, b"content-length") {
+            content_length = crate::http::parse_content_length(value);
+        }
+        if skip_stored(name)
+            || connection_named
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        fields.extend_from_slice(name);
+        fields.extend_from_slice(b": ");
+        fields.extend_from_slice(value);
+        fields.extend_from_slice(b"\r\n");
+    }
+    facts.cc = CacheControl::parse(cc_values);
+    Meta {
+        status: head.code,
+        reason: head.reason(buf).to_vec(),
+        fields,
+        facts,
+        etag,
+        vary,
+        content_length: if head.body() == crate::http::BodyKind::Chunked {
+            None
+        } else {
+            content_length
+        },
+    }
+}
+
+/// How a client request may be answered with 304 from a stored response
+/// (RFC 9110 §13.1.2 and §13.1.3): `If-None-Match` wins over
+/// `If-Modified-Since`.
+pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
+    let mut inm: Option<&[u8]> = None;
+    let mut ims: Option<&[u8]> = None;
+    for f in &req.fields {
+        if name_is(f.name(buf), b"if-none-match") {
+            inm = Some(f.value(buf));
+        } else if name_is(f.name(buf), b"if-modified-since") {
+            ims = Some(f.value(buf));
+        }
+    }
+    if let Some(list) = inm {
+        let Some(etag) = meta.etag.as_deref() else {
+            return false;
+        };
+        // Weak comparison: W/"x" matches "x".
+        let strip = |t: &[u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
+        let mine = strip(etag);
+        return list_elements(list).any(|t| t == b"*" || strip(t) == mine);
+    }
+    match (ims.and_then(parse_http_date), meta.facts.last_modified) {
+        (Some(since), Some(lm)) => lm <= since,
+        _ => false,
+    }
+}
+
+/// Writes the head of a response served from the cache.
+pub struct HitHead<'a> {
+    pub meta: &'a Meta,
+    /// 200 (or the stored status), or 304 for a conditional hit.
+    pub status: u16,
+    pub age: u64,
+    /// `Cache-Status` parameters after `corral; `.
+    pub cache_status: &'a str,
+    /// The body length, or `None` to send a chunked body.
+    pub length: Option<u64>,
+    pub close: bool,
+    pub client_minor: u8,
+}
+
+impl HitHead<'_> {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let _ = write!(out, "HTTP/1.1 {} ", self.status);
+        if self.status == self.meta.status && !self.meta.reason.is_empty() {
+            out.extend_from_slice(&self.meta.reason);
+        } else {
+            out.extend_from_slice(crate::http::reason_phrase(self.status).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.meta.fields);
+        let _ = write!(
+            out,
+            "Age: {}\r\nCache-Status: corral; {}\r\nVia: 1.1 corral\r\n",
+            self.age, self.cache_status
+        );
+        if self.status != 304 && self.status != 204 {
+            match self.length {
+                Some(n) => {
+                    let _ = write!(out, "Content-Length: {n}\r\n");
+                }
+                None if self.client_minor >= 1 => {
+                    out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")
+                }
+                None => {}
+            }
+        }
+        if self.close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if self.client_minor == 0 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::request::{parse_request, HeadLimits};
+    use crate::http::response::parse_response;
+
+    fn meta(resp: &[u8]) -> Meta {
+        let mut h = ResponseHead::default();
+        assert!(parse_response(resp, false, 65536, &mut h).unwrap());
+        meta_from_response(resp, &h)
+    }
+
+    #[test]
+    fn stored_fields_skip_hop_by_hop_and_age() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nAge: 5\r\nConnection: X-A\r\nX-A: 1\r\nContent-Length: 3\r\nETag: \"v1\"\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nX-Keep: y\r\n\r\n");
+        let f = String::from_utf8(m.fields.clone()).unwrap();
+        assert_eq!(
+            f,
+            "Cache-Control: max-age=60\r\nETag: \"v1\"\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nX-Keep: y\r\n"
+        );
+        assert_eq!(m.facts.cc.max_age, Some(60));
+        assert_eq!(m.facts.age, Some(5));
+        assert_eq!(m.facts.date, Some(784_111_777));
+        assert_eq!(m.etag.as_deref(), Some(&b"\"v1\""[..]));
+        assert_eq!(m.content_length, Some(3));
+    }
+
+    #[test]
+    fn conditionals() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nETag: W/\"v1\"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n");
+        let lim = HeadLimits {
+            max_header_bytes: 8192,
+            max_headers: 50,
+            max_uri_bytes: 1024,
+        };
+        let check = |req: &[u8]| {
+            let mut h = RequestHead::default();
+            assert!(parse_request(req, &lim, &mut h).unwrap());
+            not_modified(req, &h, &m)
+        };
+        assert!(check(
+            b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"x\", \"v1\"\r\n\r\n"
+        ));
+        assert!(check(
+            b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: *\r\n\r\n"
+        ));
+        assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"v2\"\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
+        assert!(check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
+        assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sat, 05 Nov 1994 08:49:37 GMT\r\n\r\n"));
+        assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+    }
+
+    #[test]
+    fn hit_head() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\n");
+        let mut out = Vec::new();
+        HitHead {
+            meta: &m,
+            status: 200,
+            age: 7,
+            cache_status: "hit; ttl=53",
+            length: Some(3),
+            close: false,
+            client_minor: 1,
+        }
+        .write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nAge: 7\r\nCache-Status: corral; hit; ttl=53\r\nVia: 1.1 corral\r\nContent-Length: 3\r\n\r\n"
+        );
+    }
+}
