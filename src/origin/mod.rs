@@ -1,4 +1,5 @@
 //! Origins: upstream pools of HTTP backends (I/O). The origin store lands with
 //! its own issue.
 
+pub mod body;
 pub mod pool;

@@ -6,6 +6,7 @@
 //! connection is bounded by `max_header_bytes` plus [`UPSTREAM_BUF`], whatever
 //! the body sizes.
 
+use super::buf::Buf;
 use super::net::{NetError, Sock};
 use super::Shard;
 use crate::http::chunked::{self, ChunkedDecoder, Decoded};
@@ -15,71 +16,16 @@ use crate::http::rewrite::{
     write_client_response, write_interim, write_upstream_request, ClientFraming, Forwarded,
 };
 use crate::http::{write_simple_response, BodyKind, ClientError};
+use crate::origin::body::{BodyReader, UPSTREAM_BUF};
 use std::rc::Rc;
 use std::time::Instant;
 
-/// Receive buffer for upstream responses; also the unit of body streaming.
-const UPSTREAM_BUF: usize = 64 * 1024;
 /// Initial client buffer; grows to `max_header_bytes` only for large heads.
 const CLIENT_BUF: usize = 16 * 1024;
 /// Largest upstream response head accepted (502 beyond).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Request body bytes coalesced with the head into one upstream write.
 const COALESCE_BODY: usize = 16 * 1024;
-
-/// A byte buffer with a read cursor: `data[start..end]` is unconsumed input.
-struct Buf {
-    data: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Buf {
-    fn new(cap: usize) -> Buf {
-        Buf {
-            data: vec![0; cap],
-            start: 0,
-            end: 0,
-        }
-    }
-    fn filled(&self) -> &[u8] {
-        &self.data[self.start..self.end]
-    }
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-    fn consume(&mut self, n: usize) {
-        self.start += n.min(self.len());
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-    fn clear(&mut self) {
-        self.start = 0;
-        self.end = 0;
-    }
-    /// Free space after the data, at least `want` bytes if the buffer may
-    /// grow to `max_cap`; moves the data to the front when that helps.
-    fn space(&mut self, want: usize, max_cap: usize) -> &mut [u8] {
-        if self.data.len() - self.end < want && self.start > 0 {
-            self.data.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.data.len() - self.end < want && self.data.len() < max_cap {
-            let new_len = (self.data.len() * 2).max(self.end + want).min(max_cap);
-            self.data.resize(new_len, 0);
-        }
-        &mut self.data[self.end..]
-    }
-    fn advance(&mut self, n: usize) {
-        self.end += n;
-    }
-}
 
 /// How one request ended, for the connection loop.
 enum Outcome {
@@ -597,137 +543,49 @@ impl ClientConn {
         );
         self.ubuf.consume(self.rhead.head_len);
         let up_close = self.rhead.close;
-        match up_body {
-            BodyKind::Empty => {
-                self.write_client(send_timeout).await?;
-                Ok((!up_close && self.ubuf.is_empty(), close))
-            }
-            BodyKind::Length(n) => {
-                let mut left = n;
-                let take = (left as usize).min(self.ubuf.len());
-                self.out.extend_from_slice(&self.ubuf.filled()[..take]);
-                self.ubuf.consume(take);
-                left -= take as u64;
-                // Bytes past the body are a backend protocol error: never
-                // reuse that connection.
-                let extra = !self.ubuf.is_empty();
-                self.write_client(send_timeout).await?;
-                while left > 0 {
-                    self.ubuf.clear();
-                    let want = (left as usize).min(UPSTREAM_BUF);
-                    let space = &mut self.ubuf.space(want, UPSTREAM_BUF)[..want];
-                    match up.read(space, Instant::now() + body_timeout).await {
-                        Ok(0) | Err(_) => {
-                            self.log("backend ended the body early; closing the client connection");
-                            return Err(());
-                        }
-                        Ok(got) => {
-                            let deadline = Instant::now() + send_timeout;
-                            self.sock
-                                .write_all(&self.ubuf.data[..got], deadline)
-                                .await
-                                .map_err(|_| ())?;
-                            left -= got as u64;
-                        }
-                    }
-                }
-                self.ubuf.clear();
-                Ok((!up_close && !extra, close))
-            }
-            BodyKind::Chunked => {
-                let mut dec = ChunkedDecoder::new();
-                loop {
-                    // Re-frame everything buffered, then write once.
-                    let mut done = false;
-                    while !self.ubuf.is_empty() && !done {
-                        match dec.decode(self.ubuf.filled()) {
-                            Ok(Decoded::NeedMore { consumed }) => {
-                                self.ubuf.consume(consumed);
-                                break;
-                            }
-                            Ok(Decoded::Data {
-                                consumed,
-                                start,
-                                len,
-                            }) => {
-                                let data = &self.ubuf.filled()[start..start + len];
-                                if framing == ClientFraming::Chunked {
-                                    chunked::encode_chunk_head(&mut self.out, len);
-                                    self.out.extend_from_slice(data);
-                                    self.out.extend_from_slice(chunked::CHUNK_END);
-                                } else {
-                                    self.out.extend_from_slice(data);
-                                }
-                                self.ubuf.consume(consumed);
-                            }
-                            Ok(Decoded::Done { consumed }) => {
-                                self.ubuf.consume(consumed);
-                                done = true;
-                            }
-                            Err(e) => {
-                                self.log(&format!(
-                                    "backend sent a bad chunked body: {}",
-                                    e.reason()
-                                ));
-                                let _ = self.write_client(send_timeout).await;
-                                return Err(());
-                            }
-                        }
-                    }
-                    if done {
-                        if framing == ClientFraming::Chunked {
-                            self.out.extend_from_slice(chunked::LAST_CHUNK);
-                        }
-                        self.write_client(send_timeout).await?;
-                        return Ok((!up_close && self.ubuf.is_empty(), close));
-                    }
-                    if !self.out.is_empty() {
-                        self.write_client(send_timeout).await?;
-                    }
-                    let space = self.ubuf.space(16 * 1024, UPSTREAM_BUF);
-                    match up.read(space, Instant::now() + body_timeout).await {
-                        Ok(0) | Err(_) => {
-                            self.log(
-                                "backend ended a chunked body early; closing the client connection",
-                            );
-                            return Err(());
-                        }
-                        Ok(n) => self.ubuf.advance(n),
-                    }
-                }
-            }
-            BodyKind::Close => {
-                // Everything until the backend closes.
-                loop {
-                    if !self.ubuf.is_empty() {
-                        let data = self.ubuf.filled();
-                        if framing == ClientFraming::Chunked {
-                            chunked::encode_chunk_head(&mut self.out, data.len());
+        let mut body = BodyReader::new(up_body);
+        loop {
+            match body.next(up, &mut self.ubuf, body_timeout).await {
+                Ok(Some(n)) => {
+                    let data = &self.ubuf.filled()[..n];
+                    match framing {
+                        ClientFraming::Chunked => {
+                            chunked::encode_chunk_head(&mut self.out, n);
                             self.out.extend_from_slice(data);
                             self.out.extend_from_slice(chunked::CHUNK_END);
-                        } else {
-                            self.out.extend_from_slice(data);
                         }
-                        self.ubuf.clear();
+                        _ if self.out.is_empty() && n >= COALESCE_BODY => {
+                            // Large pieces go out straight from the buffer.
+                            let deadline = Instant::now() + send_timeout;
+                            let r = self.sock.write_all(data, deadline).await;
+                            self.ubuf.consume(n);
+                            r.map_err(|_| ())?;
+                            continue;
+                        }
+                        _ => self.out.extend_from_slice(data),
                     }
-                    if !self.out.is_empty() {
+                    self.ubuf.consume(n);
+                    if self.out.len() >= COALESCE_BODY {
                         self.write_client(send_timeout).await?;
                     }
-                    let space = self.ubuf.space(16 * 1024, UPSTREAM_BUF);
-                    match up.read(space, Instant::now() + body_timeout).await {
-                        Ok(0) => break,
-                        Ok(n) => self.ubuf.advance(n),
-                        Err(_) => {
-                            self.log("backend failed during a close-delimited body");
-                            return Err(());
-                        }
+                }
+                Ok(None) => {
+                    if framing == ClientFraming::Chunked {
+                        self.out.extend_from_slice(chunked::LAST_CHUNK);
                     }
-                }
-                if framing == ClientFraming::Chunked {
-                    self.out.extend_from_slice(chunked::LAST_CHUNK);
                     self.write_client(send_timeout).await?;
+                    // Bytes past the body are a backend protocol error:
+                    // never reuse that connection.
+                    let reusable = body.reusable() && !up_close && self.ubuf.is_empty();
+                    return Ok((reusable, close));
                 }
-                Ok((false, close))
+                Err(e) => {
+                    self.log(&format!(
+                        "backend failed mid-body ({e}); closing the client connection"
+                    ));
+                    let _ = self.write_client(send_timeout).await;
+                    return Err(());
+                }
             }
         }
     }

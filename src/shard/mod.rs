@@ -2,6 +2,7 @@
 //! SO_REUSEPORT listeners, connections and upstream pools; start-up checks,
 //! and the graceful drain on SIGINT/SIGTERM.
 
+pub mod buf;
 pub mod conn;
 pub mod net;
 
