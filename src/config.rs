@@ -43,9 +43,16 @@ pub struct Limits {
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
+    /// The whole process's budget; each shard holds `size_bytes / shards`.
     pub size_bytes: u64,
+    /// Responses larger than this stream through unstored.
+    pub max_object_bytes: u64,
     pub collapse: bool,
+    /// The longest a request waits for another request's fetch to start
+    /// answering; after it, it goes to the origin on its own.
     pub collapse_timeout: Duration,
+    /// How long a key found uncacheable bypasses collapsing (hit-for-miss).
+    pub hit_for_miss: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,8 +199,10 @@ pub struct LimitsSection {
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
     pub size: Option<SizeValue>,
+    pub max_object_size: Option<SizeValue>,
     pub collapse: Option<bool>,
     pub collapse_timeout: Option<String>,
+    pub hit_for_miss: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -499,6 +508,18 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         &file.cache.collapse_timeout,
         "5s",
     );
+    let hit_for_miss = dur(
+        &mut err,
+        "cache.hit_for_miss",
+        &file.cache.hit_for_miss,
+        "10s",
+    );
+    let max_object_bytes = size(
+        &mut err,
+        "cache.max_object_size",
+        &file.cache.max_object_size,
+        8 << 20,
+    );
 
     // [[pool]]
     let mut pools = Vec::new();
@@ -717,7 +738,9 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         cache: CacheConfig {
             size_bytes: cache_size,
             collapse: file.cache.collapse.unwrap_or(true),
+            max_object_bytes,
             collapse_timeout,
+            hit_for_miss,
         },
         pools,
         routes,

@@ -45,7 +45,32 @@ pub struct Forwarded<'a> {
 /// client's own length, or chunked, re-encoded by the caller). Always
 /// HTTP/1.1 with keep-alive towards the backend.
 pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarded) {
-    out.extend_from_slice(&buf[head.method_range.clone()]);
+    write_request(out, buf, head, fwd, false);
+}
+
+/// Fields a cache fill never forwards: the fill asks for the whole current
+/// representation, whatever the client's conditions or range.
+const FILL_DROPS: &[&[u8]] = &[
+    b"if-none-match",
+    b"if-modified-since",
+    b"if-match",
+    b"if-unmodified-since",
+    b"if-range",
+    b"range",
+];
+
+/// Writes the request head of a cache fill: always GET (a HEAD is answered
+/// from the stored GET), without conditional or range fields.
+pub fn write_fill_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarded) {
+    write_request(out, buf, head, fwd, true);
+}
+
+fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarded, fill: bool) {
+    if fill {
+        out.extend_from_slice(b"GET");
+    } else {
+        out.extend_from_slice(&buf[head.method_range.clone()]);
+    }
     out.push(b' ');
     out.extend_from_slice(head.target(buf));
     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -56,6 +81,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead,
         if is_hop_by_hop(name, buf, &head.fields)
             || name_is(name, b"expect")
             || name_is(name, b"x-forwarded-proto")
+            || (fill && FILL_DROPS.iter().any(|d| name_is(name, d)))
         {
             continue;
         }
@@ -154,6 +180,7 @@ pub fn write_client_response(
     framing: ClientFraming,
     close: bool,
     client_minor: u8,
+    extra: &[u8],
 ) {
     let _ = write!(out, "HTTP/1.1 {} ", head.code);
     let reason = head.reason(buf);
@@ -196,6 +223,7 @@ pub fn write_client_response(
     } else if client_minor == 0 {
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
+    out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -298,14 +326,14 @@ mod tests {
         let mut out = Vec::new();
         let framing = ClientFraming::choose(head.body(), 0);
         assert_eq!(framing, ClientFraming::Close);
-        write_client_response(&mut out, buf, &head, framing, true, 0);
+        write_client_response(&mut out, buf, &head, framing, true, 0, b"");
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nVia: 1.1 corral\r\nConnection: close\r\n\r\n"
         );
         let mut out = Vec::new();
-        write_client_response(&mut out, buf, &head, ClientFraming::Chunked, false, 1);
+        write_client_response(&mut out, buf, &head, ClientFraming::Chunked, false, 1, b"");
         let s = String::from_utf8(out).unwrap();
         assert!(s.contains("Transfer-Encoding: chunked\r\n"));
         assert!(!s.contains("Connection"));

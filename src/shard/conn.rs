@@ -11,19 +11,18 @@ use super::net::{NetError, Sock};
 use super::Shard;
 use crate::http::chunked::{self, ChunkedDecoder, Decoded};
 use crate::http::request::{parse_request, Method, RequestHead};
-use crate::http::response::{parse_response, ResponseHead};
+use crate::http::response::ResponseHead;
 use crate::http::rewrite::{
     write_client_response, write_interim, write_upstream_request, ClientFraming, Forwarded,
 };
 use crate::http::{write_simple_response, BodyKind, ClientError};
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
+use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use std::rc::Rc;
 use std::time::Instant;
 
 /// Initial client buffer; grows to `max_header_bytes` only for large heads.
 const CLIENT_BUF: usize = 16 * 1024;
-/// Largest upstream response head accepted (502 beyond).
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Request body bytes coalesced with the head into one upstream write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -33,21 +32,6 @@ enum Outcome {
     KeepAlive,
     /// Close the connection (cleanly, after what was written).
     Close,
-}
-
-/// Why an upstream exchange failed before the response head.
-enum UpstreamFail {
-    /// Refused, reset, closed or malformed: 502.
-    Bad(String),
-    /// Connect, send or response-head timeout: 504.
-    Timeout(String),
-    /// A reused keep-alive connection failed before any response byte: safe
-    /// to retry on a fresh connection when the request had no body.
-    Stale,
-    /// The client's body broke a rule (413, 400): answer it and close.
-    Client(ClientError),
-    /// The client went away mid-request: close quietly.
-    ClientGone,
 }
 
 /// What an upstream attempt sends, the same bytes on a retry.
@@ -68,6 +52,9 @@ pub struct ClientConn {
     out: Vec<u8>,
     head: RequestHead,
     rhead: ResponseHead,
+    /// A `Cache-Status` field line for the response being forwarded, when
+    /// the cache looked at the request; empty otherwise.
+    cache_status: String,
 }
 
 impl ClientConn {
@@ -85,6 +72,7 @@ impl ClientConn {
             out: Vec::with_capacity(4096),
             head: RequestHead::default(),
             rhead: ResponseHead::default(),
+            cache_status: String::new(),
         }
     }
 
@@ -227,35 +215,17 @@ impl ClientConn {
         let mut attempt = 0;
         let (mut up, resp_ok) = loop {
             attempt += 1;
-            let now = Instant::now();
             // A request without a body is retried on a fresh connection if
             // a pooled one turns out stale; one with a body cannot be, so
             // its pooled connection is verified first.
-            let (mut up, reused) = match pool.checkout(backend, now, has_body) {
-                Some(s) => (s, true),
-                None => {
-                    let addr = pool.cfg.backends[backend].addr;
-                    match Sock::connect(addr, pool.cfg.connect_timeout).await {
-                        Ok(s) => (s, false),
-                        Err(NetError::TimedOut) => {
-                            return self
-                                .upstream_failed(
-                                    504,
-                                    &format!("connect to {addr} timed out"),
-                                    has_body,
-                                )
-                                .await
-                        }
-                        Err(NetError::Io(e)) => {
-                            return self
-                                .upstream_failed(
-                                    502,
-                                    &format!("connect to {addr} failed: {e}"),
-                                    has_body,
-                                )
-                                .await
-                        }
-                    }
+            let (mut up, reused) = match connection(pool, backend, has_body).await {
+                Ok(c) => c,
+                Err(f) => {
+                    let msg = match &f {
+                        UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
+                        _ => String::new(),
+                    };
+                    return self.upstream_failed(f.status(), &msg, has_body).await;
                 }
             };
             let r = self.exchange(&mut up, &up_req, reused).await;
@@ -369,57 +339,35 @@ impl ClientConn {
             }
             self.send_body(up, req_body, body_left).await?;
         }
-        // The response head.
+        // The response head, after any interim ones.
         self.ubuf.clear();
         let deadline = Instant::now() + req.response_timeout;
         loop {
-            let space = self.ubuf.space(4096, MAX_RESPONSE_HEAD + 4096);
-            match up.read(space, deadline).await {
-                Ok(0) | Err(NetError::Io(_)) if reused && self.ubuf.is_empty() => {
-                    return Err(UpstreamFail::Stale)
-                }
-                Ok(0) => {
-                    return Err(UpstreamFail::Bad(
-                        "backend closed the connection before a response".into(),
-                    ))
-                }
-                Ok(n) => self.ubuf.advance(n),
-                Err(NetError::TimedOut) => {
-                    return Err(UpstreamFail::Timeout("response head timed out".into()))
-                }
-                Err(NetError::Io(e)) => {
-                    return Err(UpstreamFail::Bad(format!("reading response failed: {e}")))
-                }
-            }
-            loop {
-                let done = parse_response(
-                    self.ubuf.filled(),
-                    method == Method::Head,
-                    MAX_RESPONSE_HEAD,
-                    &mut self.rhead,
-                )
-                .map_err(|crate::http::response::UpstreamError::BadHead(m)| {
-                    UpstreamFail::Bad(m.to_string())
-                })?;
-                if !done {
-                    break;
-                }
-                if !(100..200).contains(&self.rhead.code) {
-                    return Ok(());
-                }
-                if self.rhead.code == 101 {
-                    return Err(UpstreamFail::Bad("backend switched protocols".into()));
-                }
-                // Interim response: pass it on to HTTP/1.1 clients, keep reading.
-                if self.head.minor >= 1 && self.rhead.code != 100 {
-                    self.out.clear();
-                    write_interim(&mut self.out, self.ubuf.filled(), &self.rhead);
-                    let d = Instant::now() + cfg.limits.body_timeout;
-                    if self.sock.write_all(&self.out, d).await.is_err() {
-                        return Err(UpstreamFail::ClientGone);
+            let head_req = method == Method::Head;
+            match read_head(
+                up,
+                &mut self.ubuf,
+                &mut self.rhead,
+                head_req,
+                deadline,
+                reused,
+            )
+            .await?
+            {
+                Head::Final => return Ok(()),
+                Head::Interim => {
+                    // Pass it on to HTTP/1.1 clients (corral answered any
+                    // 100-continue itself), keep reading.
+                    if self.head.minor >= 1 && self.rhead.code != 100 {
+                        self.out.clear();
+                        write_interim(&mut self.out, self.ubuf.filled(), &self.rhead);
+                        let d = Instant::now() + cfg.limits.body_timeout;
+                        if self.sock.write_all(&self.out, d).await.is_err() {
+                            return Err(UpstreamFail::ClientGone);
+                        }
                     }
+                    self.ubuf.consume(self.rhead.head_len);
                 }
-                self.ubuf.consume(self.rhead.head_len);
             }
         }
     }
@@ -540,6 +488,7 @@ impl ClientConn {
             framing,
             close,
             minor,
+            self.cache_status.as_bytes(),
         );
         self.ubuf.consume(self.rhead.head_len);
         let up_close = self.rhead.close;
