@@ -58,6 +58,9 @@ struct State {
     bytes: u64,
     /// Incremented on every change; readers wait for it to move.
     version: u64,
+    /// Only the first reader may read (uncacheable, or demoted): its taken
+    /// chunks can be released.
+    exclusive: bool,
     wakers: Vec<Waker>,
 }
 
@@ -86,6 +89,7 @@ impl Fill {
                 base: 0,
                 bytes: 0,
                 version: 0,
+                exclusive: false,
                 wakers: Vec::new(),
             }),
             readers: Cell::new(0),
@@ -100,6 +104,12 @@ impl Fill {
 
     pub fn meta(&self) -> Option<Arc<Meta>> {
         self.state.borrow().meta.clone()
+    }
+
+    /// Only the first reader may read this fill (it was found uncacheable
+    /// or outgrew the object size limit), even once it is done.
+    pub fn exclusive(&self) -> bool {
+        self.state.borrow().exclusive
     }
 
     pub fn readers(&self) -> usize {
@@ -130,6 +140,7 @@ impl Fill {
         } else {
             Phase::Uncacheable
         };
+        st.exclusive = !cacheable;
         self.bump(&mut st);
     }
 
@@ -169,6 +180,7 @@ impl Fill {
         if st.phase == Phase::Streaming {
             st.phase = Phase::Uncacheable;
         }
+        st.exclusive = true;
         self.bump(&mut st);
     }
 
@@ -189,13 +201,14 @@ impl Fill {
     /// who may read (uncacheable streams), so memory stays bounded.
     pub fn release_taken(&self, upto: usize) {
         let mut st = self.state.borrow_mut();
-        if st.phase != Phase::Uncacheable && !matches!(st.phase, Phase::Done) {
+        if !st.exclusive {
             return;
         }
-        while st.base < upto && !st.chunks.is_empty() {
-            st.chunks.remove(0);
-            st.base += 1;
-        }
+        let n = upto.saturating_sub(st.base).min(st.chunks.len());
+        st.chunks.drain(..n);
+        st.base += n;
+        // The fill task may be waiting for the first reader to catch up.
+        self.bump(&mut st);
     }
 
     /// Bytes pushed but not yet taken by the first reader.
@@ -246,12 +259,12 @@ pub struct Reader {
 
 impl Reader {
     /// The next thing to do at this reader's cursor.
-    pub fn next(&mut self) -> Next {
+    pub fn step(&mut self) -> Next {
         let st = self.fill.state.borrow();
         match st.phase {
             Phase::Waiting => return Next::Pending,
             Phase::Failed(code) => return Next::Failed(code),
-            Phase::Uncacheable if !self.first && self.next_chunk == 0 && self.taken == 0 => {
+            _ if st.exclusive && !self.first && self.next_chunk == 0 && self.taken == 0 => {
                 return Next::GoAlone
             }
             _ => {}
@@ -384,7 +397,7 @@ mod tests {
     fn drain(r: &mut Reader) -> (Vec<u8>, bool) {
         let mut out = Vec::new();
         loop {
-            match r.next() {
+            match r.step() {
                 Next::Chunk(c) => out.extend_from_slice(&c),
                 Next::End => return (out, true),
                 _ => return (out, false),
@@ -399,7 +412,7 @@ mod tests {
         let (mut b, lead_b) = t.join(7);
         let (_c, lead_c) = t.join(8);
         assert!(lead_a && !lead_b && lead_c);
-        assert!(matches!(b.next(), Next::Pending));
+        assert!(matches!(b.step(), Next::Pending));
         let f = a.fill.clone();
         f.start(meta(), true);
         f.push(Rc::from(&b"hel"[..]));
@@ -407,6 +420,8 @@ mod tests {
         f.push(Rc::from(&b"lo"[..]));
         f.finish();
         assert_eq!(drain(&mut a), (b"hello".to_vec(), true));
+        // The first reader finishing does not release what others still need.
+        f.release_taken(a.position());
         assert_eq!(drain(&mut b), (b"lo".to_vec(), true));
         assert_eq!(f.readers(), 2);
         t.remove(&f);
@@ -421,13 +436,15 @@ mod tests {
         let (mut a, _) = t.join(1);
         let (mut b, _) = t.join(1);
         a.fill.start(meta(), false);
-        assert!(matches!(b.next(), Next::GoAlone));
+        assert!(matches!(b.step(), Next::GoAlone));
         a.fill.push(Rc::from(&b"x"[..]));
-        assert!(matches!(a.next(), Next::Chunk(_)));
+        assert!(matches!(a.step(), Next::Chunk(_)));
         assert_eq!(a.fill.first_backlog(), 0);
         a.fill.release_taken(a.position());
         a.fill.finish();
-        assert!(matches!(a.next(), Next::End));
+        assert!(matches!(a.step(), Next::End));
+        // Still not for the others once done.
+        assert!(matches!(b.step(), Next::GoAlone));
     }
 
     #[test]
@@ -436,7 +453,7 @@ mod tests {
         let (a, _) = t.join(1);
         let (mut b, _) = t.join(1);
         a.fill.fail(504);
-        assert!(matches!(b.next(), Next::Failed(504)));
+        assert!(matches!(b.step(), Next::Failed(504)));
         // A failed fill is replaced by the next join.
         let (_c, lead) = t.join(1);
         assert!(lead);

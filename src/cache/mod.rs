@@ -27,6 +27,41 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
     h ^ (h >> 31)
 }
 
+/// One shard's cache: its share of the store, its collapse table, and its
+/// counters (single-threaded).
+pub struct ShardCache {
+    pub store: std::cell::RefCell<store::Store<object::Object>>,
+    pub collapse: collapse::CollapseTable,
+    pub hits: std::cell::Cell<u64>,
+    pub misses: std::cell::Cell<u64>,
+    pub collapsed: std::cell::Cell<u64>,
+    pub stored: std::cell::Cell<u64>,
+}
+
+impl ShardCache {
+    pub fn new(budget_bytes: u64) -> ShardCache {
+        ShardCache {
+            store: std::cell::RefCell::new(store::Store::new(budget_bytes)),
+            collapse: collapse::CollapseTable::default(),
+            hits: Default::default(),
+            misses: Default::default(),
+            collapsed: Default::default(),
+            stored: Default::default(),
+        }
+    }
+
+    pub fn bump(c: &std::cell::Cell<u64>) {
+        c.set(c.get() + 1);
+    }
+}
+
+/// Seconds since the Unix epoch, for RFC 9111 age arithmetic.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::key_hash;

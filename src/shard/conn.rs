@@ -6,6 +6,8 @@
 //! connection is bounded by `max_header_bytes` plus [`UPSTREAM_BUF`], whatever
 //! the body sizes.
 
+mod cached;
+
 use super::buf::Buf;
 use super::net::{NetError, Sock};
 use super::Shard;
@@ -178,6 +180,16 @@ impl ClientConn {
         let method = self.head.method();
         let minor = self.head.minor;
         let client_close = self.head.close;
+        self.cache_status.clear();
+        if method == Method::Other && &buf[self.head.method_range.clone()] == b"PURGE" {
+            return self.purge().await;
+        }
+        if req_body == BodyKind::Empty && matches!(method, Method::Get | Method::Head) {
+            if let Some(outcome) = self.try_cache(pool_idx).await {
+                return outcome;
+            }
+        }
+        let buf = self.inbuf.filled();
         if let BodyKind::Length(n) = req_body {
             if n > cfg.limits.max_body_bytes {
                 self.log("rejected request: 413 (declared body too large)");
@@ -269,6 +281,35 @@ impl ClientConn {
                     Outcome::KeepAlive
                 }
             }
+        }
+    }
+
+    /// `PURGE /path` from a loopback client drops the cached entry for that
+    /// host and target (the admin listener's `POST /purge` comes later).
+    async fn purge(&mut self) -> Outcome {
+        let loopback = self.sock.peer_addr().is_some_and(|a| a.ip().is_loopback());
+        let buf = self.inbuf.filled();
+        let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
+        let key = crate::cache::key_hash(&[host, self.head.target(buf)]);
+        let body_unread = self.head.body() != BodyKind::Empty;
+        self.inbuf.consume(self.head.head_len);
+        let close = body_unread || self.head.close;
+        let (code, text) = match self.shard.cache.as_ref() {
+            _ if !loopback => (403, "PURGE is allowed from loopback only"),
+            None => (404, "caching is off"),
+            Some(c) => {
+                c.collapse.forget_uncacheable(key);
+                match c.store.borrow_mut().remove(key) {
+                    Some(_) => (200, "purged"),
+                    None => (404, "not in cache"),
+                }
+            }
+        };
+        self.send_error(code, text, close).await;
+        if close {
+            Outcome::Close
+        } else {
+            Outcome::KeepAlive
         }
     }
 

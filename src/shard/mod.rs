@@ -55,6 +55,10 @@ pub struct Shard {
     pub cfg: Arc<Config>,
     pub head_limits: HeadLimits,
     pub pools: Vec<UpstreamPool>,
+    /// This shard's cache, unless `cache.size` is 0.
+    pub cache: Option<crate::cache::ShardCache>,
+    /// The task queue connections and cache fills run in.
+    pub queue: glommio::TaskQueueHandle,
     /// Open client connections.
     conns: Cell<usize>,
     draining: Cell<bool>,
@@ -62,8 +66,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(id: usize, cfg: Arc<Config>) -> Shard {
+    fn new(id: usize, cfg: Arc<Config>, queue: glommio::TaskQueueHandle) -> Shard {
+        let cache = (cfg.cache.size_bytes > 0)
+            .then(|| crate::cache::ShardCache::new(cfg.cache.size_bytes / cfg.shards as u64));
         Shard {
+            cache,
+            queue,
             id,
             head_limits: HeadLimits {
                 max_header_bytes: cfg.limits.max_header_bytes,
@@ -322,7 +330,6 @@ async fn shard_main(
     }
     // The first timer in a process is slow to register: pay it before serving.
     glommio::timer::sleep(Duration::from_millis(1)).await;
-    let shard = Rc::new(Shard::new(id, cfg.clone()));
     // Connections run in a latency-sensitive queue: its I/O completes on
     // glommio's latency ring, and any completion there preempts the tasks
     // that are spinning on the fast path (see net.rs), so a parked
@@ -332,10 +339,11 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
+    let shard = Rc::new(Shard::new(id, cfg.clone(), queue));
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let shard = shard.clone();
-        match glommio::spawn_local_into(accept_loop(shard, l, queue), queue) {
+        match glommio::spawn_local_into(accept_loop(shard, l), queue) {
             Ok(t) => accept_tasks.push(t),
             Err(e) => {
                 let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
@@ -377,7 +385,8 @@ async fn shard_main(
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, queue: glommio::TaskQueueHandle) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let queue = shard.queue;
     let refusal = {
         let mut v = Vec::new();
         crate::http::write_simple_response(

@@ -39,6 +39,10 @@ impl Seen {
 /// - `/status/CODE`: that status, body "s" unless 204/304
 /// - `/echo`: the request body's length and byte sum as `LEN SUM`
 /// - `/oneshot`: answers, then closes the connection without saying so
+/// - `/cache/CC/MS/NAME`: after MS ms, `NAME #N` (N counts requests for this
+///   path) with `Cache-Control: CC` (`+` stands for `,`), an ETag and a
+///   Last-Modified; request headers `X-Resp-Vary` and `X-Resp-Cookie` add
+///   `Vary` and `Set-Cookie`; the body ends with the `Accept-Language` sent
 /// - anything else: `ok PATH`
 pub struct Origin {
     pub addr: SocketAddr,
@@ -75,6 +79,16 @@ impl Origin {
 
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests the origin answered for exactly `path`.
+    pub fn requests_for(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
     }
 
     pub fn last_seen(&self) -> Seen {
@@ -163,6 +177,12 @@ fn serve_origin(
             body_sum: sum,
         });
         let head_only = method == "HEAD";
+        let nth = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count();
         let arg = |p: &str| path.strip_prefix(p).and_then(|s| s.parse::<usize>().ok());
         let send_len = |w: &mut TcpStream, code: u16, body: &[u8]| -> std::io::Result<()> {
             let mut out = format!(
@@ -214,6 +234,29 @@ fn serve_origin(
             } else {
                 send_len(&mut w, code as u16, b"s")?;
             }
+        } else if let Some(rest) = path.strip_prefix("/cache/") {
+            let mut parts = rest.splitn(3, '/');
+            let cc = parts.next().unwrap_or("").replace('+', ", ");
+            let ms: u64 = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+            let name = parts.next().unwrap_or("");
+            std::thread::sleep(Duration::from_millis(ms));
+            let lang = get("accept-language").unwrap_or_default();
+            let body = format!("{name} #{nth} {lang}");
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: {cc}\r\nETag: \"e{nth}\"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+            if let Some(v) = get("x-resp-vary") {
+                out.push_str(&format!("Vary: {v}\r\n"));
+            }
+            if get("x-resp-cookie").is_some() {
+                out.push_str("Set-Cookie: s=1\r\n");
+            }
+            out.push_str("\r\n");
+            if !head_only {
+                out.push_str(&body);
+            }
+            w.write_all(out.as_bytes())?;
         } else if path == "/echo" {
             send_len(&mut w, 200, format!("{len} {sum}").as_bytes())?;
         } else if path == "/oneshot" {

@@ -1,0 +1,492 @@
+//! The cache path of a client connection: fresh hits from memory, misses
+//! joined to the shard's one fetch per key (collapsed forwarding,
+//! read-while-write), and the fill task that fetches from the origin and
+//! stores what RFC 9111 allows.
+
+use super::{ClientConn, Outcome};
+use crate::cache::collapse::{Fill, Next, Phase, Reader};
+use crate::cache::object::{meta_from_response, not_modified, vary_values, HitHead, Object};
+use crate::cache::policy::{
+    freshness_lifetime, storable, usable, CacheControl, RequestFacts, Timing, Use,
+};
+use crate::cache::{key_hash, unix_now, ShardCache};
+use crate::http::chunked;
+use crate::http::name_is;
+use crate::http::request::{Method, RequestHead};
+use crate::http::response::ResponseHead;
+use crate::http::rewrite::{write_fill_request, Forwarded};
+use crate::origin::body::{BodyReader, UPSTREAM_BUF};
+use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
+use crate::shard::buf::Buf;
+use crate::shard::net::until;
+use crate::shard::Shard;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An uncacheable response streamed to its one reader is read ahead of that
+/// reader by at most this much.
+const UNCACHEABLE_AHEAD: u64 = 256 * 1024;
+/// Bodies up to this size are written with their head in one call.
+const INLINE_BODY: usize = 64 * 1024;
+
+/// What the request says about caching.
+fn request_facts(buf: &[u8], head: &RequestHead) -> RequestFacts {
+    let mut cc = Vec::new();
+    let mut facts = RequestFacts {
+        is_get: true,
+        ..Default::default()
+    };
+    let mut pragma = false;
+    for f in &head.fields {
+        let name = f.name(buf);
+        if name_is(name, b"authorization") {
+            facts.has_authorization = true;
+        } else if name_is(name, b"cache-control") {
+            cc.push(f.value(buf));
+        } else if name_is(name, b"pragma") {
+            pragma |= crate::http::list_elements(f.value(buf))
+                .any(|t| t.eq_ignore_ascii_case(b"no-cache"));
+        }
+    }
+    facts.pragma_no_cache = pragma && cc.is_empty();
+    facts.cc = CacheControl::parse(cc);
+    facts
+}
+
+impl ClientConn {
+    fn set_cache_status(&mut self, params: &str) {
+        self.cache_status.clear();
+        self.cache_status.push_str("Cache-Status: corral; ");
+        self.cache_status.push_str(params);
+        self.cache_status.push_str("\r\n");
+    }
+
+    /// Answers a GET or HEAD through the cache. `None`: the request goes to
+    /// the origin on its own (pass-through), with `cache_status` set.
+    pub(super) async fn try_cache(&mut self, pool_idx: usize) -> Option<Outcome> {
+        let shard = self.shard.clone();
+        let cache = shard.cache.as_ref()?;
+        let buf = self.inbuf.filled();
+        let facts = request_facts(buf, &self.head);
+        if facts.has_authorization || facts.cc.no_store {
+            self.set_cache_status("fwd=bypass");
+            return None;
+        }
+        let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
+        let key = key_hash(&[host, self.head.target(buf)]);
+        let now = unix_now();
+        let found = cache.store.borrow_mut().get(key).cloned();
+        let mut stale = false;
+        if let Some(obj) = found {
+            if obj.vary_values == vary_values(buf, &self.head, &obj.meta.vary) {
+                let age = obj.timing.current_age(now);
+                let ttl = obj.lifetime as i64 - age as i64;
+                match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
+                    Use::Fresh => {
+                        ShardCache::bump(&cache.hits);
+                        return Some(
+                            self.serve_object(&obj, age, &format!("hit; ttl={ttl}"))
+                                .await,
+                        );
+                    }
+                    Use::StaleOk => {
+                        ShardCache::bump(&cache.hits);
+                        // One background refresh: lead a fill nobody reads.
+                        let (reader, lead) = cache.collapse.join(key);
+                        if lead {
+                            self.spawn_fill(pool_idx, key, reader.fill.clone());
+                        }
+                        drop(reader);
+                        return Some(
+                            self.serve_object(&obj, age, &format!("hit; ttl={ttl}; fwd=stale"))
+                                .await,
+                        );
+                    }
+                    Use::Revalidate => stale = true,
+                }
+            }
+        }
+        ShardCache::bump(&cache.misses);
+        if facts.cc.only_if_cached {
+            self.inbuf.consume(self.head.head_len);
+            self.send_error(504, "not in cache (only-if-cached)", self.head.close)
+                .await;
+            return Some(self.keep_or_close());
+        }
+        let fwd = if stale { "fwd=stale" } else { "fwd=uri-miss" };
+        if facts.cc.no_cache || facts.pragma_no_cache || !shard.cfg.cache.collapse {
+            // The client asked for the origin's answer: no collapsing.
+            self.set_cache_status("fwd=request");
+            return None;
+        }
+        if cache.collapse.is_uncacheable(key, Instant::now()) {
+            self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
+            return None;
+        }
+        let (reader, lead) = cache.collapse.join(key);
+        if lead {
+            self.spawn_fill(pool_idx, key, reader.fill.clone());
+        } else {
+            ShardCache::bump(&cache.collapsed);
+        }
+        self.serve_fill(reader, fwd).await
+    }
+
+    fn keep_or_close(&self) -> Outcome {
+        if self.head.close || self.shard.draining() {
+            self.sock.shutdown_write();
+            Outcome::Close
+        } else {
+            Outcome::KeepAlive
+        }
+    }
+
+    /// Writes a stored response (or a 304 for a matching conditional).
+    async fn serve_object(&mut self, obj: &Object, age: u64, cache_status: &str) -> Outcome {
+        let buf = self.inbuf.filled();
+        let status = if not_modified(buf, &self.head, &obj.meta) {
+            304
+        } else {
+            obj.meta.status
+        };
+        let head_only = self.head.method() == Method::Head || status == 304 || status == 204;
+        let close = self.head.close || self.shard.draining();
+        self.out.clear();
+        HitHead {
+            meta: &obj.meta,
+            status,
+            age,
+            cache_status,
+            length: Some(obj.body.len() as u64),
+            close,
+            client_minor: self.head.minor,
+        }
+        .write(&mut self.out);
+        self.inbuf.consume(self.head.head_len);
+        let timeout = self.shard.cfg.limits.body_timeout;
+        if !head_only && obj.body.len() <= INLINE_BODY {
+            self.out.extend_from_slice(&obj.body);
+        }
+        if self.write_client(timeout).await.is_err() {
+            return Outcome::Close;
+        }
+        if !head_only && obj.body.len() > INLINE_BODY {
+            let deadline = Instant::now() + timeout;
+            if self.sock.write_all(&obj.body, deadline).await.is_err() {
+                return Outcome::Close;
+            }
+        }
+        self.keep_or_close()
+    }
+
+    /// Starts the task that fetches `key` from the origin into `fill`.
+    fn spawn_fill(&self, pool_idx: usize, key: u64, fill: Rc<Fill>) {
+        let buf = self.inbuf.filled();
+        let pool = &self.shard.pools[pool_idx];
+        let mut up_head = Vec::with_capacity(self.head.head_len + 128);
+        // The backend is picked by the fill; Host falls back to the first.
+        write_fill_request(
+            &mut up_head,
+            buf,
+            &self.head,
+            &Forwarded {
+                client_ip: &self.peer_ip,
+                proto: "http",
+                backend_host: &pool.backend_names[0],
+            },
+        );
+        let job = FillJob {
+            shard: self.shard.clone(),
+            pool_idx,
+            key,
+            fill,
+            up_head,
+            facts: request_facts(buf, &self.head),
+            request: buf[..self.head.head_len].to_vec(),
+            head: self.head.clone(),
+        };
+        let spawned = glommio::spawn_local_into(job.run(), self.shard.queue);
+        match spawned {
+            Ok(t) => drop(t.detach()),
+            Err(e) => self.log(&format!("cannot spawn a cache fill: {e}")),
+        }
+    }
+
+    /// Answers from a fill: the response head as soon as the origin's is
+    /// known, then each chunk as it arrives. `None`: go to the origin alone.
+    async fn serve_fill(&mut self, mut reader: Reader, fwd: &str) -> Option<Outcome> {
+        let fill = reader.fill.clone();
+        let shard = self.shard.clone();
+        let cfg = &shard.cfg;
+        let wait_deadline = Instant::now() + cfg.cache.collapse_timeout;
+        let body_timeout = cfg.limits.body_timeout;
+        let head_only = self.head.method() == Method::Head;
+        let minor = self.head.minor;
+        let mut head_sent = false;
+        let mut chunked_out = false;
+        let mut close = self.head.close || self.shard.draining();
+        loop {
+            if !head_sent {
+                match fill.phase() {
+                    Phase::Waiting => {}
+                    Phase::Failed(code) => {
+                        self.inbuf.consume(self.head.head_len);
+                        let text = if code == 504 {
+                            "upstream timed out"
+                        } else {
+                            "upstream failed"
+                        };
+                        self.send_error(code, text, close).await;
+                        return Some(self.keep_or_close());
+                    }
+                    _ if fill.exclusive() && !reader.first => {
+                        self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
+                        return None;
+                    }
+                    _ => {
+                        let meta = fill.meta()?;
+                        let status_text = if !reader.first {
+                            format!("{fwd}; collapsed")
+                        } else if fill.exclusive() {
+                            format!("{fwd}; detail=uncacheable")
+                        } else {
+                            format!("{fwd}; stored")
+                        };
+                        close |= self.shard.draining();
+                        let no_body = head_only || meta.status == 204 || meta.status == 304;
+                        chunked_out = !no_body && meta.content_length.is_none() && minor >= 1;
+                        if !no_body && meta.content_length.is_none() && minor == 0 {
+                            close = true;
+                        }
+                        self.out.clear();
+                        HitHead {
+                            meta: &meta,
+                            status: meta.status,
+                            age: meta.facts.age.unwrap_or(0),
+                            cache_status: &status_text,
+                            length: meta.content_length,
+                            close,
+                            client_minor: minor,
+                        }
+                        .write(&mut self.out);
+                        self.inbuf.consume(self.head.head_len);
+                        head_sent = true;
+                        if no_body {
+                            if self.write_client(body_timeout).await.is_err() {
+                                return Some(Outcome::Close);
+                            }
+                            return Some(if close {
+                                Outcome::Close
+                            } else {
+                                self.keep_or_close()
+                            });
+                        }
+                    }
+                }
+            }
+            match reader.step() {
+                Next::Chunk(c) => {
+                    if chunked_out {
+                        chunked::encode_chunk_head(&mut self.out, c.len());
+                        self.out.extend_from_slice(&c);
+                        self.out.extend_from_slice(chunked::CHUNK_END);
+                    } else {
+                        self.out.extend_from_slice(&c);
+                    }
+                    if self.write_client(body_timeout).await.is_err() {
+                        return Some(Outcome::Close);
+                    }
+                    if reader.first {
+                        fill.release_taken(reader.position());
+                    }
+                }
+                Next::Pending => {
+                    let seen = fill.version();
+                    let deadline = if head_sent {
+                        // The fill task bounds the origin's pace itself.
+                        Instant::now() + cfg.limits.body_timeout.max(cfg.cache.collapse_timeout) * 4
+                    } else {
+                        wait_deadline
+                    };
+                    if until(deadline, fill.changed(seen)).await.is_none() {
+                        if head_sent {
+                            return Some(Outcome::Close);
+                        }
+                        // collapse_timeout: go to the origin on our own.
+                        self.set_cache_status(&format!("{fwd}; detail=collapse-timeout"));
+                        return None;
+                    }
+                }
+                Next::End => {
+                    if chunked_out {
+                        self.out.extend_from_slice(chunked::LAST_CHUNK);
+                    }
+                    if self.write_client(body_timeout).await.is_err() || close {
+                        self.sock.shutdown_write();
+                        return Some(Outcome::Close);
+                    }
+                    return Some(self.keep_or_close());
+                }
+                Next::GoAlone => {
+                    self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
+                    return None;
+                }
+                Next::Failed(code) => {
+                    if head_sent {
+                        // Mid-body: the client must see a truncated message.
+                        return Some(Outcome::Close);
+                    }
+                    self.inbuf.consume(self.head.head_len);
+                    self.send_error(code, "upstream failed", close).await;
+                    return Some(self.keep_or_close());
+                }
+            }
+        }
+    }
+}
+
+/// Everything a fill task needs; it outlives the request that started it.
+struct FillJob {
+    shard: Rc<Shard>,
+    pool_idx: usize,
+    key: u64,
+    fill: Rc<Fill>,
+    up_head: Vec<u8>,
+    facts: RequestFacts,
+    /// The starting request's head bytes and parse, for `Vary`.
+    request: Vec<u8>,
+    head: RequestHead,
+}
+
+impl FillJob {
+    async fn run(self) {
+        let Some(cache) = self.shard.cache.as_ref() else {
+            return;
+        };
+        let result = self.fetch(cache).await;
+        if let Err(f) = result {
+            let msg = match &f {
+                UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
+                _ => "failed".into(),
+            };
+            eprintln!("corral[{}]: cache fill failed: {msg}", self.shard.id);
+            self.fill.fail(f.status());
+        }
+        cache.collapse.remove(&self.fill);
+    }
+
+    async fn fetch(&self, cache: &ShardCache) -> Result<(), UpstreamFail> {
+        let pool = &self.shard.pools[self.pool_idx];
+        let backend = pool.pick();
+        let request_time = unix_now();
+        let mut ubuf = Buf::new(UPSTREAM_BUF);
+        let mut rhead = ResponseHead::default();
+        let mut attempt = 0;
+        let mut up = loop {
+            attempt += 1;
+            let (mut up, reused) = connection(pool, backend, false).await?;
+            let sent = up
+                .write_all(
+                    &self.up_head,
+                    Instant::now() + self.shard.cfg.limits.body_timeout,
+                )
+                .await;
+            if sent.is_err() {
+                if reused && attempt < 3 {
+                    continue;
+                }
+                return Err(UpstreamFail::Bad("sending the fill request failed".into()));
+            }
+            ubuf.clear();
+            let deadline = Instant::now() + pool.cfg.response_timeout;
+            let got = loop {
+                match read_head(&mut up, &mut ubuf, &mut rhead, false, deadline, reused).await {
+                    Ok(Head::Final) => break Ok(()),
+                    Ok(Head::Interim) => ubuf.consume(rhead.head_len),
+                    Err(e) => break Err(e),
+                }
+            };
+            match got {
+                Ok(()) => break up,
+                Err(UpstreamFail::Stale) if attempt < 3 => continue,
+                Err(UpstreamFail::Stale) => {
+                    return Err(UpstreamFail::Bad("backend closed the connection".into()))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let response_time = unix_now();
+        let cfg = &self.shard.cfg.cache;
+        let meta = meta_from_response(ubuf.filled(), &rhead);
+        let lifetime = freshness_lifetime(&meta.facts, response_time);
+        // A response with no freshness at all is not shared with waiting
+        // requests either: using it for them would be using a stale response.
+        let mut cacheable = storable(&self.facts, &meta.facts).is_ok()
+            && meta
+                .content_length
+                .is_none_or(|n| n <= cfg.max_object_bytes)
+            && (lifetime > 0 || meta.facts.cc.stale_while_revalidate.is_some());
+        if !cacheable {
+            cache
+                .collapse
+                .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+        }
+        let timing = Timing::new(&meta.facts, request_time, response_time);
+        let vary = vary_values(&self.request, &self.head, &meta.vary);
+        let meta = Arc::new(meta);
+        self.fill.start(meta.clone(), cacheable);
+        ubuf.consume(rhead.head_len);
+        let up_close = rhead.close;
+        let mut body = BodyReader::new(rhead.body());
+        loop {
+            if !cacheable {
+                // Only the first reader reads: stop if it left, and stay at
+                // most UNCACHEABLE_AHEAD ahead of it.
+                while self.fill.first_alive() && self.fill.first_backlog() > UNCACHEABLE_AHEAD {
+                    let seen = self.fill.version();
+                    self.fill.changed(seen).await;
+                }
+                if !self.fill.first_alive() {
+                    return Err(UpstreamFail::ClientGone);
+                }
+            }
+            match body.next(&mut up, &mut ubuf, pool.cfg.body_timeout).await {
+                Ok(Some(n)) => {
+                    self.fill.push(Rc::from(&ubuf.filled()[..n]));
+                    ubuf.consume(n);
+                    if cacheable && self.fill.bytes() > cfg.max_object_bytes {
+                        cacheable = false;
+                        self.fill.demote();
+                        cache
+                            .collapse
+                            .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(UpstreamFail::Bad(e.to_string())),
+            }
+        }
+        self.fill.finish();
+        if body.reusable() && !up_close && ubuf.is_empty() {
+            pool.checkin(backend, up, Instant::now());
+        }
+        if cacheable {
+            if let Some(bytes) = self.fill.body() {
+                let obj = Object {
+                    meta,
+                    body: Arc::new(bytes),
+                    timing,
+                    lifetime,
+                    vary_values: vary,
+                };
+                let cost = obj.cost();
+                if cache.store.borrow_mut().insert(self.key, obj, cost) {
+                    ShardCache::bump(&cache.stored);
+                    cache.collapse.forget_uncacheable(self.key);
+                }
+            }
+        }
+        Ok(())
+    }
+}

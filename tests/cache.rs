@@ -1,0 +1,298 @@
+//! The cache and collapsed forwarding, end to end: real corral processes,
+//! real origins on loopback.
+
+mod common;
+
+use common::*;
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+fn proxy(origin: &Origin, shards: &str) -> Proxy {
+    let b = origin.addr.to_string();
+    Proxy::start(&["--backend", &b, "--shards", shards])
+}
+
+/// One request with extra header lines on a fresh connection.
+fn get_with(p: &Proxy, path: &str, method: &str, extra: &str) -> Response {
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    read_response(&mut BufReader::new(s), method == "HEAD").unwrap()
+}
+
+#[test]
+fn hits_come_from_memory_with_age_and_cache_status() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/0/a";
+    let first = get(p.addr, path);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "a #1 ");
+    assert_eq!(
+        first.header("Cache-Status"),
+        Some("corral; fwd=uri-miss; stored")
+    );
+    for _ in 0..5 {
+        let r = get(p.addr, path);
+        assert_eq!(r.text(), "a #1 ");
+        let cs = r.header("Cache-Status").unwrap();
+        assert!(cs.starts_with("corral; hit; ttl="), "{cs}");
+        assert!(r.header("Age").is_some());
+        assert_eq!(r.header("Via"), Some("1.1 corral"));
+        assert_eq!(r.header("ETag"), Some("\"e1\""));
+    }
+    assert_eq!(origin.requests_for(path), 1);
+    // HEAD is answered from the stored GET.
+    let h = get_with(&p, path, "HEAD", "");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.header("Content-Length"), Some("5"));
+    assert!(h.body.is_empty());
+    // Client conditionals are answered from the cache.
+    let c = get_with(&p, path, "GET", "If-None-Match: \"e1\"\r\n");
+    assert_eq!(c.status, 304);
+    let c = get_with(
+        &p,
+        path,
+        "GET",
+        "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n",
+    );
+    assert_eq!(c.status, 304);
+    let c = get_with(&p, path, "GET", "If-None-Match: \"other\"\r\n");
+    assert_eq!(c.status, 200);
+    assert_eq!(origin.requests_for(path), 1);
+}
+
+#[test]
+fn a_herd_is_one_origin_fetch_per_shard() {
+    for shards in ["1", "2"] {
+        let origin = Origin::start();
+        let p = proxy(&origin, shards);
+        let path = "/cache/max-age=60/200/herd";
+        let n = 500;
+        let barrier = Arc::new(Barrier::new(n));
+        let addr = p.addr;
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let b = barrier.clone();
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    b.wait();
+                    write!(
+                        s,
+                        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+                    )
+                    .unwrap();
+                    read_response(&mut BufReader::new(s), false).unwrap()
+                })
+            })
+            .collect();
+        let responses: Vec<Response> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("stderr: {}", p.stderr.lock().unwrap()))
+            })
+            .collect();
+        // One fetch per shard, so at most `shards` versions.
+        let max: usize = shards.parse().unwrap();
+        for r in &responses {
+            assert_eq!(r.status, 200);
+            let n: usize = r.text()["herd #".len()..].trim().parse().unwrap();
+            assert!((1..=max).contains(&n), "{}", r.text());
+        }
+        let fetches = origin.requests_for(path);
+        assert!(
+            (1..=max).contains(&fetches),
+            "{fetches} origin fetches for a herd on {shards} shards"
+        );
+        let collapsed = responses
+            .iter()
+            .filter(|r| {
+                r.header("Cache-Status")
+                    .is_some_and(|c| c.contains("collapsed"))
+            })
+            .count();
+        assert!(collapsed >= n - max * 50, "only {collapsed} collapsed");
+    }
+}
+
+#[test]
+fn objects_are_fetched_once_each() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    for round in 0..2 {
+        for i in 0..100 {
+            let r = get(p.addr, &format!("/cache/max-age=60/0/o{i}"));
+            assert_eq!(r.text(), format!("o{i} #1 "), "round {round}");
+        }
+    }
+    assert_eq!(origin.requests(), 100);
+}
+
+#[test]
+fn uncacheable_herd_is_not_serialized() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/private/300/p";
+    let n = 40;
+    let addr = p.addr;
+    let barrier = Arc::new(Barrier::new(n));
+    let t = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                get(addr, path)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    // Every request went to the origin, in parallel, not one after another.
+    assert_eq!(origin.requests_for(path), n);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    // And the key is remembered as uncacheable (hit-for-miss).
+    let r = get(addr, path);
+    assert_eq!(
+        r.header("Cache-Status"),
+        Some("corral; fwd=uri-miss; detail=uncacheable")
+    );
+}
+
+#[test]
+fn storage_rules() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    // no-store, private and Set-Cookie are not stored; public Set-Cookie is.
+    for (path, extra, stored) in [
+        ("/cache/no-store/0/ns", "", false),
+        ("/cache/private+max-age=60/0/pr", "", false),
+        ("/cache/max-age=60/0/ck", "X-Resp-Cookie: 1\r\n", false),
+        (
+            "/cache/public+max-age=60/0/ckp",
+            "X-Resp-Cookie: 1\r\n",
+            true,
+        ),
+        ("/cache/max-age=0/0/zero", "", false),
+    ] {
+        get_with(&p, path, "GET", extra);
+        get_with(&p, path, "GET", extra);
+        let want = if stored { 1 } else { 2 };
+        assert_eq!(origin.requests_for(path), want, "{path}");
+    }
+    // Requests with Authorization bypass the cache.
+    let path = "/cache/max-age=60/0/auth";
+    get(p.addr, path);
+    let r = get_with(&p, path, "GET", "Authorization: Basic eDp5\r\n");
+    assert_eq!(r.header("Cache-Status"), Some("corral; fwd=bypass"));
+    assert_eq!(origin.requests_for(path), 2);
+    // Client no-cache goes to the origin; only-if-cached never does.
+    let r = get_with(&p, path, "GET", "Cache-Control: no-cache\r\n");
+    assert_eq!(r.header("Cache-Status"), Some("corral; fwd=request"));
+    assert_eq!(origin.requests_for(path), 3);
+    let r = get_with(
+        &p,
+        "/cache/max-age=60/0/never",
+        "GET",
+        "Cache-Control: only-if-cached\r\n",
+    );
+    assert_eq!(r.status, 504);
+    assert_eq!(origin.requests_for("/cache/max-age=60/0/never"), 0);
+}
+
+#[test]
+fn vary_keeps_variants_apart() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/0/v";
+    let vary = "X-Resp-Vary: Accept-Language\r\n";
+    let en = get_with(&p, path, "GET", &format!("{vary}Accept-Language: en\r\n"));
+    assert_eq!(en.text(), "v #1 en");
+    let en2 = get_with(&p, path, "GET", &format!("{vary}Accept-Language: en\r\n"));
+    assert_eq!(en2.text(), "v #1 en");
+    let fr = get_with(&p, path, "GET", &format!("{vary}Accept-Language: fr\r\n"));
+    assert_eq!(
+        fr.text(),
+        "v #2 fr",
+        "a French request got the English variant"
+    );
+}
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_refreshes() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1+stale-while-revalidate=30/0/s";
+    assert_eq!(get(p.addr, path).text(), "s #1 ");
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = get(p.addr, path);
+    assert_eq!(stale.text(), "s #1 ");
+    assert!(stale.header("Cache-Status").unwrap().contains("fwd=stale"));
+    // One background refresh replaces it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.requests_for(path) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(p.addr, path).text(), "s #2 ");
+    assert_eq!(origin.requests_for(path), 2);
+}
+
+#[test]
+fn expired_entries_are_fetched_again() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1/0/e";
+    assert_eq!(get(p.addr, path).text(), "e #1 ");
+    assert_eq!(get(p.addr, path).text(), "e #1 ");
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = get(p.addr, path);
+    assert_eq!(r.text(), "e #2 ");
+    assert_eq!(r.header("Cache-Status"), Some("corral; fwd=stale; stored"));
+}
+
+#[test]
+fn purge_drops_an_entry() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/0/pg";
+    get(p.addr, path);
+    assert_eq!(get_with(&p, path, "PURGE", "").status, 200);
+    assert_eq!(get_with(&p, path, "PURGE", "").status, 404);
+    assert_eq!(get(p.addr, path).text(), "pg #2 ");
+}
+
+#[test]
+fn pipelined_hits_and_misses_stay_in_order() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut all = String::new();
+    for i in 0..30 {
+        all.push_str(&format!(
+            "GET /cache/max-age=60/0/k{} HTTP/1.1\r\nHost: t\r\n\r\n",
+            i % 5
+        ));
+    }
+    w.write_all(all.as_bytes()).unwrap();
+    for i in 0..30 {
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.text(), format!("k{} #1 ", i % 5));
+    }
+    assert_eq!(origin.requests(), 5);
+}
