@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A tiny threaded origin: `GET /obj/N` answers 1 KiB, `/slow` after 20 ms.
+/// A tiny threaded origin. `/obj/N`: 1 KiB, not cacheable; `/slow`: the same
+/// after 20 ms; `/cached/N`: 1 KiB, fresh for a minute; `/herd/K`: fresh for
+/// a minute, after 200 ms.
 struct DemoOrigin {
     addr: SocketAddr,
     served: Arc<AtomicU64>,
@@ -50,9 +52,17 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
         if line.contains("/slow") {
             std::thread::sleep(Duration::from_millis(20));
         }
+        if line.contains("/herd") {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let cc = if line.contains("/cached") || line.contains("/herd") {
+            "public, max-age=60"
+        } else {
+            "no-store"
+        };
         served.fetch_add(1, Ordering::Relaxed);
         let mut out = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: {cc}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();
@@ -92,7 +102,7 @@ fn describe(r: &loadgen::Report) -> String {
 
 /// Runs the tour; `seconds` is its rough length.
 pub fn run(seconds: u64) -> Result<(), String> {
-    let phase = Duration::from_millis((seconds.clamp(6, 120) * 1000) / 6);
+    let phase = Duration::from_millis((seconds.clamp(8, 120) * 1000) / 8);
     println!("corral demo: a shard-per-core reverse proxy on io_uring, on loopback only.\n");
     let a = DemoOrigin::start()?;
     let b = DemoOrigin::start()?;
@@ -162,15 +172,53 @@ pub fn run(seconds: u64) -> Result<(), String> {
     })?;
     println!("{}\n", describe(&r));
 
+    let served = || a.served.load(Ordering::Relaxed) + b.served.load(Ordering::Relaxed);
+    println!("6. The cache: 32 connections asking for one object that is fresh for a minute.");
+    let before = served();
+    let r = load("/cached/1", &|_| {})?;
+    println!("{}", describe(&r));
     println!(
-        "6. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
+        "    the origins were asked {} time(s) (once per shard at most); every other answer came from memory.\n",
+        served() - before
+    );
+
+    println!(
+        "7. A thundering herd: 200 connections ask for the same never-seen object at the same"
+    );
+    println!(
+        "   instant, round after round; the origin takes 200 ms. Collapsed forwarding turns each"
+    );
+    println!(
+        "   herd into one origin fetch per shard, and the waiters get the answer as it streams."
+    );
+    let before = served();
+    let r = load("/herd/{key}", &|o| {
+        o.herd = true;
+        o.connections = 200;
+    })?;
+    let rounds = r.rounds.len().max(1) as u64;
+    println!(
+        "    {} rounds, {} requests, {} origin fetches ({:.1} per round over {} shard(s)); slowest response per round: {}\n",
+        r.rounds.len(),
+        r.stats.requests(),
+        served() - before,
+        (served() - before) as f64 / rounds as f64,
+        shards,
+        r.rounds.iter().map(|x| ms(x.max_us())).collect::<Vec<_>>().join(", ")
+    );
+
+    println!(
+        "8. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
     );
     running.stop();
     running.join();
     println!("    all shards drained and stopped.\n");
     println!(
-        "Not in this build yet (see the README): caching and collapsed forwarding, health checks"
+        "Not in this build yet (see the README): collapsing and storing across shards (each shard"
     );
-    println!("and failover, the other balancers, the origin store, and the admin listener.");
+    println!(
+        "caches and collapses on its own), revalidation with 304, health checks and failover, the"
+    );
+    println!("other balancers, the origin store, and the admin listener.");
     Ok(())
 }

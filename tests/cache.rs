@@ -247,12 +247,16 @@ fn stale_while_revalidate_serves_stale_and_refreshes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(get(p.addr, path).text(), "s #2 ");
+    // The refresh revalidated it (the origin answers 304): fresh again.
+    let r = get(p.addr, path);
+    assert_eq!(r.text(), "s #1 ");
+    assert_eq!(r.header("X-Revalidated"), Some("yes"));
+    assert!(r.header("Cache-Status").unwrap().starts_with("corral; hit"));
     assert_eq!(origin.requests_for(path), 2);
 }
 
 #[test]
-fn expired_entries_are_fetched_again() {
+fn expired_entries_go_back_to_the_origin() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");
     let path = "/cache/max-age=1/0/e";
@@ -260,8 +264,16 @@ fn expired_entries_are_fetched_again() {
     assert_eq!(get(p.addr, path).text(), "e #1 ");
     std::thread::sleep(Duration::from_millis(2100));
     let r = get(p.addr, path);
-    assert_eq!(r.text(), "e #2 ");
     assert_eq!(r.header("Cache-Status"), Some("corral; fwd=stale; stored"));
+    assert_eq!(origin.requests_for(path), 2);
+    // After a purge nothing is stale: a plain fetch.
+    assert_eq!(get_with(&p, path, "PURGE", "").status, 200);
+    let r = get(p.addr, path);
+    assert_eq!(r.text(), "e #3 ");
+    assert_eq!(
+        r.header("Cache-Status"),
+        Some("corral; fwd=uri-miss; stored")
+    );
 }
 
 #[test]
@@ -295,4 +307,63 @@ fn pipelined_hits_and_misses_stay_in_order() {
         assert_eq!(resp.text(), format!("k{} #1 ", i % 5));
     }
     assert_eq!(origin.requests(), 5);
+}
+
+#[test]
+fn stale_entries_are_revalidated_with_304() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1/0/rv";
+    assert_eq!(get(p.addr, path).text(), "rv #1 ");
+    std::thread::sleep(Duration::from_millis(2100));
+    // Stale: corral asks with If-None-Match, the origin says 304, and the
+    // stored body is served with the 304's fields merged in.
+    let r = get(p.addr, path);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "rv #1 ");
+    assert_eq!(r.header("X-Revalidated"), Some("yes"));
+    let seen = origin.last_seen();
+    assert_eq!(seen.header("If-None-Match"), Some("\"e1\""));
+    assert!(seen.header("If-Modified-Since").is_some());
+    // Fresh again: no further origin request.
+    let r = get(p.addr, path);
+    assert!(r.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(origin.requests_for(path), 2);
+}
+
+#[test]
+fn stale_if_error_answers_for_a_failing_origin() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1+stale-if-error=60/0/sie";
+    let other = "/cache/max-age=1/0/nosie";
+    assert_eq!(get(p.addr, path).text(), "sie #1 ");
+    assert_eq!(get(p.addr, other).text(), "nosie #1 ");
+    std::thread::sleep(Duration::from_millis(2100));
+    origin
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = get(p.addr, path);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "sie #1 ");
+    // Without stale-if-error the origin's 500 goes through.
+    assert_eq!(get(p.addr, other).status, 500);
+}
+
+#[test]
+fn ranges_are_cut_from_the_stored_object() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/0/range-object";
+    assert_eq!(get(p.addr, path).text(), "range-object #1 ");
+    let r = get_with(&p, path, "GET", "Range: bytes=0-4\r\n");
+    assert_eq!(r.status, 206);
+    assert_eq!(r.text(), "range");
+    assert_eq!(r.header("Content-Range"), Some("bytes 0-4/16"));
+    let r = get_with(&p, path, "GET", "Range: bytes=-3\r\n");
+    assert_eq!(r.text(), "#1 ");
+    let r = get_with(&p, path, "GET", "Range: bytes=100-\r\n");
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("Content-Range"), Some("bytes */16"));
+    assert_eq!(origin.requests_for(path), 1);
 }

@@ -185,6 +185,103 @@ pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
     }
 }
 
+/// Merges the fields of a 304 into a stored header block (RFC 9111
+/// §4.3.4): every field the 304 carries replaces the stored ones of that
+/// name; the others stay.
+pub fn merge_fields(stored: &[u8], update: &[u8]) -> Vec<u8> {
+    let name_of = |line: &[u8]| -> Vec<u8> {
+        let end = memchr::memchr(b':', line).unwrap_or(line.len());
+        line[..end].to_ascii_lowercase()
+    };
+    let lines = |block: &[u8]| -> Vec<Vec<u8>> {
+        block
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let mut v = l.to_vec();
+                v.push(b'\n');
+                v
+            })
+            .collect()
+    };
+    let new_lines = lines(update);
+    let replaced: Vec<Vec<u8>> = new_lines.iter().map(|l| name_of(l)).collect();
+    let mut out = Vec::with_capacity(stored.len() + update.len());
+    for l in lines(stored) {
+        if !replaced.contains(&name_of(&l)) {
+            out.extend_from_slice(&l);
+        }
+    }
+    for l in new_lines {
+        out.extend_from_slice(&l);
+    }
+    out
+}
+
+/// A single byte range asked for by `Range: bytes=...` (RFC 9110 §14.1.2),
+/// resolved against a representation of `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No usable Range: send the whole body (also for multiple ranges, and
+    /// when `If-Range` is present, which corral answers in full).
+    Whole,
+    /// `first..=last`.
+    Part(u64, u64),
+    /// 416.
+    Unsatisfiable,
+}
+
+pub fn range_ask(buf: &[u8], req: &RequestHead, len: u64) -> RangeAsk {
+    let mut range = None;
+    for f in &req.fields {
+        if name_is(f.name(buf), b"if-range") {
+            return RangeAsk::Whole;
+        }
+        if name_is(f.name(buf), b"range") {
+            range = Some(crate::http::trim_ows(f.value(buf)));
+        }
+    }
+    let Some(spec) = range.and_then(|r| r.strip_prefix(b"bytes=")) else {
+        return RangeAsk::Whole;
+    };
+    if spec.contains(&b',') {
+        return RangeAsk::Whole;
+    }
+    let Some(dash) = memchr::memchr(b'-', spec) else {
+        return RangeAsk::Whole;
+    };
+    let num = |s: &[u8]| -> Option<u64> {
+        let s = crate::http::trim_ows(s);
+        if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(s).ok()?.parse().ok()
+    };
+    let (a, b) = (&spec[..dash], &spec[dash + 1..]);
+    match (num(a), num(b), a.is_empty()) {
+        // bytes=-N: the last N bytes.
+        (None, Some(n), true) => {
+            if n == 0 || len == 0 {
+                RangeAsk::Unsatisfiable
+            } else {
+                RangeAsk::Part(len.saturating_sub(n), len - 1)
+            }
+        }
+        (Some(first), last, false) if b.is_empty() || last.is_some() => {
+            if first >= len {
+                return RangeAsk::Unsatisfiable;
+            }
+            let last = last.map_or(len - 1, |l| l.min(len - 1));
+            if last < first {
+                RangeAsk::Whole
+            } else {
+                RangeAsk::Part(first, last)
+            }
+        }
+        _ => RangeAsk::Whole,
+    }
+}
+
 /// Writes the head of a response served from the cache.
 pub struct HitHead<'a> {
     pub meta: &'a Meta,
@@ -197,6 +294,8 @@ pub struct HitHead<'a> {
     pub length: Option<u64>,
     pub close: bool,
     pub client_minor: u8,
+    /// Extra field lines (e.g. `Content-Range`), each ending in CRLF.
+    pub extra: &'a str,
 }
 
 impl HitHead<'_> {
@@ -214,6 +313,7 @@ impl HitHead<'_> {
             "Age: {}\r\nCache-Status: corral; {}\r\nVia: 1.1 corral\r\n",
             self.age, self.cache_status
         );
+        out.extend_from_slice(self.extra.as_bytes());
         if self.status != 304 && self.status != 204 {
             match self.length {
                 Some(n) => {
@@ -287,6 +387,45 @@ mod tests {
     }
 
     #[test]
+    fn merging_a_304() {
+        let stored = b"Cache-Control: max-age=1\r\nETag: \"a\"\r\nX-Old: 1\r\n";
+        let update = b"Cache-Control: max-age=60\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n";
+        assert_eq!(
+            String::from_utf8(merge_fields(stored, update)).unwrap(),
+            "ETag: \"a\"\r\nX-Old: 1\r\nCache-Control: max-age=60\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        );
+    }
+
+    #[test]
+    fn ranges() {
+        let lim = HeadLimits {
+            max_header_bytes: 8192,
+            max_headers: 50,
+            max_uri_bytes: 1024,
+        };
+        let ask = |r: &str| {
+            let req = format!("GET / HTTP/1.1\r\nHost: a\r\n{r}\r\n");
+            let mut h = RequestHead::default();
+            assert!(parse_request(req.as_bytes(), &lim, &mut h).unwrap());
+            range_ask(req.as_bytes(), &h, 100)
+        };
+        assert_eq!(ask(""), RangeAsk::Whole);
+        assert_eq!(ask("Range: bytes=0-9\r\n"), RangeAsk::Part(0, 9));
+        assert_eq!(ask("Range: bytes=90-\r\n"), RangeAsk::Part(90, 99));
+        assert_eq!(ask("Range: bytes=90-500\r\n"), RangeAsk::Part(90, 99));
+        assert_eq!(ask("Range: bytes=-10\r\n"), RangeAsk::Part(90, 99));
+        assert_eq!(ask("Range: bytes=-500\r\n"), RangeAsk::Part(0, 99));
+        assert_eq!(ask("Range: bytes=100-\r\n"), RangeAsk::Unsatisfiable);
+        assert_eq!(ask("Range: bytes=0-1,5-6\r\n"), RangeAsk::Whole);
+        assert_eq!(ask("Range: bytes=5-1\r\n"), RangeAsk::Whole);
+        assert_eq!(ask("Range: items=0-1\r\n"), RangeAsk::Whole);
+        assert_eq!(
+            ask("Range: bytes=0-1\r\nIf-Range: \"x\"\r\n"),
+            RangeAsk::Whole
+        );
+    }
+
+    #[test]
     fn hit_head() {
         let m = meta(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\n");
         let mut out = Vec::new();
@@ -298,6 +437,7 @@ mod tests {
             length: Some(3),
             close: false,
             client_minor: 1,
+            extra: "",
         }
         .write(&mut out);
         assert_eq!(

@@ -49,6 +49,8 @@ pub struct Origin {
     pub requests: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// While set, `/cache/` paths answer 500.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Origin {
@@ -58,14 +60,20 @@ impl Origin {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (r, c, s) = (requests.clone(), connections.clone(), seen.clone());
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, c, s, f) = (
+            requests.clone(),
+            connections.clone(),
+            seen.clone(),
+            failing.clone(),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s) = (r.clone(), s.clone());
+                let (r, s, f) = (r.clone(), s.clone(), f.clone());
                 std::thread::spawn(move || {
-                    let _ = serve_origin(stream, r, s);
+                    let _ = serve_origin(stream, r, s, f);
                 });
             }
         });
@@ -74,6 +82,7 @@ impl Origin {
             requests,
             connections,
             seen,
+            failing,
         }
     }
 
@@ -105,6 +114,7 @@ fn serve_origin(
     stream: TcpStream,
     requests: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut w = stream.try_clone()?;
@@ -240,6 +250,15 @@ fn serve_origin(
             let ms: u64 = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
             let name = parts.next().unwrap_or("");
             std::thread::sleep(Duration::from_millis(ms));
+            if failing.load(Ordering::SeqCst) {
+                send_len(&mut w, 500, b"down")?;
+                continue;
+            }
+            if let Some(tag) = get("if-none-match") {
+                // The representation never changes: every validator matches.
+                w.write_all(format!("HTTP/1.1 304 Not Modified\r\nCache-Control: {cc}\r\nETag: {tag}\r\nX-Revalidated: yes\r\n\r\n").as_bytes())?;
+                continue;
+            }
             let lang = get("accept-language").unwrap_or_default();
             let body = format!("{name} #{nth} {lang}");
             let mut out = format!(

@@ -5,15 +5,19 @@
 
 use super::{ClientConn, Outcome};
 use crate::cache::collapse::{Fill, Next, Phase, Reader};
-use crate::cache::object::{meta_from_response, not_modified, vary_values, HitHead, Object};
+use crate::cache::object::{
+    merge_fields, meta_from_response, not_modified, range_ask, vary_values, HitHead, Object,
+    RangeAsk,
+};
 use crate::cache::policy::{
-    freshness_lifetime, storable, usable, CacheControl, RequestFacts, Timing, Use,
+    format_http_date, freshness_lifetime, stale_if_error_ok, storable, usable, CacheControl,
+    RequestFacts, Timing, Use,
 };
 use crate::cache::{key_hash, unix_now, ShardCache};
 use crate::http::chunked;
 use crate::http::name_is;
 use crate::http::request::{Method, RequestHead};
-use crate::http::response::ResponseHead;
+use crate::http::response::{parse_response, ResponseHead};
 use crate::http::rewrite::{write_fill_request, Forwarded};
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
@@ -77,7 +81,7 @@ impl ClientConn {
         let key = key_hash(&[host, self.head.target(buf)]);
         let now = unix_now();
         let found = cache.store.borrow_mut().get(key).cloned();
-        let mut stale = false;
+        let mut stale: Option<Object> = None;
         if let Some(obj) = found {
             if obj.vary_values == vary_values(buf, &self.head, &obj.meta.vary) {
                 let age = obj.timing.current_age(now);
@@ -95,7 +99,7 @@ impl ClientConn {
                         // One background refresh: lead a fill nobody reads.
                         let (reader, lead) = cache.collapse.join(key);
                         if lead {
-                            self.spawn_fill(pool_idx, key, reader.fill.clone());
+                            self.spawn_fill(pool_idx, key, reader.fill.clone(), Some(obj.clone()));
                         }
                         drop(reader);
                         return Some(
@@ -103,7 +107,7 @@ impl ClientConn {
                                 .await,
                         );
                     }
-                    Use::Revalidate => stale = true,
+                    Use::Revalidate => stale = Some(obj),
                 }
             }
         }
@@ -114,7 +118,11 @@ impl ClientConn {
                 .await;
             return Some(self.keep_or_close());
         }
-        let fwd = if stale { "fwd=stale" } else { "fwd=uri-miss" };
+        let fwd = if stale.is_some() {
+            "fwd=stale"
+        } else {
+            "fwd=uri-miss"
+        };
         if facts.cc.no_cache || facts.pragma_no_cache || !shard.cfg.cache.collapse {
             // The client asked for the origin's answer: no collapsing.
             self.set_cache_status("fwd=request");
@@ -126,7 +134,7 @@ impl ClientConn {
         }
         let (reader, lead) = cache.collapse.join(key);
         if lead {
-            self.spawn_fill(pool_idx, key, reader.fill.clone());
+            self.spawn_fill(pool_idx, key, reader.fill.clone(), stale);
         } else {
             ShardCache::bump(&cache.collapsed);
         }
@@ -142,14 +150,33 @@ impl ClientConn {
         }
     }
 
-    /// Writes a stored response (or a 304 for a matching conditional).
+    /// Writes a stored response: whole, as a 304 for a matching
+    /// conditional, or one byte range of it (206, or 416).
     async fn serve_object(&mut self, obj: &Object, age: u64, cache_status: &str) -> Outcome {
         let buf = self.inbuf.filled();
-        let status = if not_modified(buf, &self.head, &obj.meta) {
+        let len = obj.body.len() as u64;
+        let mut status = if not_modified(buf, &self.head, &obj.meta) {
             304
         } else {
             obj.meta.status
         };
+        let mut part = 0..obj.body.len();
+        let mut extra = String::new();
+        if status == 200 {
+            match range_ask(buf, &self.head, len) {
+                RangeAsk::Whole => {}
+                RangeAsk::Part(a, b) => {
+                    status = 206;
+                    part = a as usize..b as usize + 1;
+                    extra = format!("Content-Range: bytes {a}-{b}/{len}\r\n");
+                }
+                RangeAsk::Unsatisfiable => {
+                    status = 416;
+                    part = 0..0;
+                    extra = format!("Content-Range: bytes */{len}\r\n");
+                }
+            }
+        }
         let head_only = self.head.method() == Method::Head || status == 304 || status == 204;
         let close = self.head.close || self.shard.draining();
         self.out.clear();
@@ -158,22 +185,24 @@ impl ClientConn {
             status,
             age,
             cache_status,
-            length: Some(obj.body.len() as u64),
+            length: Some(part.len() as u64),
             close,
             client_minor: self.head.minor,
+            extra: &extra,
         }
         .write(&mut self.out);
         self.inbuf.consume(self.head.head_len);
         let timeout = self.shard.cfg.limits.body_timeout;
-        if !head_only && obj.body.len() <= INLINE_BODY {
-            self.out.extend_from_slice(&obj.body);
+        let body = &obj.body[part];
+        if !head_only && body.len() <= INLINE_BODY {
+            self.out.extend_from_slice(body);
         }
         if self.write_client(timeout).await.is_err() {
             return Outcome::Close;
         }
-        if !head_only && obj.body.len() > INLINE_BODY {
+        if !head_only && body.len() > INLINE_BODY {
             let deadline = Instant::now() + timeout;
-            if self.sock.write_all(&obj.body, deadline).await.is_err() {
+            if self.sock.write_all(body, deadline).await.is_err() {
                 return Outcome::Close;
             }
         }
@@ -181,7 +210,10 @@ impl ClientConn {
     }
 
     /// Starts the task that fetches `key` from the origin into `fill`.
-    fn spawn_fill(&self, pool_idx: usize, key: u64, fill: Rc<Fill>) {
+    /// With `stale`, the fill revalidates that stored response: it asks
+    /// conditionally, refreshes it on 304, and may serve it on an origin
+    /// error (stale-if-error).
+    fn spawn_fill(&self, pool_idx: usize, key: u64, fill: Rc<Fill>, stale: Option<Object>) {
         let buf = self.inbuf.filled();
         let pool = &self.shard.pools[pool_idx];
         let mut up_head = Vec::with_capacity(self.head.head_len + 128);
@@ -196,7 +228,22 @@ impl ClientConn {
                 backend_host: &pool.backend_names[0],
             },
         );
+        if let Some(obj) = &stale {
+            // Validators go before the head's final empty line.
+            up_head.truncate(up_head.len() - 2);
+            if let Some(etag) = &obj.meta.etag {
+                up_head.extend_from_slice(b"If-None-Match: ");
+                up_head.extend_from_slice(etag);
+                up_head.extend_from_slice(b"\r\n");
+            }
+            if let Some(lm) = obj.meta.facts.last_modified {
+                let line = format!("If-Modified-Since: {}\r\n", format_http_date(lm));
+                up_head.extend_from_slice(line.as_bytes());
+            }
+            up_head.extend_from_slice(b"\r\n");
+        }
         let job = FillJob {
+            stale,
             shard: self.shard.clone(),
             pool_idx,
             key,
@@ -268,6 +315,7 @@ impl ClientConn {
                             length: meta.content_length,
                             close,
                             client_minor: minor,
+                            extra: "",
                         }
                         .write(&mut self.out);
                         self.inbuf.consume(self.head.head_len);
@@ -357,6 +405,8 @@ struct FillJob {
     /// The starting request's head bytes and parse, for `Vary`.
     request: Vec<u8>,
     head: RequestHead,
+    /// The stored response being revalidated, if any.
+    stale: Option<Object>,
 }
 
 impl FillJob {
@@ -365,7 +415,11 @@ impl FillJob {
             return;
         };
         let result = self.fetch(cache).await;
-        if let Err(f) = result {
+        let origin_error = matches!(result, Err(UpstreamFail::Bad(_) | UpstreamFail::Timeout(_)));
+        if origin_error && self.stale_usable() {
+            // stale-if-error: the stored response answers for the origin.
+            self.serve_stale();
+        } else if let Err(f) = result {
             let msg = match &f {
                 UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
                 _ => "failed".into(),
@@ -374,6 +428,62 @@ impl FillJob {
             self.fill.fail(f.status());
         }
         cache.collapse.remove(&self.fill);
+    }
+
+    /// Whether the stale response may stand in for an origin error.
+    fn stale_usable(&self) -> bool {
+        self.fill.phase() == Phase::Waiting
+            && self.stale.as_ref().is_some_and(|o| {
+                let age = o.timing.current_age(unix_now());
+                stale_if_error_ok(&o.meta.facts.cc, &self.facts.cc, o.lifetime, age)
+            })
+    }
+
+    fn serve_stale(&self) {
+        if let Some(o) = &self.stale {
+            self.fill.start(o.meta.clone(), true);
+            self.fill.push(Rc::from(&o.body[..]));
+            self.fill.finish();
+        }
+    }
+
+    /// A 304 answered the revalidation: the stored response with the 304's
+    /// fields merged in (RFC 9111 §4.3.4) is stored again and served.
+    fn refresh(
+        &self,
+        cache: &ShardCache,
+        old: &Object,
+        update: &[u8],
+        request_time: i64,
+    ) -> Result<(), UpstreamFail> {
+        let fields = merge_fields(&old.meta.fields, update);
+        let mut synthetic = format!("HTTP/1.1 {} X\r\n", old.meta.status).into_bytes();
+        synthetic.extend_from_slice(&fields);
+        synthetic
+            .extend_from_slice(format!("Content-Length: {}\r\n\r\n", old.body.len()).as_bytes());
+        let mut rhead = ResponseHead::default();
+        match parse_response(&synthetic, false, synthetic.len() + 1, &mut rhead) {
+            Ok(true) => {}
+            _ => return Err(UpstreamFail::Bad("cannot merge the 304's fields".into())),
+        }
+        let mut meta = meta_from_response(&synthetic, &rhead);
+        meta.reason = old.meta.reason.clone();
+        let now = unix_now();
+        let obj = Object {
+            lifetime: freshness_lifetime(&meta.facts, now),
+            timing: Timing::new(&meta.facts, request_time, now),
+            meta: Arc::new(meta),
+            body: old.body.clone(),
+            vary_values: old.vary_values.clone(),
+        };
+        self.fill.start(obj.meta.clone(), true);
+        self.fill.push(Rc::from(&obj.body[..]));
+        self.fill.finish();
+        let cost = obj.cost();
+        if cache.store.borrow_mut().insert(self.key, obj, cost) {
+            ShardCache::bump(&cache.stored);
+        }
+        Ok(())
     }
 
     async fn fetch(&self, cache: &ShardCache) -> Result<(), UpstreamFail> {
@@ -418,6 +528,21 @@ impl FillJob {
         };
         let response_time = unix_now();
         let cfg = &self.shard.cfg.cache;
+        if let Some(old) = &self.stale {
+            if rhead.code == 304 {
+                let update = meta_from_response(ubuf.filled(), &rhead).fields;
+                let reusable = !rhead.close && ubuf.len() == rhead.head_len;
+                self.refresh(cache, old, &update, request_time)?;
+                if reusable {
+                    pool.checkin(backend, up, Instant::now());
+                }
+                return Ok(());
+            }
+            if rhead.code >= 500 && self.stale_usable() {
+                self.serve_stale();
+                return Ok(());
+            }
+        }
         let meta = meta_from_response(ubuf.filled(), &rhead);
         let lifetime = freshness_lifetime(&meta.facts, response_time);
         // A response with no freshness at all is not shared with waiting
