@@ -246,25 +246,54 @@ pub fn run(opts: Options) -> Result<Report, String> {
         opts,
     });
     let opts = &shared.opts;
-    let mut handles = Vec::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Stats>();
     for t in 0..opts.threads {
         let placement = match &opts.cpus {
             Some(c) => Placement::Fixed(c[t % c.len()]),
             None => Placement::Unbound,
         };
-        let sh = shared.clone();
-        let h = LocalExecutorBuilder::new(placement)
+        let (sh, tx) = (shared.clone(), done_tx.clone());
+        let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("loadgen{t}"))
             .io_memory(1 << 20)
-            .spawn(move || worker(t, sh))
+            .spawn(move || async move {
+                let _ = tx.send(worker(t, sh).await);
+            })
             .map_err(|e| format!("cannot start thread {t}: {e}"))?;
-        handles.push(h);
+        // Finished workers report through the channel; the handle is not joined
+        // so that a stuck worker cannot hang the run (see below).
+        drop(handle);
     }
+    drop(done_tx);
+    // A watchdog: every request is bounded by `timeout`, so all workers end
+    // by then; if one does not, say so instead of hanging.
+    let patience = match opts.requests {
+        Some(_) => Duration::from_secs(3600),
+        None => opts.duration,
+    } + opts.timeout
+        + Duration::from_secs(5);
+    let deadline = shared.start + patience;
     let mut stats = Stats::default();
-    for h in handles {
-        match h.join() {
-            Ok(s) => stats.merge(&s),
-            Err(e) => return Err(format!("a worker failed: {e}")),
+    let mut finished = 0;
+    while finished < opts.threads {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(s) => {
+                stats.merge(&s);
+                finished += 1;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                shared.stop.store(true, Ordering::SeqCst);
+                return Err(format!(
+                    "{} of {} worker threads did not stop within {:?}; results discarded",
+                    opts.threads - finished,
+                    opts.threads,
+                    patience
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("a worker thread died".into());
+            }
         }
     }
     let elapsed = shared.start.elapsed();

@@ -97,8 +97,11 @@ fn reconnects_after_server_close() {
         o.connections = 2;
     });
     assert_eq!(r.stats.requests(), 300);
-    assert_eq!(r.stats.status[&503], 100);
-    assert_eq!(r.stats.status[&200], 200);
+    // Each connection sees 200, 200, 503-and-close, over and over; where each
+    // one stops in its cycle depends on how the 300 requests split.
+    let closes = r.stats.status[&503];
+    assert!((99..=100).contains(&closes), "{closes}");
+    assert_eq!(r.stats.status[&200], 300 - closes);
     assert_eq!(r.stats.errors(), 0);
     assert!(conns.load(Ordering::SeqCst) >= 100);
 }

@@ -173,6 +173,49 @@ impl Sock {
         Ok(())
     }
 
+    /// Writes `head` then `body` with one `sendmsg` where the socket takes
+    /// both, without copying them together first; the rest as `write_all`.
+    pub async fn write_two(
+        &mut self,
+        head: &[u8],
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<(), NetError> {
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: body.as_ptr() as *mut libc::c_void,
+                iov_len: body.len(),
+            },
+        ];
+        // SAFETY: a zeroed msghdr is valid; the iovecs point into live slices.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = 2;
+        let sent = loop {
+            // SAFETY: msg describes valid buffers for the whole call.
+            let n =
+                unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                break n as usize;
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => break 0,
+                _ => return Err(NetError::Io(io::Error::last_os_error())),
+            }
+        };
+        if sent < head.len() {
+            self.write_all(&head[sent..], deadline).await?;
+            self.write_all(body, deadline).await
+        } else {
+            self.write_all(&body[sent - head.len()..], deadline).await
+        }
+    }
+
     /// Sends what fits without waiting (for refusing a connection cheaply).
     pub fn try_write(&self, buf: &[u8]) {
         // SAFETY: buf is a valid slice for its whole length.

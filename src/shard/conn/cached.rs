@@ -31,8 +31,9 @@ use std::time::Instant;
 /// An uncacheable response streamed to its one reader is read ahead of that
 /// reader by at most this much.
 const UNCACHEABLE_AHEAD: u64 = 256 * 1024;
-/// Bodies up to this size are written with their head in one call.
-const INLINE_BODY: usize = 64 * 1024;
+/// Bodies up to this size are copied behind their head and written with one
+/// `send`; larger ones go out with the head in one `sendmsg` of two buffers.
+const INLINE_BODY: usize = 4 * 1024;
 
 /// What the request says about caching.
 fn request_facts(buf: &[u8], head: &RequestHead) -> RequestFacts {
@@ -194,17 +195,18 @@ impl ClientConn {
         self.inbuf.consume(self.head.head_len);
         let timeout = self.shard.cfg.limits.body_timeout;
         let body = &obj.body[part];
-        if !head_only && body.len() <= INLINE_BODY {
-            self.out.extend_from_slice(body);
-        }
-        if self.write_client(timeout).await.is_err() {
-            return Outcome::Close;
-        }
-        if !head_only && body.len() > INLINE_BODY {
-            let deadline = Instant::now() + timeout;
-            if self.sock.write_all(body, deadline).await.is_err() {
-                return Outcome::Close;
+        let deadline = Instant::now() + timeout;
+        let sent = if head_only || body.len() <= INLINE_BODY {
+            if !head_only {
+                self.out.extend_from_slice(body);
             }
+            self.sock.write_all(&self.out, deadline).await
+        } else {
+            self.sock.write_two(&self.out, body, deadline).await
+        };
+        self.out.clear();
+        if sent.is_err() {
+            return Outcome::Close;
         }
         self.keep_or_close()
     }
