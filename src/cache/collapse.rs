@@ -53,7 +53,7 @@ struct State {
     phase: Phase,
     meta: Option<Arc<Meta>>,
     /// Chunks from index `base` on; earlier ones were released.
-    chunks: Vec<Rc<[u8]>>,
+    chunks: Vec<Arc<[u8]>>,
     base: usize,
     bytes: u64,
     /// Incremented on every change; readers wait for it to move.
@@ -61,13 +61,16 @@ struct State {
     /// Only the first reader may read (uncacheable, or demoted): its taken
     /// chunks can be released.
     exclusive: bool,
+    /// No reader may read: everyone goes to the origin alone (a response
+    /// another shard found uncacheable).
+    alone: bool,
     wakers: Vec<Waker>,
 }
 
 /// What a reader sees at its cursor.
 pub enum Next {
     /// The response head, once, before any chunk.
-    Chunk(Rc<[u8]>),
+    Chunk(Arc<[u8]>),
     /// Nothing new yet: wait with [`Fill::changed`].
     Pending,
     /// The body is complete.
@@ -90,6 +93,7 @@ impl Fill {
                 bytes: 0,
                 version: 0,
                 exclusive: false,
+                alone: false,
                 wakers: Vec::new(),
             }),
             readers: Cell::new(0),
@@ -145,7 +149,7 @@ impl Fill {
     }
 
     /// Appends body bytes.
-    pub fn push(&self, chunk: Rc<[u8]>) {
+    pub fn push(&self, chunk: Arc<[u8]>) {
         let mut st = self.state.borrow_mut();
         st.bytes += chunk.len() as u64;
         st.chunks.push(chunk);
@@ -182,6 +186,20 @@ impl Fill {
         }
         st.exclusive = true;
         self.bump(&mut st);
+    }
+
+    /// Sends every reader, the first included, to the origin on its own.
+    pub fn go_alone(&self) {
+        let mut st = self.state.borrow_mut();
+        st.phase = Phase::Uncacheable;
+        st.exclusive = true;
+        st.alone = true;
+        self.bump(&mut st);
+    }
+
+    /// Whether every reader must go alone.
+    pub fn alone(&self) -> bool {
+        self.state.borrow().alone
     }
 
     /// The body so far, concatenated (for storing a finished fill).
@@ -264,7 +282,11 @@ impl Reader {
         match st.phase {
             Phase::Waiting => return Next::Pending,
             Phase::Failed(code) => return Next::Failed(code),
-            _ if st.exclusive && !self.first && self.next_chunk == 0 && self.taken == 0 => {
+            _ if st.exclusive
+                && (!self.first || st.alone)
+                && self.next_chunk == 0
+                && self.taken == 0 =>
+            {
                 return Next::GoAlone
             }
             _ => {}
@@ -391,6 +413,7 @@ mod tests {
             etag: None,
             content_length: None,
             vary: Vec::new(),
+            request_vary: Vec::new(),
         })
     }
 
@@ -415,9 +438,9 @@ mod tests {
         assert!(matches!(b.step(), Next::Pending));
         let f = a.fill.clone();
         f.start(meta(), true);
-        f.push(Rc::from(&b"hel"[..]));
+        f.push(Arc::from(&b"hel"[..]));
         assert_eq!(drain(&mut b), (b"hel".to_vec(), false));
-        f.push(Rc::from(&b"lo"[..]));
+        f.push(Arc::from(&b"lo"[..]));
         f.finish();
         assert_eq!(drain(&mut a), (b"hello".to_vec(), true));
         // The first reader finishing does not release what others still need.
@@ -437,7 +460,7 @@ mod tests {
         let (mut b, _) = t.join(1);
         a.fill.start(meta(), false);
         assert!(matches!(b.step(), Next::GoAlone));
-        a.fill.push(Rc::from(&b"x"[..]));
+        a.fill.push(Arc::from(&b"x"[..]));
         assert!(matches!(a.step(), Next::Chunk(_)));
         assert_eq!(a.fill.first_backlog(), 0);
         a.fill.release_taken(a.position());
@@ -502,7 +525,7 @@ mod tests {
                         n = n.wrapping_add(1);
                         let chunk = vec![n; (which + 1) * 3];
                         pushed.extend_from_slice(&chunk);
-                        fill.push(Rc::from(chunk));
+                        fill.push(Arc::from(chunk));
                     }
                     _ => {
                         let i = which % readers.len();

@@ -5,6 +5,7 @@
 pub mod collapse;
 pub mod object;
 pub mod policy;
+pub mod shared;
 pub mod store;
 
 /// FNV-1a over the parts of a cache key, with a separator between parts so

@@ -23,6 +23,9 @@ pub struct Meta {
     pub content_length: Option<u64>,
     /// Lower-cased request field names from `Vary`.
     pub vary: Vec<Vec<u8>>,
+    /// The fetching request's values of those fields: a request with other
+    /// values must not be given this response (even while it streams).
+    pub request_vary: Vec<Option<Vec<u8>>>,
 }
 
 /// A stored response.
@@ -149,6 +152,7 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         facts,
         etag,
         vary,
+        request_vary: Vec::new(),
         content_length: if head.body() == crate::http::BodyKind::Chunked {
             None
         } else {

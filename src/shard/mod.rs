@@ -57,6 +57,8 @@ pub struct Shard {
     pub pools: Vec<UpstreamPool>,
     /// This shard's cache, unless `cache.size` is 0.
     pub cache: Option<crate::cache::ShardCache>,
+    /// Misses in flight anywhere in the process (shared by every shard).
+    pub shared_fills: Arc<crate::cache::shared::SharedFills>,
     /// The task queue connections and cache fills run in.
     pub queue: glommio::TaskQueueHandle,
     /// Open client connections.
@@ -66,12 +68,18 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(id: usize, cfg: Arc<Config>, queue: glommio::TaskQueueHandle) -> Shard {
+    fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        queue: glommio::TaskQueueHandle,
+        shared_fills: Arc<crate::cache::shared::SharedFills>,
+    ) -> Shard {
         let cache = (cfg.cache.size_bytes > 0)
             .then(|| crate::cache::ShardCache::new(cfg.cache.size_bytes / cfg.shards as u64));
         Shard {
             cache,
             queue,
+            shared_fills,
             id,
             head_limits: HeadLimits {
                 max_header_bytes: cfg.limits.max_header_bytes,
@@ -267,6 +275,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let shared_fills = Arc::new(crate::cache::shared::SharedFills::default());
     let mut handles = Vec::new();
     for id in 0..cfg.shards {
         let placement = match &cfg.cpus {
@@ -275,10 +284,11 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         };
         let (cfg, addrs, stop, ready) =
             (cfg.clone(), addrs.clone(), stop.clone(), ready_tx.clone());
+        let fills = shared_fills.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("corral-shard{id}"))
             .io_memory(IO_MEMORY)
-            .spawn(move || shard_main(id, cfg, addrs, stop, ready))
+            .spawn(move || shard_main(id, cfg, fills, addrs, stop, ready))
             .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
     }
@@ -314,6 +324,7 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn shard_main(
     id: usize,
     cfg: Arc<Config>,
+    shared_fills: Arc<crate::cache::shared::SharedFills>,
     addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<(), String>>,
@@ -339,7 +350,7 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
-    let shard = Rc::new(Shard::new(id, cfg.clone(), queue));
+    let shard = Rc::new(Shard::new(id, cfg.clone(), queue, shared_fills));
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let shard = shard.clone();

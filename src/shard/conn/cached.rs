@@ -5,6 +5,7 @@
 
 use super::{ClientConn, Outcome};
 use crate::cache::collapse::{Fill, Next, Phase, Reader};
+use crate::cache::object::Meta;
 use crate::cache::object::{
     merge_fields, meta_from_response, not_modified, range_ask, vary_values, HitHead, Object,
     RangeAsk,
@@ -13,6 +14,7 @@ use crate::cache::policy::{
     format_http_date, freshness_lifetime, stale_if_error_ok, storable, usable, CacheControl,
     RequestFacts, Timing, Use,
 };
+use crate::cache::shared::{Claim, End, SharedFill, SharedFills};
 use crate::cache::{key_hash, unix_now, ShardCache};
 use crate::http::chunked;
 use crate::http::name_is;
@@ -245,6 +247,7 @@ impl ClientConn {
             up_head.extend_from_slice(b"\r\n");
         }
         let job = FillJob {
+            publish: None,
             stale,
             shard: self.shard.clone(),
             pool_idx,
@@ -289,12 +292,20 @@ impl ClientConn {
                         self.send_error(code, text, close).await;
                         return Some(self.keep_or_close());
                     }
-                    _ if fill.exclusive() && !reader.first => {
+                    _ if fill.exclusive() && (!reader.first || fill.alone()) => {
                         self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
                         return None;
                     }
                     _ => {
                         let meta = fill.meta()?;
+                        let buf = self.inbuf.filled();
+                        if !meta.vary.is_empty()
+                            && vary_values(buf, &self.head, &meta.vary) != meta.request_vary
+                        {
+                            // Another variant than this request's: fetch its own.
+                            self.set_cache_status(&format!("{fwd}; detail=vary"));
+                            return None;
+                        }
                         let status_text = if !reader.first {
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
@@ -409,13 +420,45 @@ struct FillJob {
     head: RequestHead,
     /// The stored response being revalidated, if any.
     stale: Option<Object>,
+    /// Where this fetch is published for the other shards.
+    publish: Option<Published>,
+}
+
+/// This shard's claim on a key process-wide; releasing it (also when the
+/// task is dropped) ends the shared fill so no other shard waits forever.
+struct Published {
+    fills: Arc<SharedFills>,
+    key: u64,
+    fill: Arc<SharedFill>,
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        self.fill.fail(502);
+        self.fills.release(self.key, &self.fill);
+    }
 }
 
 impl FillJob {
-    async fn run(self) {
-        let Some(cache) = self.shard.cache.as_ref() else {
+    async fn run(mut self) {
+        let shard = self.shard.clone();
+        let Some(cache) = shard.cache.as_ref() else {
             return;
         };
+        match shard.shared_fills.claim(self.key) {
+            Claim::Follow(shared) => {
+                self.relay(cache, shared).await;
+                cache.collapse.remove(&self.fill);
+                return;
+            }
+            Claim::Fetch(fill) => {
+                self.publish = Some(Published {
+                    fills: shard.shared_fills.clone(),
+                    key: self.key,
+                    fill,
+                })
+            }
+        }
         let result = self.fetch(cache).await;
         let origin_error = matches!(result, Err(UpstreamFail::Bad(_) | UpstreamFail::Timeout(_)));
         if origin_error && self.stale_usable() {
@@ -427,9 +470,110 @@ impl FillJob {
                 _ => "failed".into(),
             };
             eprintln!("corral[{}]: cache fill failed: {msg}", self.shard.id);
-            self.fill.fail(f.status());
+            self.fail(f.status());
         }
         cache.collapse.remove(&self.fill);
+    }
+
+    // Each step of the fill goes to this shard's readers and, when this
+    // shard fetches for the process, to the other shards' relays.
+
+    fn start(&self, meta: Arc<Meta>, cacheable: bool, timing: Timing, lifetime: u64) {
+        self.fill.start(meta.clone(), cacheable);
+        if let Some(p) = &self.publish {
+            p.fill.start(meta, cacheable, timing, lifetime);
+        }
+    }
+
+    fn push(&self, chunk: Arc<[u8]>) {
+        self.fill.push(chunk.clone());
+        // Only a shared (cacheable) fill is relayed: an exclusive one has a
+        // single reader here, and keeping its chunks would hold the body.
+        if let Some(p) = self.publish.as_ref().filter(|_| !self.fill.exclusive()) {
+            p.fill.push(chunk);
+        }
+    }
+
+    fn finish(&self) {
+        self.fill.finish();
+        if let Some(p) = &self.publish {
+            p.fill.finish();
+        }
+    }
+
+    fn fail(&self, status: u16) {
+        self.fill.fail(status);
+        if let Some(p) = &self.publish {
+            p.fill.fail(status);
+        }
+    }
+
+    /// The response outgrew `max_object_size`: readers elsewhere that have
+    /// not started go to the origin alone (status 0 says so), the others
+    /// are cut.
+    fn demote(&self) {
+        self.fill.demote();
+        if let Some(p) = &self.publish {
+            p.fill.fail(0);
+        }
+    }
+
+    /// Another shard fetches this key: copy its response into this shard's
+    /// fill as it arrives, and store it here too when it is complete.
+    async fn relay(&self, cache: &ShardCache, shared: Arc<SharedFill>) {
+        let mut pos = 0;
+        let mut head: Option<(Arc<Meta>, Timing, u64)> = None;
+        loop {
+            let u = shared.read(pos);
+            if head.is_none() {
+                if let Some((meta, cacheable, timing, lifetime)) = u.head.clone() {
+                    if !cacheable {
+                        self.fill.go_alone();
+                        return;
+                    }
+                    self.fill.start(meta.clone(), true);
+                    head = Some((meta, timing, lifetime));
+                }
+            }
+            if head.is_some() {
+                pos += u.chunks.len();
+                for c in u.chunks {
+                    self.fill.push(c);
+                }
+            }
+            match (u.end, head.clone()) {
+                (End::Open, _) => shared.changed(u.version).await,
+                (End::Done, Some((meta, timing, lifetime))) => {
+                    self.fill.finish();
+                    if let Some(bytes) = self.fill.body() {
+                        let obj = Object {
+                            vary_values: meta.request_vary.clone(),
+                            meta,
+                            body: Arc::new(bytes),
+                            timing,
+                            lifetime,
+                        };
+                        let cost = obj.cost();
+                        if cache.store.borrow_mut().insert(self.key, obj, cost) {
+                            ShardCache::bump(&cache.stored);
+                        }
+                    }
+                    return;
+                }
+                (End::Failed(0), None) => {
+                    self.fill.go_alone();
+                    return;
+                }
+                (End::Failed(code), _) => {
+                    self.fill.fail(if code == 0 { 502 } else { code });
+                    return;
+                }
+                (End::Done, None) => {
+                    self.fill.fail(502);
+                    return;
+                }
+            }
+        }
     }
 
     /// Whether the stale response may stand in for an origin error.
@@ -443,9 +587,9 @@ impl FillJob {
 
     fn serve_stale(&self) {
         if let Some(o) = &self.stale {
-            self.fill.start(o.meta.clone(), true);
-            self.fill.push(Rc::from(&o.body[..]));
-            self.fill.finish();
+            self.start(o.meta.clone(), true, o.timing, o.lifetime);
+            self.push(Arc::from(&o.body[..]));
+            self.finish();
         }
     }
 
@@ -470,6 +614,7 @@ impl FillJob {
         }
         let mut meta = meta_from_response(&synthetic, &rhead);
         meta.reason = old.meta.reason.clone();
+        meta.request_vary = old.meta.request_vary.clone();
         let now = unix_now();
         let obj = Object {
             lifetime: freshness_lifetime(&meta.facts, now),
@@ -478,9 +623,9 @@ impl FillJob {
             body: old.body.clone(),
             vary_values: old.vary_values.clone(),
         };
-        self.fill.start(obj.meta.clone(), true);
-        self.fill.push(Rc::from(&obj.body[..]));
-        self.fill.finish();
+        self.start(obj.meta.clone(), true, obj.timing, obj.lifetime);
+        self.push(Arc::from(&obj.body[..]));
+        self.finish();
         let cost = obj.cost();
         if cache.store.borrow_mut().insert(self.key, obj, cost) {
             ShardCache::bump(&cache.stored);
@@ -545,7 +690,7 @@ impl FillJob {
                 return Ok(());
             }
         }
-        let meta = meta_from_response(ubuf.filled(), &rhead);
+        let mut meta = meta_from_response(ubuf.filled(), &rhead);
         let lifetime = freshness_lifetime(&meta.facts, response_time);
         // A response with no freshness at all is not shared with waiting
         // requests either: using it for them would be using a stale response.
@@ -561,8 +706,9 @@ impl FillJob {
         }
         let timing = Timing::new(&meta.facts, request_time, response_time);
         let vary = vary_values(&self.request, &self.head, &meta.vary);
+        meta.request_vary = vary.clone();
         let meta = Arc::new(meta);
-        self.fill.start(meta.clone(), cacheable);
+        self.start(meta.clone(), cacheable, timing, lifetime);
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
         let mut body = BodyReader::new(rhead.body());
@@ -580,11 +726,11 @@ impl FillJob {
             }
             match body.next(&mut up, &mut ubuf, pool.cfg.body_timeout).await {
                 Ok(Some(n)) => {
-                    self.fill.push(Rc::from(&ubuf.filled()[..n]));
+                    self.push(Arc::from(&ubuf.filled()[..n]));
                     ubuf.consume(n);
                     if cacheable && self.fill.bytes() > cfg.max_object_bytes {
                         cacheable = false;
-                        self.fill.demote();
+                        self.demote();
                         cache
                             .collapse
                             .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
@@ -594,7 +740,7 @@ impl FillJob {
                 Err(e) => return Err(UpstreamFail::Bad(e.to_string())),
             }
         }
-        self.fill.finish();
+        self.finish();
         if body.reusable() && !up_close && ubuf.is_empty() {
             pool.checkin(backend, up, Instant::now());
         }

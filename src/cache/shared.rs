@@ -1,0 +1,241 @@
+//! Process-wide arbitration of cache misses: key → the one origin fetch in
+//! flight anywhere in the process. The shard whose fill task claims a key
+//! fetches it and publishes the response here as it arrives; a fill task on
+//! any other shard subscribes and relays it into its own shard's fill, so a
+//! herd spread over every shard costs one origin fetch.
+//!
+//! Thread-safe by necessity (every shard reaches it), but off the hit path:
+//! only a shard's *first* miss for a key touches the lock, once. Readers are
+//! woken across threads through their wakers (glommio accepts foreign
+//! wakes). The design document asks for this to go through the key's owner
+//! shard by message; a short critical section on misses only costs less
+//! than a message round trip and keeps the same guarantee.
+
+use super::object::Meta;
+use super::policy::Timing;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+/// What a fill task is to do for a key.
+pub enum Claim {
+    /// Fetch from the origin and publish into this fill.
+    Fetch(Arc<SharedFill>),
+    /// Another shard is fetching: relay from this fill.
+    Follow(Arc<SharedFill>),
+}
+
+#[derive(Default)]
+pub struct SharedFills {
+    map: Mutex<HashMap<u64, Arc<SharedFill>>>,
+}
+
+impl SharedFills {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<SharedFill>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn claim(&self, key: u64) -> Claim {
+        let mut map = self.lock();
+        if let Some(f) = map.get(&key) {
+            return Claim::Follow(f.clone());
+        }
+        let f = Arc::new(SharedFill::default());
+        map.insert(key, f.clone());
+        Claim::Fetch(f)
+    }
+
+    /// Ends the fetch of `key` (only if `fill` is still the current one).
+    pub fn release(&self, key: u64, fill: &Arc<SharedFill>) {
+        let mut map = self.lock();
+        if map.get(&key).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            map.remove(&key);
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// How a published fetch ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Open,
+    Done,
+    /// The origin failed with this status.
+    Failed(u16),
+}
+
+/// What a subscriber copies out.
+pub struct Update {
+    /// The head, its cacheability and timing, once known.
+    pub head: Option<(Arc<Meta>, bool, Timing, u64)>,
+    /// Chunks from the subscriber's position on.
+    pub chunks: Vec<Arc<[u8]>>,
+    pub end: End,
+    pub version: u64,
+}
+
+#[derive(Default)]
+pub struct SharedFill {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Meta, cacheable, timing, freshness lifetime.
+    head: Option<(Arc<Meta>, bool, Timing, u64)>,
+    chunks: Vec<Arc<[u8]>>,
+    end: Option<End>,
+    version: u64,
+    wakers: Vec<Waker>,
+}
+
+impl SharedFill {
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        let wakers = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut st);
+            st.version += 1;
+            std::mem::take(&mut st.wakers)
+        };
+        // Woken outside the lock.
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub fn start(&self, meta: Arc<Meta>, cacheable: bool, timing: Timing, lifetime: u64) {
+        self.update(|st| st.head = Some((meta, cacheable, timing, lifetime)));
+    }
+
+    pub fn push(&self, chunk: Arc<[u8]>) {
+        self.update(|st| st.chunks.push(chunk));
+    }
+
+    pub fn finish(&self) {
+        self.update(|st| {
+            st.end.get_or_insert(End::Done);
+        });
+    }
+
+    pub fn fail(&self, status: u16) {
+        self.update(|st| {
+            st.end.get_or_insert(End::Failed(status));
+        });
+    }
+
+    /// Everything after chunk `from`, and the state.
+    pub fn read(&self, from: usize) -> Update {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Update {
+            head: st.head.clone(),
+            chunks: st.chunks.get(from..).map(<[_]>::to_vec).unwrap_or_default(),
+            end: st.end.unwrap_or(End::Open),
+            version: st.version,
+        }
+    }
+
+    /// Completes when the fill changed after `seen`.
+    pub fn changed(self: &Arc<Self>, seen: u64) -> SharedChanged {
+        SharedChanged {
+            fill: self.clone(),
+            seen,
+        }
+    }
+}
+
+pub struct SharedChanged {
+    fill: Arc<SharedFill>,
+    seen: u64,
+}
+
+impl Future for SharedChanged {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.fill.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.version != self.seen {
+            return Poll::Ready(());
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Arc<Meta> {
+        Arc::new(Meta {
+            status: 200,
+            reason: b"OK".to_vec(),
+            fields: Vec::new(),
+            facts: Default::default(),
+            etag: None,
+            content_length: None,
+            vary: Vec::new(),
+            request_vary: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn one_fetcher_per_key() {
+        let t = SharedFills::default();
+        let Claim::Fetch(f) = t.claim(1) else {
+            panic!("first claim must fetch")
+        };
+        assert!(matches!(t.claim(1), Claim::Follow(_)));
+        assert!(matches!(t.claim(2), Claim::Fetch(_)));
+        t.release(1, &f);
+        assert!(matches!(t.claim(1), Claim::Fetch(_)));
+    }
+
+    #[test]
+    fn subscribers_see_everything_across_threads() {
+        let t = Arc::new(SharedFills::default());
+        let Claim::Fetch(f) = t.claim(7) else {
+            panic!()
+        };
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let Claim::Follow(f) = t.claim(7) else {
+                        panic!()
+                    };
+                    let mut got = Vec::new();
+                    loop {
+                        let u = f.read(got.len());
+                        got.extend(u.chunks);
+                        if u.end != End::Open {
+                            return (got.concat(), u.end);
+                        }
+                        std::thread::yield_now();
+                    }
+                })
+            })
+            .collect();
+        let timing = Timing {
+            request_time: 0,
+            response_time: 0,
+            initial_age: 0,
+        };
+        f.start(meta(), true, timing, 60);
+        for i in 0..100u8 {
+            f.push(Arc::from(vec![i; 10]));
+        }
+        f.finish();
+        let want: Vec<u8> = (0..100u8).flat_map(|i| vec![i; 10]).collect();
+        for r in readers {
+            let (got, end) = r.join().unwrap();
+            assert_eq!(end, End::Done);
+            assert_eq!(got, want);
+        }
+    }
+}
