@@ -28,10 +28,59 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
     h ^ (h >> 31)
 }
 
-/// One shard's cache: its share of the store, its collapse table, and its
+/// The process's object store: one partition per shard, owning the keys
+/// with `key % shards == id`, so each object is stored once process-wide.
+/// Each partition sits behind its own lock, taken for a lookup only when the
+/// shard's hot set misses (and uncontended when the shard owns the key).
+pub struct Partitions {
+    parts: Vec<std::sync::Mutex<store::Store<object::Object>>>,
+    /// Bumped on every purge: hot-set entries from before are not used.
+    purges: std::sync::atomic::AtomicU64,
+}
+
+impl Partitions {
+    pub fn new(budget_bytes: u64, shards: usize) -> Partitions {
+        let shards = shards.max(1);
+        Partitions {
+            parts: (0..shards)
+                .map(|_| std::sync::Mutex::new(store::Store::new(budget_bytes / shards as u64)))
+                .collect(),
+            purges: Default::default(),
+        }
+    }
+
+    pub fn owner(&self, key: u64) -> usize {
+        (key % self.parts.len() as u64) as usize
+    }
+
+    fn part(&self, key: u64) -> std::sync::MutexGuard<'_, store::Store<object::Object>> {
+        self.parts[self.owner(key)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Objects and bytes stored, over every partition.
+    pub fn usage(&self) -> (usize, u64) {
+        self.parts.iter().fold((0, 0), |(n, b), p| {
+            let p = p.lock().unwrap_or_else(|e| e.into_inner());
+            (n + p.len(), b + p.bytes())
+        })
+    }
+}
+
+/// Share of the cache budget for the shards' hot sets.
+const HOT_SET_SHARE: u64 = 16;
+
+/// One shard's cache: a view of the process's partitions, its hot set (L1)
+/// of popular objects owned by other shards, its collapse table, and its
 /// counters (single-threaded).
 pub struct ShardCache {
-    pub store: std::cell::RefCell<store::Store<object::Object>>,
+    id: usize,
+    parts: std::sync::Arc<Partitions>,
+    /// Objects owned elsewhere, by key, with the purge generation they were
+    /// taken at. They share their bytes with the owner's copy (`Arc`); the
+    /// budget bounds how much they can keep alive after the owner evicts.
+    hot: std::cell::RefCell<store::Store<(object::Object, u64)>>,
     pub collapse: collapse::CollapseTable,
     pub hits: std::cell::Cell<u64>,
     pub misses: std::cell::Cell<u64>,
@@ -40,9 +89,12 @@ pub struct ShardCache {
 }
 
 impl ShardCache {
-    pub fn new(budget_bytes: u64) -> ShardCache {
+    pub fn new(id: usize, parts: std::sync::Arc<Partitions>, budget_bytes: u64) -> ShardCache {
+        let shards = parts.parts.len() as u64;
         ShardCache {
-            store: std::cell::RefCell::new(store::Store::new(budget_bytes)),
+            id,
+            parts,
+            hot: std::cell::RefCell::new(store::Store::new(budget_bytes / HOT_SET_SHARE / shards)),
             collapse: collapse::CollapseTable::default(),
             hits: Default::default(),
             misses: Default::default(),
@@ -53,6 +105,53 @@ impl ShardCache {
 
     pub fn bump(c: &std::cell::Cell<u64>) {
         c.set(c.get() + 1);
+    }
+
+    /// The stored object for `key`: from the hot set while it is fresh there
+    /// (no lock, no other shard), else from the owner's partition.
+    pub fn lookup(&self, key: u64, now: i64) -> Option<object::Object> {
+        let owner = self.parts.owner(key);
+        if owner == self.id {
+            return self.parts.part(key).get(key).cloned();
+        }
+        let generation = self.parts.purges.load(std::sync::atomic::Ordering::Acquire);
+        let mut hot = self.hot.borrow_mut();
+        if let Some((o, g)) = hot.get(key) {
+            if *g == generation && o.timing.current_age(now) < o.lifetime {
+                return Some(o.clone());
+            }
+        }
+        let found = self.parts.part(key).get(key).cloned();
+        match &found {
+            Some(o) => {
+                hot.insert(key, (o.clone(), generation), o.cost());
+            }
+            None => {
+                hot.remove(key);
+            }
+        }
+        found
+    }
+
+    /// Stores `obj` in its owner's partition; false if it does not fit.
+    pub fn insert(&self, key: u64, obj: object::Object) -> bool {
+        let cost = obj.cost();
+        if self.parts.owner(key) != self.id {
+            let generation = self.parts.purges.load(std::sync::atomic::Ordering::Acquire);
+            self.hot
+                .borrow_mut()
+                .insert(key, (obj.clone(), generation), cost);
+        }
+        self.parts.part(key).insert(key, obj, cost)
+    }
+
+    /// Drops `key` process-wide; whether it was stored.
+    pub fn remove(&self, key: u64) -> bool {
+        self.parts
+            .purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.hot.borrow_mut().remove(key);
+        self.parts.part(key).remove(key).is_some()
     }
 }
 

@@ -299,9 +299,10 @@ impl ClientConn {
             None => (404, "caching is off"),
             Some(c) => {
                 c.collapse.forget_uncacheable(key);
-                match c.store.borrow_mut().remove(key) {
-                    Some(_) => (200, "purged"),
-                    None => (404, "not in cache"),
+                if c.remove(key) {
+                    (200, "purged")
+                } else {
+                    (404, "not in cache")
                 }
             }
         };

@@ -73,9 +73,9 @@ impl Shard {
         cfg: Arc<Config>,
         queue: glommio::TaskQueueHandle,
         shared_fills: Arc<crate::cache::shared::SharedFills>,
+        parts: Option<Arc<crate::cache::Partitions>>,
     ) -> Shard {
-        let cache = (cfg.cache.size_bytes > 0)
-            .then(|| crate::cache::ShardCache::new(cfg.cache.size_bytes / cfg.shards as u64));
+        let cache = parts.map(|p| crate::cache::ShardCache::new(id, p, cfg.cache.size_bytes));
         Shard {
             cache,
             queue,
@@ -276,6 +276,13 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let shared_fills = Arc::new(crate::cache::shared::SharedFills::default());
+    // The hot sets take 1/16 of the budget; the partitions the rest.
+    let partitions = (cfg.cache.size_bytes > 0).then(|| {
+        Arc::new(crate::cache::Partitions::new(
+            cfg.cache.size_bytes - cfg.cache.size_bytes / 16,
+            cfg.shards,
+        ))
+    });
     let mut handles = Vec::new();
     for id in 0..cfg.shards {
         let placement = match &cfg.cpus {
@@ -285,10 +292,11 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         let (cfg, addrs, stop, ready) =
             (cfg.clone(), addrs.clone(), stop.clone(), ready_tx.clone());
         let fills = shared_fills.clone();
+        let parts = partitions.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("corral-shard{id}"))
             .io_memory(IO_MEMORY)
-            .spawn(move || shard_main(id, cfg, fills, addrs, stop, ready))
+            .spawn(move || shard_main(id, cfg, fills, parts, addrs, stop, ready))
             .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
     }
@@ -325,6 +333,7 @@ async fn shard_main(
     id: usize,
     cfg: Arc<Config>,
     shared_fills: Arc<crate::cache::shared::SharedFills>,
+    parts: Option<Arc<crate::cache::Partitions>>,
     addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<(), String>>,
@@ -350,7 +359,7 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
-    let shard = Rc::new(Shard::new(id, cfg.clone(), queue, shared_fills));
+    let shard = Rc::new(Shard::new(id, cfg.clone(), queue, shared_fills, parts));
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let shard = shard.clone();

@@ -83,7 +83,7 @@ impl ClientConn {
         let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
         let key = key_hash(&[host, self.head.target(buf)]);
         let now = unix_now();
-        let found = cache.store.borrow_mut().get(key).cloned();
+        let found = cache.lookup(key, now);
         let mut stale: Option<Object> = None;
         if let Some(obj) = found {
             if obj.vary_values == vary_values(buf, &self.head, &obj.meta.vary) {
@@ -447,7 +447,7 @@ impl FillJob {
         };
         match shard.shared_fills.claim(self.key) {
             Claim::Follow(shared) => {
-                self.relay(cache, shared).await;
+                self.relay(shared).await;
                 cache.collapse.remove(&self.fill);
                 return;
             }
@@ -519,59 +519,35 @@ impl FillJob {
     }
 
     /// Another shard fetches this key: copy its response into this shard's
-    /// fill as it arrives, and store it here too when it is complete.
-    async fn relay(&self, cache: &ShardCache, shared: Arc<SharedFill>) {
+    /// fill as it arrives.
+    async fn relay(&self, shared: Arc<SharedFill>) {
         let mut pos = 0;
-        let mut head: Option<(Arc<Meta>, Timing, u64)> = None;
+        let mut started = false;
         loop {
             let u = shared.read(pos);
-            if head.is_none() {
-                if let Some((meta, cacheable, timing, lifetime)) = u.head.clone() {
+            if !started {
+                if let Some((meta, cacheable, _, _)) = u.head.clone() {
                     if !cacheable {
                         self.fill.go_alone();
                         return;
                     }
-                    self.fill.start(meta.clone(), true);
-                    head = Some((meta, timing, lifetime));
+                    self.fill.start(meta, true);
+                    started = true;
                 }
             }
-            if head.is_some() {
+            if started {
                 pos += u.chunks.len();
                 for c in u.chunks {
                     self.fill.push(c);
                 }
             }
-            match (u.end, head.clone()) {
-                (End::Open, _) => shared.changed(u.version).await,
-                (End::Done, Some((meta, timing, lifetime))) => {
-                    self.fill.finish();
-                    if let Some(bytes) = self.fill.body() {
-                        let obj = Object {
-                            vary_values: meta.request_vary.clone(),
-                            meta,
-                            body: Arc::new(bytes),
-                            timing,
-                            lifetime,
-                        };
-                        let cost = obj.cost();
-                        if cache.store.borrow_mut().insert(self.key, obj, cost) {
-                            ShardCache::bump(&cache.stored);
-                        }
-                    }
-                    return;
-                }
-                (End::Failed(0), None) => {
-                    self.fill.go_alone();
-                    return;
-                }
-                (End::Failed(code), _) => {
-                    self.fill.fail(if code == 0 { 502 } else { code });
-                    return;
-                }
-                (End::Done, None) => {
-                    self.fill.fail(502);
-                    return;
-                }
+            match u.end {
+                End::Open => shared.changed(u.version).await,
+                // The fetching shard stored it in its owner's partition.
+                End::Done if started => return self.fill.finish(),
+                End::Failed(0) if !started => return self.fill.go_alone(),
+                End::Failed(code) if code != 0 => return self.fill.fail(code),
+                End::Done | End::Failed(_) => return self.fill.fail(502),
             }
         }
     }
@@ -626,8 +602,7 @@ impl FillJob {
         self.start(obj.meta.clone(), true, obj.timing, obj.lifetime);
         self.push(Arc::from(&obj.body[..]));
         self.finish();
-        let cost = obj.cost();
-        if cache.store.borrow_mut().insert(self.key, obj, cost) {
+        if cache.insert(self.key, obj) {
             ShardCache::bump(&cache.stored);
         }
         Ok(())
@@ -753,8 +728,7 @@ impl FillJob {
                     lifetime,
                     vary_values: vary,
                 };
-                let cost = obj.cost();
-                if cache.store.borrow_mut().insert(self.key, obj, cost) {
+                if cache.insert(self.key, obj) {
                     ShardCache::bump(&cache.stored);
                     cache.collapse.forget_uncacheable(self.key);
                 }
