@@ -373,6 +373,7 @@ struct InFlight {
 
 struct Conn {
     stream: TcpStream,
+    write_timeout: Duration,
     fd: i32,
     reader: ResponseReader,
     buf: Vec<u8>,
@@ -393,6 +394,7 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
         Some(Conn {
+            write_timeout: timeout,
             stream,
             fd,
             reader: ResponseReader::new(),
@@ -419,9 +421,10 @@ impl Conn {
             }
             let e = io::Error::last_os_error().raw_os_error();
             if n < 0 && (e == Some(libc::EAGAIN) || e == Some(libc::EINTR)) {
-                match self.stream.write(data).await {
-                    Ok(k) => data = &data[k..],
-                    Err(_) => return false,
+                // The server is not reading: wait for room, but not forever.
+                match until(self.write_timeout, self.stream.write(data)).await {
+                    Some(Ok(k)) => data = &data[k..],
+                    _ => return false,
                 }
                 continue;
             }
