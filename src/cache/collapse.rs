@@ -404,18 +404,7 @@ impl CollapseTable {
 mod tests {
     use super::*;
 
-    fn meta() -> Arc<Meta> {
-        Arc::new(Meta {
-            status: 200,
-            reason: b"OK".to_vec(),
-            fields: Vec::new(),
-            facts: Default::default(),
-            etag: None,
-            content_length: None,
-            vary: Vec::new(),
-            request_vary: Vec::new(),
-        })
-    }
+    use crate::cache::object::test_meta as meta;
 
     fn drain(r: &mut Reader) -> (Vec<u8>, bool) {
         let mut out = Vec::new();

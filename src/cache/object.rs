@@ -28,6 +28,21 @@ pub struct Meta {
     pub request_vary: Vec<Option<Vec<u8>>>,
 }
 
+/// A plain 200 `Meta` for tests of the modules that carry one.
+#[cfg(test)]
+pub fn test_meta() -> Arc<Meta> {
+    Arc::new(Meta {
+        status: 200,
+        reason: b"OK".to_vec(),
+        fields: Vec::new(),
+        facts: Default::default(),
+        etag: None,
+        content_length: None,
+        vary: Vec::new(),
+        request_vary: Vec::new(),
+    })
+}
+
 /// A stored response.
 #[derive(Debug, Clone)]
 pub struct Object {
@@ -68,18 +83,10 @@ impl Object {
 /// Fields never replayed from the cache: hop-by-hop and framing fields, and
 /// `Age`, which the cache writes itself.
 fn skip_stored(name: &[u8]) -> bool {
-    const SKIP: &[&[u8]] = &[
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"content-length",
-        b"age",
-    ];
-    SKIP.iter().any(|s| name_is(name, s))
+    crate::http::rewrite::HOP_BY_HOP
+        .iter()
+        .chain([&b"content-length"[..], &b"age"[..]].iter())
+        .any(|s| name_is(name, s))
 }
 
 /// Extracts the cache's view of an upstream response head.

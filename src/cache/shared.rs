@@ -171,18 +171,7 @@ impl Future for SharedChanged {
 mod tests {
     use super::*;
 
-    fn meta() -> Arc<Meta> {
-        Arc::new(Meta {
-            status: 200,
-            reason: b"OK".to_vec(),
-            fields: Vec::new(),
-            facts: Default::default(),
-            etag: None,
-            content_length: None,
-            vary: Vec::new(),
-            request_vary: Vec::new(),
-        })
-    }
+    use crate::cache::object::test_meta as meta;
 
     #[test]
     fn one_fetcher_per_key() {

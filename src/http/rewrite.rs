@@ -9,7 +9,7 @@ use std::io::Write;
 
 /// Fields that describe one connection and never cross the proxy
 /// (RFC 9110 §7.6.1), plus the framing fields corral rewrites itself.
-const HOP_BY_HOP: &[&[u8]] = &[
+pub const HOP_BY_HOP: &[&[u8]] = &[
     b"connection",
     b"keep-alive",
     b"te",
