@@ -669,13 +669,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     Ok(p) => {
                         c.start += p.consumed;
                         if let Some(done) = p.done {
-                            let f = inflight.pop_front().expect("a request is in flight");
-                            let lat = corrected_latency_us(f.from_ns, shared.now_ns());
-                            stats.borrow_mut().record(done.status, lat, done.body_bytes);
-                            shared.completed.fetch_add(1, Ordering::Relaxed);
-                            if let Some(r) = f.round {
-                                herd_done(&shared, r, Some(lat));
-                                herd_round = r + 1;
+                            if let Some(next) =
+                                complete(&shared, &stats, inflight.pop_front(), done)
+                            {
+                                herd_round = next;
                             }
                             completed_any = true;
                             if done.close {
@@ -714,14 +711,8 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                 }
                 Io::Eof => {
                     if let Ok(Some(done)) = c.reader.eof() {
-                        if let Some(f) = inflight.pop_front() {
-                            let lat = corrected_latency_us(f.from_ns, shared.now_ns());
-                            stats.borrow_mut().record(done.status, lat, done.body_bytes);
-                            shared.completed.fetch_add(1, Ordering::Relaxed);
-                            if let Some(r) = f.round {
-                                herd_done(&shared, r, Some(lat));
-                                herd_round = r + 1;
-                            }
+                        if let Some(next) = complete(&shared, &stats, inflight.pop_front(), done) {
+                            herd_round = next;
                         }
                         fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
                     } else {
@@ -736,6 +727,23 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             }
         }
     }
+}
+
+/// Records the response that completed request `f`; for a herd request,
+/// the round that comes next.
+fn complete(
+    shared: &Shared,
+    stats: &Rc<RefCell<Stats>>,
+    f: Option<InFlight>,
+    done: crate::client::Completed,
+) -> Option<u64> {
+    let f = f?;
+    let lat = corrected_latency_us(f.from_ns, shared.now_ns());
+    stats.borrow_mut().record(done.status, lat, done.body_bytes);
+    shared.completed.fetch_add(1, Ordering::Relaxed);
+    let round = f.round?;
+    herd_done(shared, round, Some(lat));
+    Some(round + 1)
 }
 
 /// Drops the connection. Requests still in flight on it are lost: each is a
