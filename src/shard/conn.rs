@@ -98,6 +98,15 @@ impl ClientConn {
         }
     }
 
+    /// What an upstream request adds for this client (plain listeners only).
+    fn forwarded<'a>(&'a self, backend_host: &'a str) -> Forwarded<'a> {
+        Forwarded {
+            client_ip: &self.peer_ip,
+            proto: "http",
+            backend_host,
+        }
+    }
+
     fn log(&self, msg: &str) {
         eprintln!("corral[{}] {}: {}", self.shard.id, self.peer_ip, msg);
     }
@@ -207,11 +216,7 @@ impl ClientConn {
             &mut up_head,
             buf,
             &self.head,
-            &Forwarded {
-                client_ip: &self.peer_ip,
-                proto: "http",
-                backend_host: &pool.backend_names[backend],
-            },
+            &self.forwarded(&pool.backend_names[backend]),
         );
         let expect_continue = self.head.expect_continue;
         self.inbuf.consume(self.head.head_len);

@@ -20,7 +20,7 @@ use crate::http::chunked;
 use crate::http::name_is;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::{parse_response, ResponseHead};
-use crate::http::rewrite::{write_fill_request, Forwarded};
+use crate::http::rewrite::write_fill_request;
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
@@ -102,7 +102,13 @@ impl ClientConn {
                         // One background refresh: lead a fill nobody reads.
                         let (reader, lead) = cache.collapse.join(key);
                         if lead {
-                            self.spawn_fill(pool_idx, key, reader.fill.clone(), Some(obj.clone()));
+                            self.spawn_fill(
+                                pool_idx,
+                                key,
+                                reader.fill.clone(),
+                                facts,
+                                Some(obj.clone()),
+                            );
                         }
                         drop(reader);
                         return Some(
@@ -137,7 +143,7 @@ impl ClientConn {
         }
         let (reader, lead) = cache.collapse.join(key);
         if lead {
-            self.spawn_fill(pool_idx, key, reader.fill.clone(), stale);
+            self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale);
         } else {
             ShardCache::bump(&cache.collapsed);
         }
@@ -217,7 +223,14 @@ impl ClientConn {
     /// With `stale`, the fill revalidates that stored response: it asks
     /// conditionally, refreshes it on 304, and may serve it on an origin
     /// error (stale-if-error).
-    fn spawn_fill(&self, pool_idx: usize, key: u64, fill: Rc<Fill>, stale: Option<Object>) {
+    fn spawn_fill(
+        &self,
+        pool_idx: usize,
+        key: u64,
+        fill: Rc<Fill>,
+        facts: RequestFacts,
+        stale: Option<Object>,
+    ) {
         let buf = self.inbuf.filled();
         let pool = &self.shard.pools[pool_idx];
         let mut up_head = Vec::with_capacity(self.head.head_len + 128);
@@ -226,11 +239,7 @@ impl ClientConn {
             &mut up_head,
             buf,
             &self.head,
-            &Forwarded {
-                client_ip: &self.peer_ip,
-                proto: "http",
-                backend_host: &pool.backend_names[0],
-            },
+            &self.forwarded(&pool.backend_names[0]),
         );
         if let Some(obj) = &stale {
             // Validators go before the head's final empty line.
@@ -254,7 +263,7 @@ impl ClientConn {
             key,
             fill,
             up_head,
-            facts: request_facts(buf, &self.head),
+            facts,
             request: buf[..self.head.head_len].to_vec(),
             head: self.head.clone(),
         };
