@@ -58,6 +58,57 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     RoundRobin,
+    Random,
+    LeastLoaded,
+    PeakEwma,
+    Hash,
+    Sticky,
+}
+
+/// What `hash` balancing (and the first pick of `sticky`) hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The request target (path and query).
+    Uri,
+    /// The client's IP address.
+    Ip,
+    /// A request header's value (name in lower case).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+/// Active health checks of a pool.
+#[derive(Debug, Clone)]
+pub struct ActiveHealth {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Good statuses, inclusive.
+    pub status: (u16, u16),
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// Passive health: ejection after consecutive failures.
+#[derive(Debug, Clone)]
+pub struct Eject {
+    /// Consecutive failures that eject a backend; 0 turns ejection off.
+    pub failures: u32,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    /// At most this percentage of a pool's backends is ejected at once.
+    pub max_percent: u32,
+    /// 5xx responses count as failures.
+    pub on_5xx: bool,
+}
+
+/// Session affinity through a cookie.
+#[derive(Debug, Clone)]
+pub struct Sticky {
+    pub cookie: String,
+    /// Keys the cookie values; without it, a random key per process.
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,7 +121,22 @@ pub struct Backend {
 pub struct PoolConfig {
     pub name: String,
     pub balance: Balance,
+    pub hash_key: Option<HashKey>,
+    /// Bounded-load factor `1 + ε` of `hash`; 0 turns the bound off.
+    pub hash_balance_factor: f64,
+    /// A response header in which backends report their load (`peak-ewma`).
+    pub load_header: Option<String>,
+    /// How fast peak-EWMA forgets (its time constant).
+    pub ewma_decay: Duration,
     pub backends: Vec<Backend>,
+    pub health: Option<ActiveHealth>,
+    pub eject: Eject,
+    pub slow_start: Duration,
+    pub sticky: Option<Sticky>,
+    /// Other backends an idempotent request may be retried on.
+    pub retries: u32,
+    /// Retries may add at most this fraction to the requests sent.
+    pub retry_budget: f64,
     pub connect_timeout: Duration,
     /// From the end of the request to the response head.
     pub response_timeout: Duration,
@@ -211,16 +277,50 @@ pub struct PoolSection {
     pub name: String,
     pub balance: Option<String>,
     pub hash_key: Option<String>,
+    pub hash_balance_factor: Option<f64>,
+    pub load_header: Option<String>,
+    pub ewma_decay: Option<String>,
     #[serde(default)]
     pub backends: Vec<BackendSection>,
-    pub health: Option<toml::Value>,
-    pub sticky: Option<toml::Value>,
+    pub health: Option<HealthSection>,
+    pub eject: Option<EjectSection>,
+    pub slow_start: Option<String>,
+    pub sticky: Option<StickySection>,
     pub retries: Option<u32>,
+    pub retry_budget: Option<f64>,
     pub connect_timeout: Option<String>,
     pub response_timeout: Option<String>,
     pub body_timeout: Option<String>,
     pub keepalive: Option<usize>,
     pub keepalive_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub status: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EjectSection {
+    pub failures: Option<u32>,
+    pub cooldown: Option<String>,
+    pub max_cooldown: Option<String>,
+    pub max_percent: Option<u32>,
+    pub on_5xx: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StickySection {
+    pub cookie: Option<String>,
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +377,36 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigErrors> {
             },
         }])
     })
+}
+
+/// Parses a hash key: `uri`, `ip`, `header:NAME` or `cookie:NAME`.
+pub fn parse_hash_key(s: &str) -> Result<HashKey, String> {
+    let token = |n: &str| {
+        !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    };
+    match s.split_once(':') {
+        None if s == "uri" => Ok(HashKey::Uri),
+        None if s == "ip" => Ok(HashKey::Ip),
+        Some(("header", n)) if token(n) => Ok(HashKey::Header(n.to_ascii_lowercase())),
+        Some(("cookie", n)) if token(n) => Ok(HashKey::Cookie(n.to_string())),
+        _ => Err(format!(
+            "`{s}` is not a hash key (uri, ip, header:NAME, cookie:NAME)"
+        )),
+    }
+}
+
+/// Parses a status range: `200-399`, or one status `200`.
+pub fn parse_status_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{s}` is not a status range like 200-399");
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if !(100..=599).contains(&a) || !(100..=599).contains(&b) || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 /// Parses `512KiB`, `64MiB`, `1GiB`, `10kB`, or plain bytes.
@@ -560,6 +690,17 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             p.hash_key = Some(h.clone());
         }
     }
+    if ov.health_path.is_some() || ov.health_interval.is_some() {
+        if let Some(p) = pool_sections.first_mut() {
+            let h = p.health.get_or_insert_with(Default::default);
+            if let Some(path) = &ov.health_path {
+                h.path = Some(path.clone());
+            }
+            if let Some(i) = &ov.health_interval {
+                h.interval = Some(i.clone());
+            }
+        }
+    }
     for (i, p) in pool_sections.iter().enumerate() {
         let k = |f: &str| format!("pool[{i}].{f}");
         if p.name.is_empty() {
@@ -570,13 +711,11 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         }
         let balance = match p.balance.as_deref().unwrap_or("round-robin") {
             "round-robin" => Balance::RoundRobin,
-            a @ ("random" | "least-loaded" | "peak-ewma" | "hash" | "sticky") => {
-                err(
-                    &k("balance"),
-                    format!("`{a}` is not available in this build yet; use round-robin"),
-                );
-                Balance::RoundRobin
-            }
+            "random" => Balance::Random,
+            "least-loaded" => Balance::LeastLoaded,
+            "peak-ewma" => Balance::PeakEwma,
+            "hash" => Balance::Hash,
+            "sticky" => Balance::Sticky,
             a => {
                 err(
                     &k("balance"),
@@ -585,28 +724,153 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                 Balance::RoundRobin
             }
         };
-        if p.hash_key.is_some() {
+        let hash_key = match p.hash_key.as_deref().map(parse_hash_key) {
+            None if balance == Balance::Hash => Some(HashKey::Uri),
+            None => None,
+            Some(Ok(h)) if matches!(balance, Balance::Hash | Balance::Sticky) => Some(h),
+            Some(Ok(_)) => {
+                err(
+                    &k("hash_key"),
+                    "only used by hash and sticky balancing".into(),
+                );
+                None
+            }
+            Some(Err(m)) => {
+                err(&k("hash_key"), m);
+                None
+            }
+        };
+        let hash_balance_factor = match p.hash_balance_factor {
+            None => 1.25,
+            Some(f) if f == 0.0 || (1.0..=100.0).contains(&f) => f,
+            Some(_) => {
+                err(
+                    &k("hash_balance_factor"),
+                    "must be 0 (no bound) or between 1.0 and 100".into(),
+                );
+                1.25
+            }
+        };
+        if p.load_header.is_some() && balance != Balance::PeakEwma {
+            err(&k("load_header"), "only used by peak-ewma balancing".into());
+        }
+        if let Some(h) = &p.load_header {
+            if h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                err(&k("load_header"), format!("`{h}` is not a header name"));
+            }
+        }
+        let health = p.health.as_ref().map(|h| {
+            let hk = |f: &str| format!("pool[{i}].health.{f}");
+            let path = h.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                err(&hk("path"), format!("`{path}` is not an absolute path"));
+            }
+            let interval = dur(&mut err, &hk("interval"), &h.interval, "2s");
+            let timeout = dur(&mut err, &hk("timeout"), &h.timeout, "1s");
+            let status = match parse_status_range(h.status.as_deref().unwrap_or("200-399")) {
+                Ok(r) => r,
+                Err(m) => {
+                    err(&hk("status"), m);
+                    (200, 399)
+                }
+            };
+            let rise = h.rise.unwrap_or(2);
+            let fall = h.fall.unwrap_or(3);
+            for (name, v) in [("rise", rise), ("fall", fall)] {
+                if v == 0 || v > 100 {
+                    err(&hk(name), "must be between 1 and 100".into());
+                }
+            }
+            ActiveHealth {
+                path,
+                interval,
+                timeout,
+                status,
+                rise,
+                fall,
+            }
+        });
+        let eject = {
+            let e = p.eject.as_ref();
+            let ek = |f: &str| format!("pool[{i}].eject.{f}");
+            let none = None;
+            let max_percent = e.and_then(|e| e.max_percent).unwrap_or(50);
+            if max_percent > 100 {
+                err(&ek("max_percent"), "must be between 0 and 100".into());
+            }
+            Eject {
+                failures: e.and_then(|e| e.failures).unwrap_or(5),
+                cooldown: dur(
+                    &mut err,
+                    &ek("cooldown"),
+                    e.map_or(&none, |e| &e.cooldown),
+                    "10s",
+                ),
+                max_cooldown: dur(
+                    &mut err,
+                    &ek("max_cooldown"),
+                    e.map_or(&none, |e| &e.max_cooldown),
+                    "5m",
+                ),
+                max_percent,
+                on_5xx: e.and_then(|e| e.on_5xx).unwrap_or(false),
+            }
+        };
+        let slow_start = match p.slow_start.as_deref().map(parse_duration) {
+            None => Duration::ZERO,
+            Some(Ok(d)) => d,
+            Some(Err(m)) => {
+                err(&k("slow_start"), m);
+                Duration::ZERO
+            }
+        };
+        let sticky = match (&p.sticky, balance) {
+            (None, Balance::Sticky) => Some(Sticky {
+                cookie: "corral_backend".into(),
+                secret: None,
+            }),
+            (Some(st), Balance::Sticky) => {
+                let cookie = st.cookie.clone().unwrap_or_else(|| "corral_backend".into());
+                if cookie.is_empty()
+                    || !cookie
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    err(
+                        &k("sticky.cookie"),
+                        format!("`{cookie}` is not a cookie name"),
+                    );
+                }
+                Some(Sticky {
+                    cookie,
+                    secret: st.secret.clone(),
+                })
+            }
+            (Some(_), _) => {
+                err(&k("sticky"), "only used with balance = \"sticky\"".into());
+                None
+            }
+            (None, _) => None,
+        };
+        let retries = p.retries.unwrap_or(2);
+        if retries > 10 {
+            err(&k("retries"), "must be at most 10".into());
+        }
+        let retry_budget = p.retry_budget.unwrap_or(0.2);
+        if !(0.0..=1.0).contains(&retry_budget) {
             err(
-                &k("hash_key"),
-                "only used by hash and sticky balancing, not available yet".into(),
+                &k("retry_budget"),
+                "must be between 0.0 and 1.0 (a fraction of requests)".into(),
             );
         }
-        if p.health.is_some() {
+        if p.backends.len() > crate::balance::MAX_BACKENDS {
             err(
-                &k("health"),
-                "health checks are not available in this build yet".into(),
-            );
-        }
-        if p.sticky.is_some() {
-            err(
-                &k("sticky"),
-                "sticky sessions are not available in this build yet".into(),
-            );
-        }
-        if p.retries.is_some() {
-            err(
-                &k("retries"),
-                "retries to other backends are not available in this build yet".into(),
+                &k("backends"),
+                format!("at most {} backends per pool", crate::balance::MAX_BACKENDS),
             );
         }
         if p.backends.is_empty() {
@@ -631,7 +895,17 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         pools.push(PoolConfig {
             name: p.name.clone(),
             balance,
+            hash_key,
+            hash_balance_factor,
+            load_header: p.load_header.as_ref().map(|h| h.to_ascii_lowercase()),
+            ewma_decay: dur(&mut err, &k("ewma_decay"), &p.ewma_decay, "10s"),
             backends,
+            health,
+            eject,
+            slow_start,
+            sticky,
+            retries,
+            retry_budget,
             connect_timeout: dur(&mut err, &k("connect_timeout"), &p.connect_timeout, "3s"),
             response_timeout: dur(&mut err, &k("response_timeout"), &p.response_timeout, "60s"),
             body_timeout: dur(&mut err, &k("body_timeout"), &p.body_timeout, "60s"),
@@ -657,17 +931,6 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             "--origin-dir",
             "origin stores are not available in this build yet".into(),
         );
-    }
-    if ov.health_path.is_some() {
-        err(
-            "--health-path",
-            "health checks are not available in this build yet".into(),
-        );
-    }
-    if let Some(h) = &ov.health_interval {
-        if let Err(m) = parse_duration(h) {
-            err("--health-interval", m);
-        }
     }
 
     // [[route]]
@@ -861,6 +1124,82 @@ to = "web"
         assert_eq!(c.route(None, b"/api/x"), Some(1));
         assert_eq!(c.route(Some(b"static.example"), b"/api/x"), Some(0));
         assert_eq!(c.route(Some(b"other"), b"/x"), Some(0));
+    }
+
+    #[test]
+    fn balancing_health_and_failover_keys() {
+        let c = cfg(r#"
+[[pool]]
+name = "app"
+balance = "hash"
+hash_key = "header:X-User"
+hash_balance_factor = 1.5
+backends = [{ addr = "127.0.0.1:1" }, { addr = "127.0.0.1:2", weight = 3 }]
+health = { path = "/healthz", interval = "500ms", timeout = "200ms", status = "200-299", rise = 1, fall = 2 }
+eject = { failures = 3, cooldown = "2s", max_cooldown = "1m", max_percent = 30, on_5xx = true }
+slow_start = "5s"
+retries = 1
+retry_budget = 0.1
+[[pool]]
+name = "sessions"
+balance = "sticky"
+sticky = { cookie = "sid", secret = "s3cret" }
+backends = [{ addr = "127.0.0.1:3" }]
+"#)
+        .unwrap();
+        let p = &c.pools[0];
+        assert_eq!(p.balance, Balance::Hash);
+        assert_eq!(p.hash_key, Some(HashKey::Header("x-user".into())));
+        assert_eq!(p.hash_balance_factor, 1.5);
+        let h = p.health.as_ref().unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.status, h.rise, h.fall),
+            ("/healthz", (200, 299), 1, 2)
+        );
+        assert_eq!(h.interval, Duration::from_millis(500));
+        assert_eq!(p.eject.failures, 3);
+        assert!(p.eject.on_5xx);
+        assert_eq!(p.slow_start, Duration::from_secs(5));
+        assert_eq!((p.retries, p.retry_budget), (1, 0.1));
+        let st = c.pools[1].sticky.as_ref().unwrap();
+        assert_eq!(st.cookie, "sid");
+        // Defaults: round robin, no active checks, passive ejection on.
+        let d = cfg("[[pool]]\nname = \"d\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n").unwrap();
+        let p = &d.pools[0];
+        assert_eq!(p.balance, Balance::RoundRobin);
+        assert!(p.health.is_none() && p.sticky.is_none());
+        assert_eq!((p.eject.failures, p.retries), (5, 2));
+    }
+
+    #[test]
+    fn bad_balancing_values_name_their_keys() {
+        let e = cfg(r#"
+[[pool]]
+name = "a"
+balance = "round-robin"
+hash_key = "uri"
+load_header = "X-Load"
+sticky = { cookie = "x" }
+health = { status = "600", rise = 0 }
+eject = { max_percent = 120 }
+retry_budget = 2.0
+backends = [{ addr = "127.0.0.1:1" }]
+"#)
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "pool[0].hash_key",
+            "pool[0].load_header",
+            "pool[0].sticky",
+            "pool[0].health.status",
+            "pool[0].health.rise",
+            "pool[0].eject.max_percent",
+            "pool[0].retry_budget",
+        ] {
+            assert!(e.contains(key), "{key} missing from: {e}");
+        }
+        assert!(parse_hash_key("cookie:").is_err());
+        assert_eq!(parse_hash_key("ip"), Ok(HashKey::Ip));
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!
 //! - [`http`] (pure): request/response heads, chunked framing, rewriting.
 //! - [`config`] (pure): TOML and flags into a validated [`config::Config`].
-//! - [`balance`] (pure): backend selection.
+//! - [`balance`] (pure): backend selection: round robin, random, two
+//!   choices, consistent hashing, peak-EWMA, retry budgets.
+//! - [`health`]: the backend health state machine (pure) and the owner
+//!   task that probes and publishes health (I/O).
 //! - [`cache`] (pure cores): RFC 9111 policy, S3-FIFO store, collapse table.
 //! - [`origin`] (I/O): upstream connection pools.
 //! - [`shard`] (I/O): executors, listeners, the connection driver and the
@@ -17,6 +20,7 @@ pub mod balance;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod origin;
 pub mod shard;

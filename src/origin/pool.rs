@@ -1,40 +1,458 @@
-//! One shard's view of an upstream pool: the balancer and a keep-alive cache
-//! of idle connections per backend (I/O, shard-local, no locks).
+//! Upstream pools. Each shard has its own [`UpstreamPool`] per configured
+//! pool: the balancer's state and a keep-alive cache of idle connections per
+//! backend (shard-local, no locks). What every shard must agree on lives in
+//! one [`PoolShared`] per pool:
+//!
+//! - health: written only by the pool's owner shard (see [`crate::health`]),
+//!   read by all: one atomic word per backend is the broadcast;
+//! - requests in flight per backend, process-wide: one cache line per
+//!   backend, incremented and decremented by the shard that sends;
+//! - failure reports from any shard to the owner, over a channel.
 
-use crate::balance::SmoothRoundRobin;
-use crate::config::PoolConfig;
+use crate::balance::{
+    bit, eligible, two_choices, weighted_random, Mask, PeakEwma, RetryBudget, Ring, Rng,
+    SmoothRoundRobin,
+};
+use crate::config::{Balance, PoolConfig};
+use crate::http::response::ResponseHead;
 use crate::shard::net::Sock;
-use std::cell::RefCell;
-use std::time::Instant;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why a request to a backend failed, as reported to the pool's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    Connect,
+    ConnectTimeout,
+    /// Reset or closed before a whole response.
+    Reset,
+    /// No response head within `response_timeout`.
+    Timeout,
+    /// A 5xx status (counted only with `eject.on_5xx`).
+    Status,
+}
+
+impl FailKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FailKind::Connect => "connect failed",
+            FailKind::ConnectTimeout => "connect timed out",
+            FailKind::Reset => "connection reset or closed",
+            FailKind::Timeout => "response timed out",
+            FailKind::Status => "5xx response",
+        }
+    }
+}
+
+/// A message to a pool's owner shard.
+#[derive(Debug)]
+pub enum Report {
+    /// A request failed (passive check).
+    Failure { backend: usize, kind: FailKind },
+    /// A request succeeded after this shard had reported failures.
+    Success { backend: usize },
+    /// An active probe's result (from the owner's own probe tasks).
+    Probe {
+        backend: usize,
+        ok: bool,
+        why: String,
+    },
+}
+
+/// One backend's process-wide state, on its own cache line.
+#[repr(align(64))]
+#[derive(Debug)]
+pub struct BackendShared {
+    /// Requests in flight to it from every shard.
+    pub inflight: AtomicU32,
+    /// Its share of its weight in thousandths; 0: do not pick it. Written
+    /// by the owner only.
+    pub permille: AtomicU32,
+    /// Active checks say up (owner-written).
+    pub up: AtomicBool,
+    /// Passive checks ejected it (owner-written).
+    pub ejected: AtomicBool,
+    /// The load it last reported in the pool's `load_header`.
+    pub reported_load: AtomicU32,
+    /// Times it has been ejected.
+    pub ejections: AtomicU64,
+}
+
+impl Default for BackendShared {
+    fn default() -> Self {
+        BackendShared {
+            inflight: AtomicU32::new(0),
+            permille: AtomicU32::new(1000),
+            up: AtomicBool::new(true),
+            ejected: AtomicBool::new(false),
+            reported_load: AtomicU32::new(0),
+            ejections: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What the shards share about one pool.
+#[derive(Debug)]
+pub struct PoolShared {
+    pub backends: Vec<BackendShared>,
+    /// The shard that probes this pool's backends and decides their health.
+    pub owner: usize,
+    pub reports: crossbeam_channel::Sender<Report>,
+    pub inbox: crossbeam_channel::Receiver<Report>,
+    /// Sticky cookie values, one per backend: opaque, keyed by a secret.
+    pub tokens: Vec<String>,
+}
+
+/// Reports a shard may queue for the owner before new ones are dropped.
+const REPORT_QUEUE: usize = 4096;
+
+impl PoolShared {
+    /// `owner`: the shard deciding this pool's health; `secret` keys the
+    /// sticky cookie values.
+    pub fn new(cfg: &PoolConfig, owner: usize, secret: u64) -> PoolShared {
+        let (tx, rx) = crossbeam_channel::bounded(REPORT_QUEUE);
+        PoolShared {
+            backends: cfg
+                .backends
+                .iter()
+                .map(|_| BackendShared::default())
+                .collect(),
+            owner,
+            reports: tx,
+            inbox: rx,
+            tokens: cfg
+                .backends
+                .iter()
+                .map(|b| {
+                    let id = crate::cache::key_hash(&[
+                        cfg.name.as_bytes(),
+                        b.addr.to_string().as_bytes(),
+                        &secret.to_le_bytes(),
+                    ]);
+                    format!("{id:016x}")
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What the balancer may use about a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hint {
+    /// The hash of the pool's `hash_key` for this request, if present.
+    pub key: Option<u64>,
+    /// The backend the request's sticky cookie names, if valid.
+    pub session: Option<usize>,
+}
+
+/// The balancer's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Backend(usize),
+    /// No backend is usable: 503.
+    NoneUp,
+    /// Every usable backend was tried already.
+    Exhausted,
+}
+
+/// One request's way through a pool's backends: the first pick, then the
+/// retries on other backends that its failures allow.
+pub struct Attempts<'a> {
+    pool: &'a UpstreamPool,
+    hint: Hint,
+    tried: Mask,
+    retries_left: u32,
+}
+
+impl<'a> Attempts<'a> {
+    pub fn new(pool: &'a UpstreamPool, hint: Hint) -> Self {
+        Attempts {
+            pool,
+            hint,
+            tried: 0,
+            retries_left: pool.cfg.retries,
+        }
+    }
+
+    /// The backend of the first attempt; `None`: no backend is usable.
+    pub fn first(&mut self) -> Option<usize> {
+        match self.pool.pick(self.hint, 0) {
+            Pick::Backend(b) => {
+                self.tried |= bit(b);
+                self.pool.budget.borrow_mut().deposit();
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+
+    /// After a failed attempt: the backend to try next, if the failure was
+    /// `retryable` and the retries, the other backends and the retry budget
+    /// allow one more; else why not.
+    pub fn retry(&mut self, retryable: bool) -> Result<usize, &'static str> {
+        if !retryable {
+            return Err("not safe to retry");
+        }
+        if self.retries_left == 0 {
+            return Err("no retries left");
+        }
+        let Pick::Backend(b) = self.pool.pick(self.hint, self.tried) else {
+            return Err("no other backend");
+        };
+        let now = self.pool.nanos(Instant::now());
+        if !self.pool.budget.borrow_mut().withdraw(now) {
+            return Err("retry budget spent");
+        }
+        self.retries_left -= 1;
+        self.tried |= bit(b);
+        Ok(b)
+    }
+}
+
+/// Counts a request in flight to a backend until dropped.
+pub struct InFlight<'a> {
+    shared: &'a BackendShared,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 pub struct UpstreamPool {
     pub cfg: PoolConfig,
     /// `host:port` of each backend, for a `Host` field when the client sent none.
     pub backend_names: Vec<String>,
+    pub shared: Arc<PoolShared>,
     rr: RefCell<SmoothRoundRobin>,
+    rng: RefCell<Rng>,
+    ring: Option<Ring>,
+    ewma: RefCell<Vec<PeakEwma>>,
+    budget: RefCell<RetryBudget>,
+    /// This shard reported a failure of the backend and no success since.
+    reported: Vec<Cell<bool>>,
+    /// Scratch: effective weights for one pick.
+    weights: RefCell<Vec<u32>>,
+    /// This shard saw a connection to the backend fail: it skips the
+    /// backend until then, while the owner decides (see [`LOCAL_HOLD`]).
+    held_until: Vec<Cell<Option<Instant>>>,
+    /// Some backend is held.
+    any_held: Cell<bool>,
+    epoch: Instant,
     /// Idle connections per backend, most recently used last (LIFO reuse
     /// keeps the working set warm and lets the oldest expire).
     idle: Vec<RefCell<Vec<(Sock, Instant)>>>,
 }
 
+/// How long a shard avoids a backend it could not connect to. The owner
+/// shard decides ejection from every shard's reports, but that takes a
+/// tick; meanwhile each failed connect would cost a retry, and a dead
+/// backend would drain the retry budget (nginx's `fail_timeout` does the
+/// same per worker). Never applied to the last usable backend.
+pub const LOCAL_HOLD: Duration = Duration::from_millis(250);
+
+/// Retries a quiet pool may make per second whatever its request rate.
+const MIN_RETRIES_PER_SEC: f64 = 10.0;
+
 impl UpstreamPool {
-    pub fn new(cfg: PoolConfig) -> UpstreamPool {
+    pub fn new(cfg: PoolConfig, shared: Arc<PoolShared>, seed: u64) -> UpstreamPool {
+        let n = cfg.backends.len();
         let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
-        UpstreamPool {
-            backend_names: cfg.backends.iter().map(|b| b.addr.to_string()).collect(),
-            idle: cfg
+        let ring = matches!(cfg.balance, Balance::Hash | Balance::Sticky).then(|| {
+            let ids: Vec<u64> = cfg
                 .backends
                 .iter()
-                .map(|_| RefCell::new(Vec::new()))
-                .collect(),
-            rr: RefCell::new(SmoothRoundRobin::new(&weights)),
+                .map(|b| crate::cache::key_hash(&[b.addr.to_string().as_bytes()]))
+                .collect();
+            Ring::new(&ids, &weights)
+        });
+        UpstreamPool {
+            backend_names: cfg.backends.iter().map(|b| b.addr.to_string()).collect(),
+            idle: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
+            rr: RefCell::new(SmoothRoundRobin::new(n)),
+            rng: RefCell::new(Rng::new(seed)),
+            ring,
+            ewma: RefCell::new(vec![PeakEwma::new(cfg.ewma_decay.as_nanos() as u64); n]),
+            budget: RefCell::new(RetryBudget::new(cfg.retry_budget, MIN_RETRIES_PER_SEC)),
+            reported: (0..n).map(|_| Cell::new(false)).collect(),
+            weights: RefCell::new(vec![0; n]),
+            held_until: (0..n).map(|_| Cell::new(None)).collect(),
+            any_held: Cell::new(false),
+            epoch: Instant::now(),
+            shared,
             cfg,
         }
     }
 
-    /// The backend for the next request.
-    pub fn pick(&self) -> usize {
-        self.rr.borrow_mut().pick().unwrap_or(0)
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Whether backend `b` may take requests now.
+    pub fn usable(&self, b: usize) -> bool {
+        self.shared
+            .backends
+            .get(b)
+            .is_some_and(|s| s.permille.load(Ordering::Relaxed) > 0)
+    }
+
+    /// The backend for the next attempt of a request, never one in `tried`.
+    pub fn pick(&self, hint: Hint, tried: Mask) -> Pick {
+        let mut w = self.weights.borrow_mut();
+        for (i, b) in self.cfg.backends.iter().enumerate() {
+            let permille = self.shared.backends[i].permille.load(Ordering::Relaxed);
+            w[i] = b.weight * permille;
+        }
+        let mut usable = eligible(&w, !0);
+        if usable == 0 {
+            return Pick::NoneUp;
+        }
+        if self.any_held.get() {
+            let held = self.held(Instant::now());
+            if usable & !held & !tried != 0 {
+                usable &= !held;
+                for (i, wi) in w.iter_mut().enumerate() {
+                    if held & bit(i) != 0 {
+                        *wi = 0;
+                    }
+                }
+            }
+        }
+        let allowed = !tried;
+        if usable & allowed == 0 {
+            return Pick::Exhausted;
+        }
+        if let Some(b) = hint.session.filter(|&b| usable & allowed & bit(b) != 0) {
+            return Pick::Backend(b);
+        }
+        let inflight =
+            |i: usize| u64::from(self.shared.backends[i].inflight.load(Ordering::Relaxed));
+        let mut rng = self.rng.borrow_mut();
+        let picked = match (self.cfg.balance, hint.key, &self.ring) {
+            (Balance::Random, _, _) => weighted_random(&w, allowed, &mut rng),
+            (Balance::LeastLoaded, _, _) => {
+                two_choices(&w, allowed, &mut rng, |i| inflight(i) as f64 + 1.0)
+            }
+            (Balance::PeakEwma, _, _) => {
+                let now = self.nanos(Instant::now());
+                let ewma = self.ewma.borrow();
+                two_choices(&w, allowed, &mut rng, |i| {
+                    let reported = u64::from(
+                        self.shared.backends[i]
+                            .reported_load
+                            .load(Ordering::Relaxed),
+                    );
+                    ewma[i].cost(now, inflight(i).max(reported))
+                })
+            }
+            (Balance::Hash | Balance::Sticky, Some(key), Some(ring)) => {
+                ring.pick(key, &w, allowed, inflight, self.cfg.hash_balance_factor)
+            }
+            _ => self.rr.borrow_mut().pick(&w, allowed),
+        };
+        picked.map_or(Pick::Exhausted, Pick::Backend)
+    }
+
+    /// The backends this shard holds back now; forgets expired holds.
+    fn held(&self, now: Instant) -> Mask {
+        let mut m = 0;
+        for (i, h) in self.held_until.iter().enumerate() {
+            match h.get() {
+                Some(t) if t > now => m |= bit(i),
+                Some(_) => h.set(None),
+                None => {}
+            }
+        }
+        if m == 0 {
+            self.any_held.set(false);
+        }
+        m
+    }
+
+    /// Counts a request to `b` as in flight until the guard drops.
+    pub fn begin(&self, b: usize) -> InFlight<'_> {
+        let shared = &self.shared.backends[b];
+        shared.inflight.fetch_add(1, Ordering::Relaxed);
+        InFlight { shared }
+    }
+
+    /// Backend `b` answered a response head after `started`: feeds the
+    /// latency estimate and the reported load, and the passive checks.
+    pub fn answered(&self, b: usize, started: Instant, head: &[u8], rhead: &ResponseHead) {
+        let now = Instant::now();
+        if self.cfg.balance == Balance::PeakEwma {
+            let rtt = now.saturating_duration_since(started).as_nanos() as u64;
+            let t = self.nanos(now);
+            self.ewma.borrow_mut()[b].observe(rtt, t);
+            if let Some(name) = &self.cfg.load_header {
+                if let Some(v) = rhead
+                    .fields
+                    .iter()
+                    .find(|f| f.name(head).eq_ignore_ascii_case(name.as_bytes()))
+                    .and_then(|f| std::str::from_utf8(f.value(head)).ok())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                {
+                    self.shared.backends[b]
+                        .reported_load
+                        .store(v.min(1e6) as u32, Ordering::Relaxed);
+                }
+            }
+        }
+        if rhead.code >= 500 && self.cfg.eject.on_5xx {
+            self.failed(b, FailKind::Status);
+        } else {
+            self.succeeded(b);
+        }
+    }
+
+    /// Tells the owner that a request to `b` failed.
+    pub fn failed(&self, b: usize, kind: FailKind) {
+        if let Some(r) = self.reported.get(b) {
+            r.set(true);
+        }
+        if matches!(kind, FailKind::Connect | FailKind::ConnectTimeout) {
+            if let Some(h) = self.held_until.get(b) {
+                h.set(Some(Instant::now() + LOCAL_HOLD));
+                self.any_held.set(true);
+            }
+        }
+        if self.cfg.balance == Balance::PeakEwma {
+            // A failure costs like a slow answer: push the estimate up.
+            let now = self.nanos(Instant::now());
+            let penalty = self.cfg.connect_timeout.as_nanos() as u64;
+            self.ewma.borrow_mut()[b].observe(penalty, now);
+        }
+        let _ = self
+            .shared
+            .reports
+            .try_send(Report::Failure { backend: b, kind });
+    }
+
+    /// Tells the owner that `b` works again, if this shard reported it failing.
+    fn succeeded(&self, b: usize) {
+        if let Some(h) = self.held_until.get(b) {
+            h.set(None);
+        }
+        if self.reported.get(b).is_some_and(|r| r.replace(false)) {
+            let _ = self.shared.reports.try_send(Report::Success { backend: b });
+        }
+    }
+
+    /// The sticky cookie value naming backend `b`.
+    pub fn token(&self, b: usize) -> &str {
+        &self.shared.tokens[b]
+    }
+
+    /// The backend a sticky cookie value names, if any.
+    pub fn session(&self, value: &[u8]) -> Option<usize> {
+        self.shared
+            .tokens
+            .iter()
+            .position(|t| t.as_bytes() == value)
     }
 
     /// An idle connection to backend `b`, if one is kept. Connections that
@@ -64,11 +482,14 @@ impl UpstreamPool {
         }
     }
 
-    /// Drops idle connections older than the keep-alive timeout.
+    /// Drops idle connections older than the keep-alive timeout, and every
+    /// idle connection to a backend that is not usable.
     pub fn sweep(&self, now: Instant) {
-        for idle in &self.idle {
-            idle.borrow_mut()
-                .retain(|(_, since)| now.duration_since(*since) < self.cfg.keepalive_timeout);
+        for (b, idle) in self.idle.iter().enumerate() {
+            let usable = self.usable(b);
+            idle.borrow_mut().retain(|(_, since)| {
+                usable && now.duration_since(*since) < self.cfg.keepalive_timeout
+            });
         }
     }
 
@@ -79,3 +500,6 @@ impl UpstreamPool {
         }
     }
 }
+
+/// How long a failure report may wait in the owner's inbox, at most.
+pub const OWNER_TICK: Duration = Duration::from_millis(20);

@@ -1,7 +1,7 @@
 //! One exchange with a backend, the parts shared by pass-through and cache
 //! fills: getting a connection (pooled or new), and reading a response head.
 
-use super::pool::UpstreamPool;
+use super::pool::{FailKind, UpstreamPool};
 use crate::http::response::{parse_response, ResponseHead, UpstreamError};
 use crate::shard::buf::Buf;
 use crate::shard::net::{NetError, Sock};
@@ -24,6 +24,8 @@ pub enum UpstreamFail {
     Client(crate::http::ClientError),
     /// The client went away mid-request: close quietly.
     ClientGone,
+    /// No backend of the pool is usable: 503.
+    NoBackend,
 }
 
 impl UpstreamFail {
@@ -32,13 +34,15 @@ impl UpstreamFail {
         match self {
             UpstreamFail::Timeout(_) => 504,
             UpstreamFail::Client(e) => e.status(),
+            UpstreamFail::NoBackend => 503,
             _ => 502,
         }
     }
 }
 
 /// A connection to backend `b` of `pool`: pooled if one is idle (verified
-/// first when `verify`), else new. The flag says whether it was reused.
+/// first when `verify`), else new. The flag says whether it was reused. A
+/// failed connect is reported to the pool's health.
 pub async fn connection(
     pool: &UpstreamPool,
     b: usize,
@@ -50,10 +54,16 @@ pub async fn connection(
     let addr = pool.cfg.backends[b].addr;
     match Sock::connect(addr, pool.cfg.connect_timeout).await {
         Ok(s) => Ok((s, false)),
-        Err(NetError::TimedOut) => Err(UpstreamFail::Timeout(format!(
-            "connect to {addr} timed out"
-        ))),
-        Err(NetError::Io(e)) => Err(UpstreamFail::Bad(format!("connect to {addr} failed: {e}"))),
+        Err(NetError::TimedOut) => {
+            pool.failed(b, FailKind::ConnectTimeout);
+            Err(UpstreamFail::Timeout(format!(
+                "connect to {addr} timed out"
+            )))
+        }
+        Err(NetError::Io(e)) => {
+            pool.failed(b, FailKind::Connect);
+            Err(UpstreamFail::Bad(format!("connect to {addr} failed: {e}")))
+        }
     }
 }
 

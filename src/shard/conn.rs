@@ -11,6 +11,8 @@ mod cached;
 use super::buf::Buf;
 use super::net::{NetError, Sock};
 use super::Shard;
+use crate::cache::key_hash;
+use crate::config::HashKey;
 use crate::http::chunked::{self, ChunkedDecoder, Decoded};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::ResponseHead;
@@ -19,6 +21,7 @@ use crate::http::rewrite::{
 };
 use crate::http::{write_simple_response, BodyKind, ClientError};
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
+use crate::origin::pool::{Attempts, FailKind, Hint, Pick, UpstreamPool};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use std::rc::Rc;
 use std::time::Instant;
@@ -57,6 +60,23 @@ pub struct ClientConn {
     /// A `Cache-Status` field line for the response being forwarded, when
     /// the cache looked at the request; empty otherwise.
     cache_status: String,
+    /// A `Set-Cookie` field line pinning a sticky session, or empty.
+    set_cookie: String,
+    /// What the balancer may use about the current request.
+    hint: Hint,
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields.
+fn cookie<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<&'a [u8]> {
+    head.fields
+        .iter()
+        .filter(|f| f.name(buf).eq_ignore_ascii_case(b"cookie"))
+        .flat_map(|f| f.value(buf).split(|&c| c == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&c| c == b'=')?;
+            (&pair[..eq] == name).then(|| pair[eq + 1..].trim_ascii())
+        })
 }
 
 impl ClientConn {
@@ -75,6 +95,8 @@ impl ClientConn {
             head: RequestHead::default(),
             rhead: ResponseHead::default(),
             cache_status: String::new(),
+            set_cookie: String::new(),
+            hint: Hint::default(),
         }
     }
 
@@ -193,6 +215,11 @@ impl ClientConn {
         if method == Method::Other && &buf[self.head.method_range.clone()] == b"PURGE" {
             return self.purge().await;
         }
+        self.set_cookie.clear();
+        self.hint = Hint::default();
+        if pool.cfg.hash_key.is_some() || pool.cfg.sticky.is_some() {
+            self.hint = self.balance_hint(pool);
+        }
         if req_body == BodyKind::Empty && matches!(method, Method::Get | Method::Head) {
             if let Some(outcome) = self.try_cache(pool_idx).await {
                 return outcome;
@@ -207,16 +234,31 @@ impl ClientConn {
                 return Outcome::Close;
             }
         }
-        let backend = pool.pick();
         let response_timeout = pool.cfg.response_timeout;
         let body_timeout = pool.cfg.body_timeout;
+        let hint = self.hint;
+        let mut attempts = Attempts::new(pool, hint);
+        let first = match attempts.first() {
+            Some(b) => b,
+            None => {
+                self.inbuf.consume(self.head.head_len);
+                let unread = req_body != BodyKind::Empty;
+                return self
+                    .upstream_failed(
+                        503,
+                        &format!("pool {}: no healthy backend", pool.cfg.name),
+                        unread,
+                    )
+                    .await;
+            }
+        };
         // The upstream head is built once; a retry resends the same bytes.
         let mut up_head = Vec::with_capacity(self.head.head_len + 128);
         write_upstream_request(
             &mut up_head,
             buf,
             &self.head,
-            &self.forwarded(&pool.backend_names[backend]),
+            &self.forwarded(&pool.backend_names[first]),
         );
         let expect_continue = self.head.expect_continue;
         self.inbuf.consume(self.head.head_len);
@@ -229,48 +271,82 @@ impl ClientConn {
             method,
             response_timeout,
         };
-        let mut attempt = 0;
-        let (mut up, resp_ok) = loop {
-            attempt += 1;
-            // A request without a body is retried on a fresh connection if
-            // a pooled one turns out stale; one with a body cannot be, so
-            // its pooled connection is verified first.
-            let (mut up, reused) = match connection(pool, backend, has_body).await {
-                Ok(c) => c,
-                Err(f) => {
-                    let msg = match &f {
-                        UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
-                        _ => String::new(),
-                    };
-                    return self.upstream_failed(f.status(), &msg, has_body).await;
+        let mut backend = first;
+        let mut flight;
+        let mut up = 'attempts: loop {
+            flight = pool.begin(backend);
+            let started = Instant::now();
+            let mut stale_left = 2;
+            // The failure of this backend, and whether the request can go
+            // to another one: it provably never reached this one (no
+            // connection), or it is idempotent, had no body, and no
+            // response byte came back.
+            let (code, msg, retryable) = loop {
+                // A request without a body is retried on a fresh connection if
+                // a pooled one turns out stale; one with a body cannot be, so
+                // its pooled connection is verified first.
+                let (mut up, reused) = match connection(pool, backend, has_body).await {
+                    Ok(c) => c,
+                    Err(UpstreamFail::Timeout(m)) => break (504, m, true),
+                    Err(UpstreamFail::Bad(m)) => break (502, m, true),
+                    Err(_) => break (502, String::new(), true),
+                };
+                self.ubuf.clear();
+                match self.exchange(&mut up, &up_req, reused).await {
+                    Ok(()) => {
+                        pool.answered(backend, started, self.ubuf.filled(), &self.rhead);
+                        break 'attempts up;
+                    }
+                    Err(UpstreamFail::Stale) if !has_body && stale_left > 0 => {
+                        stale_left -= 1;
+                        continue;
+                    }
+                    Err(UpstreamFail::Stale) => {
+                        pool.failed(backend, FailKind::Reset);
+                        let addr = pool.cfg.backends[backend].addr;
+                        break (502, format!("{addr} closed the connection"), !has_body);
+                    }
+                    Err(UpstreamFail::Bad(m)) => {
+                        pool.failed(backend, FailKind::Reset);
+                        let none_back = self.ubuf.is_empty();
+                        break (502, m, !has_body && none_back && method.is_idempotent());
+                    }
+                    Err(UpstreamFail::Timeout(m)) => {
+                        pool.failed(backend, FailKind::Timeout);
+                        break (504, m, false);
+                    }
+                    Err(UpstreamFail::Client(e)) => {
+                        self.log(&format!("rejected request body: {e}"));
+                        self.send_error(e.status(), e.reason(), true).await;
+                        return Outcome::Close;
+                    }
+                    Err(UpstreamFail::ClientGone) => return Outcome::Close,
+                    Err(UpstreamFail::NoBackend) => break (503, String::new(), false),
                 }
             };
-            let r = self.exchange(&mut up, &up_req, reused).await;
-            match r {
-                Ok(()) => break (up, true),
-                Err(UpstreamFail::Stale) if !has_body && attempt < 3 => continue,
-                Err(UpstreamFail::Stale) => {
-                    let addr = pool.cfg.backends[backend].addr;
-                    return self
-                        .upstream_failed(502, &format!("{addr} closed the connection"), false)
-                        .await;
+            drop(flight);
+            // With a body, part of it may still be unread on the client
+            // socket: answer, then close.
+            match attempts.retry(retryable) {
+                Ok(next) => {
+                    let addr = pool.cfg.backends[next].addr;
+                    self.log(&format!("{msg}; retrying on {addr}"));
+                    backend = next;
                 }
-                // With a body, part of it may still be unread on the client
-                // socket: answer, then close.
-                Err(UpstreamFail::Bad(m)) => return self.upstream_failed(502, &m, has_body).await,
-                Err(UpstreamFail::Timeout(m)) => {
-                    return self.upstream_failed(504, &m, has_body).await
+                Err(why) => {
+                    let msg = if retryable {
+                        format!("{msg} ({why})")
+                    } else {
+                        msg
+                    };
+                    return self.upstream_failed(code, &msg, has_body).await;
                 }
-                Err(UpstreamFail::Client(e)) => {
-                    self.log(&format!("rejected request body: {e}"));
-                    self.send_error(e.status(), e.reason(), true).await;
-                    return Outcome::Close;
-                }
-                Err(UpstreamFail::ClientGone) => return Outcome::Close,
             }
         };
-        debug_assert!(resp_ok);
-        match self
+        if pool.cfg.sticky.is_some() && hint.session != Some(backend) {
+            self.pin(pool, backend);
+        }
+        let outcome = match self
             .stream_response(&mut up, minor, client_close, body_timeout)
             .await
         {
@@ -286,6 +362,55 @@ impl ClientConn {
                     Outcome::KeepAlive
                 }
             }
+        };
+        drop(flight);
+        outcome
+    }
+
+    /// What the balancer may use about this request: the hash of the pool's
+    /// `hash_key`, and for sticky pools the backend of the session (picked
+    /// and pinned now when the request has no valid cookie, or when its
+    /// backend is not usable).
+    fn balance_hint(&mut self, pool: &UpstreamPool) -> Hint {
+        let buf = self.inbuf.filled();
+        let key = match &pool.cfg.hash_key {
+            None => None,
+            Some(HashKey::Uri) => Some(key_hash(&[self.head.target(buf)])),
+            Some(HashKey::Ip) => Some(key_hash(&[self.peer_ip.as_bytes()])),
+            Some(HashKey::Header(name)) => self
+                .head
+                .fields
+                .iter()
+                .find(|f| f.name(buf).eq_ignore_ascii_case(name.as_bytes()))
+                .map(|f| key_hash(&[f.value(buf)])),
+            Some(HashKey::Cookie(name)) => {
+                cookie(buf, &self.head, name.as_bytes()).map(|v| key_hash(&[v]))
+            }
+        };
+        let mut hint = Hint { key, session: None };
+        if let Some(st) = &pool.cfg.sticky {
+            hint.session = cookie(buf, &self.head, st.cookie.as_bytes())
+                .and_then(|v| pool.session(v))
+                .filter(|&b| pool.usable(b));
+            if hint.session.is_none() {
+                if let Pick::Backend(b) = pool.pick(hint, 0) {
+                    hint.session = Some(b);
+                    self.pin(pool, b);
+                }
+            }
+        }
+        hint
+    }
+
+    /// Pins this client's session to backend `b` with the response.
+    fn pin(&mut self, pool: &UpstreamPool, b: usize) {
+        if let Some(st) = &pool.cfg.sticky {
+            self.set_cookie.clear();
+            self.set_cookie.push_str("Set-Cookie: ");
+            self.set_cookie.push_str(&st.cookie);
+            self.set_cookie.push('=');
+            self.set_cookie.push_str(pool.token(b));
+            self.set_cookie.push_str("; Path=/; HttpOnly\r\n");
         }
     }
 
@@ -527,6 +652,9 @@ impl ClientConn {
         let up_body = self.rhead.body();
         let framing = ClientFraming::choose(up_body, minor);
         let close = client_close || shard.draining() || framing == ClientFraming::Close;
+        if !self.set_cookie.is_empty() {
+            self.cache_status.push_str(&self.set_cookie);
+        }
         self.out.clear();
         write_client_response(
             &mut self.out,

@@ -8,7 +8,7 @@ pub mod net;
 
 use crate::config::Config;
 use crate::http::request::HeadLimits;
-use crate::origin::pool::UpstreamPool;
+use crate::origin::pool::{PoolShared, UpstreamPool};
 use futures_lite::FutureExt;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -74,6 +74,7 @@ impl Shard {
         queue: glommio::TaskQueueHandle,
         shared_fills: Arc<crate::cache::shared::SharedFills>,
         parts: Option<Arc<crate::cache::Partitions>>,
+        pools: &[Arc<PoolShared>],
     ) -> Shard {
         let cache = parts.map(|p| crate::cache::ShardCache::new(id, p, cfg.cache.size_bytes));
         Shard {
@@ -86,7 +87,17 @@ impl Shard {
                 max_headers: cfg.limits.max_headers,
                 max_uri_bytes: cfg.limits.max_uri_bytes,
             },
-            pools: cfg.pools.iter().cloned().map(UpstreamPool::new).collect(),
+            pools: cfg
+                .pools
+                .iter()
+                .zip(pools)
+                .enumerate()
+                .map(|(i, (p, s))| {
+                    let seed = crate::cache::key_hash(&[&id.to_le_bytes(), &i.to_le_bytes()])
+                        ^ random_seed();
+                    UpstreamPool::new(p.clone(), s.clone(), seed)
+                })
+                .collect(),
             conns: Cell::new(0),
             draining: Cell::new(false),
             drain_wakers: RefCell::new(Vec::new()),
@@ -136,6 +147,16 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.conns.set(self.0.conns.get() - 1);
     }
+}
+
+/// A seed that differs from run to run (time and pid; not for secrets
+/// that must resist a determined guesser).
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::balance::mix(t ^ (u64::from(std::process::id()) << 32))
 }
 
 /// Checks that io_uring can be used, naming the likely causes when not.
@@ -283,6 +304,21 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             cfg.shards,
         ))
     });
+    // What the shards share about each pool; pool i's health is decided on
+    // shard i % shards.
+    let pools: Arc<Vec<Arc<PoolShared>>> = Arc::new(
+        cfg.pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let secret = match p.sticky.as_ref().and_then(|s| s.secret.as_ref()) {
+                    Some(s) => crate::cache::key_hash(&[s.as_bytes()]),
+                    None => random_seed(),
+                };
+                Arc::new(PoolShared::new(p, i % cfg.shards, secret))
+            })
+            .collect(),
+    );
     let mut handles = Vec::new();
     for id in 0..cfg.shards {
         let placement = match &cfg.cpus {
@@ -291,12 +327,15 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         };
         let (cfg, addrs, stop, ready) =
             (cfg.clone(), addrs.clone(), stop.clone(), ready_tx.clone());
-        let fills = shared_fills.clone();
-        let parts = partitions.clone();
+        let common = Common {
+            fills: shared_fills.clone(),
+            parts: partitions.clone(),
+            pools: pools.clone(),
+        };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("corral-shard{id}"))
             .io_memory(IO_MEMORY)
-            .spawn(move || shard_main(id, cfg, fills, parts, addrs, stop, ready))
+            .spawn(move || shard_main(id, cfg, common, addrs, stop, ready))
             .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
     }
@@ -329,11 +368,20 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(s.into_raw_fd()) })
 }
 
+/// What every shard shares.
+struct Common {
+    /// Misses in flight anywhere in the process.
+    fills: Arc<crate::cache::shared::SharedFills>,
+    /// The cache's partitions, one per shard, unless caching is off.
+    parts: Option<Arc<crate::cache::Partitions>>,
+    /// Health and load of each pool's backends.
+    pools: Arc<Vec<Arc<PoolShared>>>,
+}
+
 async fn shard_main(
     id: usize,
     cfg: Arc<Config>,
-    shared_fills: Arc<crate::cache::shared::SharedFills>,
-    parts: Option<Arc<crate::cache::Partitions>>,
+    common: Common,
     addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<Result<(), String>>,
@@ -359,7 +407,23 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
-    let shard = Rc::new(Shard::new(id, cfg.clone(), queue, shared_fills, parts));
+    let shard = Rc::new(Shard::new(
+        id,
+        cfg.clone(),
+        queue,
+        common.fills,
+        common.parts,
+        &common.pools,
+    ));
+    for (i, p) in common.pools.iter().enumerate() {
+        if p.owner == id {
+            let task = crate::health::owner::run(shard.clone(), i);
+            if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+                let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+                return;
+            }
+        }
+    }
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let shard = shard.clone();

@@ -22,6 +22,7 @@ use crate::http::request::{Method, RequestHead};
 use crate::http::response::{parse_response, ResponseHead};
 use crate::http::rewrite::write_fill_request;
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
+use crate::origin::pool::{Attempts, FailKind, Hint};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
 use crate::shard::net::until;
@@ -186,6 +187,7 @@ impl ClientConn {
                 }
             }
         }
+        extra.push_str(&self.set_cookie);
         let head_only = self.head.method() == Method::Head || status == 304 || status == 204;
         let close = self.head.close || self.shard.draining();
         self.out.clear();
@@ -266,6 +268,7 @@ impl ClientConn {
             facts,
             request: buf[..self.head.head_len].to_vec(),
             head: self.head.clone(),
+            hint: self.hint,
         };
         let spawned = glommio::spawn_local_into(job.run(), self.shard.queue);
         match spawned {
@@ -337,7 +340,7 @@ impl ClientConn {
                             length: meta.content_length,
                             close,
                             client_minor: minor,
-                            extra: "",
+                            extra: &self.set_cookie,
                         }
                         .write(&mut self.out);
                         self.inbuf.consume(self.head.head_len);
@@ -431,6 +434,8 @@ struct FillJob {
     stale: Option<Object>,
     /// Where this fetch is published for the other shards.
     publish: Option<Published>,
+    /// What the balancer may use about the starting request.
+    hint: Hint,
 }
 
 /// This shard's claim on a key process-wide; releasing it (also when the
@@ -469,13 +474,17 @@ impl FillJob {
             }
         }
         let result = self.fetch(cache).await;
-        let origin_error = matches!(result, Err(UpstreamFail::Bad(_) | UpstreamFail::Timeout(_)));
+        let origin_error = matches!(
+            result,
+            Err(UpstreamFail::Bad(_) | UpstreamFail::Timeout(_) | UpstreamFail::NoBackend)
+        );
         if origin_error && self.stale_usable() {
             // stale-if-error: the stored response answers for the origin.
             self.serve_stale();
         } else if let Err(f) = result {
             let msg = match &f {
                 UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
+                UpstreamFail::NoBackend => "no healthy backend".into(),
                 _ => "failed".into(),
             };
             eprintln!("corral[{}]: cache fill failed: {msg}", self.shard.id);
@@ -619,43 +628,88 @@ impl FillJob {
 
     async fn fetch(&self, cache: &ShardCache) -> Result<(), UpstreamFail> {
         let pool = &self.shard.pools[self.pool_idx];
-        let backend = pool.pick();
         let request_time = unix_now();
         let mut ubuf = Buf::new(UPSTREAM_BUF);
         let mut rhead = ResponseHead::default();
-        let mut attempt = 0;
-        let mut up = loop {
-            attempt += 1;
-            let (mut up, reused) = connection(pool, backend, false).await?;
-            let sent = up
-                .write_all(
-                    &self.up_head,
-                    Instant::now() + self.shard.cfg.limits.body_timeout,
-                )
-                .await;
-            if sent.is_err() {
-                if reused && attempt < 3 {
-                    continue;
+        let mut attempts = Attempts::new(pool, self.hint);
+        let mut backend = attempts.first().ok_or(UpstreamFail::NoBackend)?;
+        let mut flight;
+        let mut up = 'attempts: loop {
+            flight = pool.begin(backend);
+            let started = Instant::now();
+            let mut attempt = 0;
+            // The failure, and whether another backend may be tried: the
+            // request never reached this one, or no response byte came back
+            // (a fill is a GET without a body, so it is safe to repeat).
+            let (err, retryable) = loop {
+                attempt += 1;
+                let (mut up, reused) = match connection(pool, backend, false).await {
+                    Ok(c) => c,
+                    Err(f) => break (f, true),
+                };
+                let sent = up
+                    .write_all(
+                        &self.up_head,
+                        Instant::now() + self.shard.cfg.limits.body_timeout,
+                    )
+                    .await;
+                if sent.is_err() {
+                    if reused && attempt < 3 {
+                        continue;
+                    }
+                    pool.failed(backend, FailKind::Reset);
+                    break (
+                        UpstreamFail::Bad("sending the fill request failed".into()),
+                        true,
+                    );
                 }
-                return Err(UpstreamFail::Bad("sending the fill request failed".into()));
-            }
-            ubuf.clear();
-            let deadline = Instant::now() + pool.cfg.response_timeout;
-            let got = loop {
-                match read_head(&mut up, &mut ubuf, &mut rhead, false, deadline, reused).await {
-                    Ok(Head::Final) => break Ok(()),
-                    Ok(Head::Interim) => ubuf.consume(rhead.head_len),
-                    Err(e) => break Err(e),
+                ubuf.clear();
+                let deadline = Instant::now() + pool.cfg.response_timeout;
+                let got = loop {
+                    match read_head(&mut up, &mut ubuf, &mut rhead, false, deadline, reused).await {
+                        Ok(Head::Final) => break Ok(()),
+                        Ok(Head::Interim) => ubuf.consume(rhead.head_len),
+                        Err(e) => break Err(e),
+                    }
+                };
+                match got {
+                    Ok(()) => {
+                        pool.answered(backend, started, ubuf.filled(), &rhead);
+                        break 'attempts up;
+                    }
+                    Err(UpstreamFail::Stale) if attempt < 3 => continue,
+                    Err(UpstreamFail::Stale) => {
+                        pool.failed(backend, FailKind::Reset);
+                        break (
+                            UpstreamFail::Bad("backend closed the connection".into()),
+                            true,
+                        );
+                    }
+                    Err(UpstreamFail::Timeout(m)) => {
+                        pool.failed(backend, FailKind::Timeout);
+                        break (UpstreamFail::Timeout(m), false);
+                    }
+                    Err(e @ UpstreamFail::Bad(_)) => {
+                        pool.failed(backend, FailKind::Reset);
+                        let none_back = ubuf.is_empty();
+                        break (e, none_back);
+                    }
+                    Err(e) => return Err(e),
                 }
             };
-            match got {
-                Ok(()) => break up,
-                Err(UpstreamFail::Stale) if attempt < 3 => continue,
-                Err(UpstreamFail::Stale) => {
-                    return Err(UpstreamFail::Bad("backend closed the connection".into()))
-                }
-                Err(e) => return Err(e),
-            }
+            drop(flight);
+            let Ok(next) = attempts.retry(retryable) else {
+                return Err(err);
+            };
+            let msg = match &err {
+                UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.as_str(),
+                _ => "failed",
+            };
+            eprintln!(
+                "corral[{}]: cache fill: {msg}; retrying on {}",
+                self.shard.id, pool.cfg.backends[next].addr
+            );
+            backend = next;
         };
         let response_time = unix_now();
         let cfg = &self.shard.cfg.cache;

@@ -1,0 +1,620 @@
+//! Load balancing, health checks and failover, end to end: real corral
+//! processes in front of real backends on loopback that the tests kill,
+//! hang and revive.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NORMAL: u8 = 0;
+/// Reads requests, never answers.
+const HANG: u8 = 1;
+/// Reads a request, then closes without answering.
+const DIE: u8 = 2;
+
+/// A backend that names itself in every answer (`X-Backend`), counts what
+/// it serves, and can be killed (listener and connections closed), hung,
+/// slowed down, and revived on the same port.
+struct Backend {
+    name: String,
+    addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    delay_ms: Arc<AtomicU64>,
+    /// Requests answered (health checks not counted).
+    served: Arc<AtomicUsize>,
+    /// Requests received, by method (health checks not counted).
+    received: Arc<Mutex<HashMap<String, usize>>>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Backend {
+    fn start(name: &str) -> Backend {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut b = Backend {
+            name: name.into(),
+            addr: l.local_addr().unwrap(),
+            mode: Arc::new(AtomicU8::new(NORMAL)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            served: Arc::new(AtomicUsize::new(0)),
+            received: Arc::new(Mutex::new(HashMap::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        b.serve(l);
+        b
+    }
+
+    fn serve(&mut self, l: TcpListener) {
+        l.set_nonblocking(true).unwrap();
+        self.stop = Arc::new(AtomicBool::new(false));
+        let (stop, conns) = (self.stop.clone(), self.conns.clone());
+        let (name, mode, delay, served, received) = (
+            self.name.clone(),
+            self.mode.clone(),
+            self.delay_ms.clone(),
+            self.served.clone(),
+            self.received.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_nodelay(true).unwrap();
+                        conns.lock().unwrap().push(s.try_clone().unwrap());
+                        let (name, mode, delay, served, received, stop) = (
+                            name.clone(),
+                            mode.clone(),
+                            delay.clone(),
+                            served.clone(),
+                            received.clone(),
+                            stop.clone(),
+                        );
+                        std::thread::spawn(move || {
+                            let _ = serve_conn(s, &name, &mode, &delay, &served, &received, &stop);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+    }
+
+    /// Closes the listener and every connection: the port refuses.
+    fn kill(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        // The accept loop polls every 2 ms.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// Listens on the same port again.
+    fn revive(&mut self) {
+        let l = TcpListener::bind(self.addr).unwrap();
+        self.serve(l);
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    fn received(&self, method: &str) -> usize {
+        *self.received.lock().unwrap().get(method).unwrap_or(&0)
+    }
+}
+
+fn serve_conn(
+    s: TcpStream,
+    name: &str,
+    mode: &AtomicU8,
+    delay: &AtomicU64,
+    served: &AtomicUsize,
+    received: &Mutex<HashMap<String, usize>>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body)?;
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        if path == "/healthz" {
+            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")?;
+            return w.shutdown(std::net::Shutdown::Both);
+        }
+        *received.lock().unwrap().entry(method).or_default() += 1;
+        match mode.load(Ordering::SeqCst) {
+            HANG => {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return Ok(());
+            }
+            DIE => return w.shutdown(std::net::Shutdown::Both),
+            _ => {}
+        }
+        let d = delay.load(Ordering::SeqCst);
+        if d > 0 {
+            std::thread::sleep(Duration::from_millis(d));
+        }
+        served.fetch_add(1, Ordering::SeqCst);
+        let out = format!(
+            "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n{name}",
+            name.len()
+        );
+        w.write_all(out.as_bytes())?;
+    }
+}
+
+/// A config with one pool over `backends` and `pool_extra` lines.
+fn config(test: &str, backends: &[&Backend], dead: &[SocketAddr], pool_extra: &str) -> String {
+    let mut list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ addr = \"{}\" }}", b.addr))
+        .collect();
+    list.extend(dead.iter().map(|a| format!("{{ addr = \"{a}\" }}")));
+    write_config(
+        test,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n[cache]\nsize = 0\n\
+             [[pool]]\nname = \"app\"\nbackends = [{}]\n{pool_extra}\n",
+            list.join(", ")
+        ),
+    )
+}
+
+/// A port nothing listens on.
+fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A keep-alive client for one connection.
+struct Client {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn new(p: &Proxy) -> Client {
+        let s = p.connect();
+        Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        }
+    }
+
+    fn get(&mut self, path: &str, extra: &str) -> Response {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n");
+        self.w.write_all(req.as_bytes()).unwrap();
+        read_response(&mut self.r, false).unwrap()
+    }
+
+    fn post(&mut self, path: &str) -> Response {
+        let req = format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
+        self.w.write_all(req.as_bytes()).unwrap();
+        read_response(&mut self.r, false).unwrap()
+    }
+}
+
+/// Waits until the proxy's log contains `text`; how long it took.
+fn wait_log(p: &Proxy, text: &str, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if p.stderr.lock().unwrap().contains(text) {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// Runs `threads` clients sending GETs until `stop`; returns the statuses.
+fn load(
+    p: &Proxy,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<u16>>> {
+    (0..threads)
+        .map(|_| {
+            let addr = p.addr;
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut c: Option<Client> = None;
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let cl = c.get_or_insert_with(|| {
+                        let s = TcpStream::connect(addr).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        Client {
+                            w: s.try_clone().unwrap(),
+                            r: BufReader::new(s),
+                        }
+                    });
+                    if cl
+                        .w
+                        .write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+                        .is_err()
+                    {
+                        codes.push(0);
+                        c = None;
+                        continue;
+                    }
+                    match read_response(&mut cl.r, false) {
+                        Ok(r) => {
+                            if r.header("connection") == Some("close") {
+                                c = None;
+                            }
+                            codes.push(r.status)
+                        }
+                        Err(_) => {
+                            codes.push(0);
+                            c = None;
+                        }
+                    }
+                }
+                codes
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn round_robin_follows_weights() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let path = write_config(
+        "rr-weights",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[[pool]]\nname = \"app\"\n\
+             backends = [{{ addr = \"{}\", weight = 3 }}, {{ addr = \"{}\" }}]\n",
+            a.addr, b.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let mut c = Client::new(&p);
+    let mut seq = String::new();
+    for i in 0..40 {
+        let r = c.get(&format!("/n{i}"), "");
+        assert_eq!(r.status, 200);
+        seq.push_str(r.header("x-backend").unwrap());
+    }
+    assert_eq!((a.served(), b.served()), (30, 10));
+    // Smooth: b comes every fourth request, never a burst of a's.
+    assert!(seq.starts_with("aabaaaba") || seq.contains("aaba"), "{seq}");
+    assert!(!seq.contains("aaaa"), "{seq}");
+}
+
+#[test]
+fn a_killed_backend_is_detected_absorbed_and_readmitted_with_slow_start() {
+    let (a, mut b, c) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    );
+    let path = config(
+        "kill",
+        &[&a, &b, &c],
+        &[],
+        "health = { path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", rise = 2, fall = 2 }\n\
+         slow_start = \"3s\"\nretries = 2\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&p, 4, stop.clone());
+    std::thread::sleep(Duration::from_millis(600));
+    let before = b.served();
+    assert!(before > 0, "b got no traffic before the kill");
+    b.kill();
+    let down = format!("backend {} is DOWN", b.addr);
+    let took = wait_log(&p, &down, Duration::from_secs(5)).expect("kill not detected");
+    // fall × interval, plus one interval of phase and scheduling slack.
+    assert!(
+        took <= Duration::from_millis(2 * 200 + 400),
+        "detected after {took:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    b.revive();
+    let up = format!("backend {} is UP", b.addr);
+    let took = wait_log(&p, &up, Duration::from_secs(5)).expect("revival not detected");
+    assert!(
+        took <= Duration::from_millis(2 * 200 + 400),
+        "back after {took:?}"
+    );
+    // Slow start: b's share of requests grows over its three seconds.
+    let share = |secs: u64| {
+        let (b0, t0) = (b.served(), a.served() + c.served());
+        std::thread::sleep(Duration::from_secs(secs));
+        let (db, dt) = (b.served() - b0, a.served() + c.served() - t0);
+        db as f64 / (db + dt).max(1) as f64
+    };
+    let early = share(1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late = share(1);
+    stop.store(true, Ordering::SeqCst);
+    let codes: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let errors = codes.iter().filter(|&&c| c != 200).count();
+    assert!(codes.len() > 200, "only {} requests", codes.len());
+    assert_eq!(
+        errors,
+        0,
+        "retries should absorb the kill: {:?}\n{}",
+        codes.iter().filter(|&&c| c != 200).collect::<Vec<_>>(),
+        p.stderr.lock().unwrap()
+    );
+    assert!(b.served() > before, "b got no traffic after coming back");
+    assert!(
+        early < late * 0.8 && late > 0.2,
+        "slow start: share {early:.2} in the first second, {late:.2} after"
+    );
+}
+
+#[test]
+fn refused_requests_fail_over_and_the_backend_is_ejected() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let dead = dead_addr();
+    let path = config(
+        "eject",
+        &[&a, &b],
+        &[dead],
+        "eject = { failures = 2, cooldown = \"30s\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path, "--shards", "1"]);
+    let mut c = Client::new(&p);
+    // A shard that cannot connect holds the backend back for a moment, so
+    // the failures that eject it come one per hold: keep asking till then.
+    let ejected = format!("backend {dead} ejected");
+    let t = Instant::now();
+    let mut sent = 0;
+    while t.elapsed() < Duration::from_secs(5) && !p.stderr.lock().unwrap().contains(&ejected) {
+        assert_eq!(c.get(&format!("/g{sent}"), "").status, 200, "GET {sent}");
+        // A POST that never reached the dead backend is safe to retry.
+        assert_eq!(c.post("/p").status, 200, "POST {sent}");
+        sent += 2;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        p.stderr.lock().unwrap().contains(&ejected),
+        "{}",
+        p.stderr.lock().unwrap()
+    );
+    assert!(a.received("POST") + b.received("POST") == sent / 2);
+    assert_eq!(a.served() + b.served(), sent);
+}
+
+#[test]
+fn a_post_that_reached_a_backend_is_not_retried() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    a.mode.store(DIE, Ordering::SeqCst);
+    let path = config("no-retry", &[&a, &b], &[], "eject = { failures = 0 }\n");
+    let p = Proxy::start(&["-c", &path, "--shards", "1"]);
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let mut c = Client::new(&p);
+        codes.push(c.post("/p").status);
+    }
+    let failed = codes.iter().filter(|&&c| c == 502).count();
+    assert_eq!(failed, a.received("POST"), "{codes:?}");
+    assert!(failed >= 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 6 - failed);
+    // An idempotent GET with no response byte back goes to the other.
+    for _ in 0..6 {
+        let mut c = Client::new(&p);
+        let r = c.get("/g", "");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-backend"), Some("b"));
+    }
+    assert!(a.received("GET") >= 2);
+}
+
+#[test]
+fn a_hung_backend_gives_bounded_504s_and_is_ejected() {
+    let (mut a, b) = (Backend::start("hung"), Backend::start("b"));
+    a.mode.store(HANG, Ordering::SeqCst);
+    let path = config(
+        "hung",
+        &[&a, &b],
+        &[],
+        "response_timeout = \"300ms\"\neject = { failures = 2, cooldown = \"30s\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let mut slow = 0;
+    let mut timeouts = 0;
+    for i in 0..16 {
+        let mut c = Client::new(&p);
+        let t = Instant::now();
+        let r = c.get(&format!("/h{i}"), "");
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "request {i} took {took:?}");
+        match r.status {
+            504 => {
+                timeouts += 1;
+                assert!(took >= Duration::from_millis(250), "{took:?}");
+            }
+            200 => assert_eq!(r.header("x-backend"), Some("b")),
+            s => panic!("status {s}"),
+        }
+        if took > Duration::from_millis(250) {
+            slow += 1;
+        }
+    }
+    assert!((1..=3).contains(&timeouts), "{timeouts} timeouts");
+    assert_eq!(slow, timeouts);
+    assert!(wait_log(
+        &p,
+        &format!("backend {} ejected", a.addr),
+        Duration::from_secs(1)
+    )
+    .is_some());
+    a.kill();
+}
+
+#[test]
+fn sticky_sessions_stay_put_and_fail_over() {
+    let mut bs = [
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    ];
+    let path = config(
+        "sticky",
+        &[&bs[0], &bs[1], &bs[2]],
+        &[],
+        "balance = \"sticky\"\nsticky = { cookie = \"sid\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let mut c = Client::new(&p);
+    let first = c.get("/", "");
+    let set = first
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    assert!(set.starts_with("sid=") && set.contains("HttpOnly"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let home = first.header("x-backend").unwrap().to_string();
+    for i in 0..12 {
+        // New connections land on either shard: the cookie decides.
+        let mut c = Client::new(&p);
+        let r = c.get(&format!("/s{i}"), &format!("Cookie: a=1; {cookie}\r\n"));
+        assert_eq!(r.header("x-backend"), Some(home.as_str()));
+        assert!(r.header("set-cookie").is_none(), "no re-pin while it is up");
+    }
+    // A made-up value cannot name a backend: it gets a fresh pin.
+    let r = Client::new(&p).get("/", "Cookie: sid=127.0.0.1:1\r\n");
+    assert!(r.header("set-cookie").is_some());
+    // Its backend dies: the session moves and is re-pinned.
+    let i = bs.iter().position(|b| b.name == home).unwrap();
+    bs[i].kill();
+    let r = Client::new(&p).get("/", &format!("Cookie: {cookie}\r\n"));
+    assert_eq!(r.status, 200);
+    let moved = r.header("x-backend").unwrap().to_string();
+    assert_ne!(moved, home);
+    let set = r.header("set-cookie").expect("re-pinned").to_string();
+    let cookie2 = set.split(';').next().unwrap().to_string();
+    assert_ne!(cookie2, cookie);
+    for _ in 0..6 {
+        let r = Client::new(&p).get("/", &format!("Cookie: {cookie2}\r\n"));
+        assert_eq!(r.header("x-backend"), Some(moved.as_str()));
+    }
+}
+
+#[test]
+fn hashing_sends_a_key_to_one_backend_from_every_shard() {
+    let bs = [
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    ];
+    let path = config(
+        "hash",
+        &[&bs[0], &bs[1], &bs[2]],
+        &[],
+        // Without the load bound: a request still finishing on another
+        // shard could otherwise spill the next one (the bound is checked
+        // by the property tests).
+        "balance = \"hash\"\nhash_key = \"header:X-User\"\nhash_balance_factor = 0\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let mut owners = HashMap::new();
+    for user in 0..24 {
+        for _ in 0..3 {
+            let r = Client::new(&p).get("/", &format!("X-User: u{user}\r\n"));
+            let b = r.header("x-backend").unwrap().to_string();
+            let o = owners.entry(user).or_insert_with(|| b.clone());
+            assert_eq!(*o, b, "user {user} moved");
+        }
+    }
+    let used: std::collections::HashSet<_> = owners.values().collect();
+    assert_eq!(used.len(), 3, "keys spread over every backend: {owners:?}");
+}
+
+#[test]
+fn least_loaded_and_peak_ewma_avoid_a_slow_backend() {
+    for algo in ["least-loaded", "peak-ewma"] {
+        let bs = [
+            Backend::start("a"),
+            Backend::start("b"),
+            Backend::start("slow"),
+        ];
+        bs[2].delay_ms.store(40, Ordering::SeqCst);
+        let path = config(
+            &format!("slow-{algo}"),
+            &[&bs[0], &bs[1], &bs[2]],
+            &[],
+            &format!("balance = \"{algo}\"\n"),
+        );
+        let p = Proxy::start(&["-c", &path]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = load(&p, 6, stop.clone());
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        let codes: Vec<u16> = clients
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert!(codes.iter().all(|&c| c == 200));
+        let (fast, slow) = (bs[0].served() + bs[1].served(), bs[2].served());
+        // Round robin would give the slow one a third of all requests.
+        assert!(
+            (slow as f64) < (slow + fast) as f64 / 6.0,
+            "{algo}: slow backend served {slow} of {}",
+            slow + fast
+        );
+    }
+}
+
+#[test]
+fn all_backends_down_gives_503_with_retry_after() {
+    let path = write_config(
+        "all-down",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[pool]]\nname = \"app\"\n\
+             backends = [{{ addr = \"{}\" }}, {{ addr = \"{}\" }}]\n\
+             health = {{ path = \"/healthz\", interval = \"100ms\", fall = 1 }}\n",
+            dead_addr(),
+            dead_addr()
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    assert!(wait_log(&p, "no backend is usable", Duration::from_secs(3)).is_some());
+    for path in ["/", "/cacheable"] {
+        let r = Client::new(&p).get(path, "");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    let r = Client::new(&p).post("/");
+    assert_eq!(r.status, 503);
+}
