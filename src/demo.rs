@@ -5,8 +5,8 @@
 use crate::config::{self, Overrides};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A tiny threaded origin. `/obj/N`: 1 KiB, not cacheable; `/slow`: the same
@@ -15,21 +15,67 @@ use std::time::Duration;
 struct DemoOrigin {
     addr: SocketAddr,
     served: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl DemoOrigin {
     fn start() -> Result<DemoOrigin, String> {
         let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("origin bind: {e}"))?;
         let addr = l.local_addr().map_err(|e| e.to_string())?;
-        let served = Arc::new(AtomicU64::new(0));
-        let s = served.clone();
+        let mut o = DemoOrigin {
+            addr,
+            served: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Mutex::new(Vec::new())),
+        };
+        o.listen(l)?;
+        Ok(o)
+    }
+
+    fn listen(&mut self, l: TcpListener) -> Result<(), String> {
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        self.stop = Arc::new(AtomicBool::new(false));
+        let (s, stop, conns) = (self.served.clone(), self.stop.clone(), self.conns.clone());
         std::thread::spawn(move || {
-            for conn in l.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || serve(conn, &s));
+            while !stop.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        if let Ok(c) = conn.try_clone() {
+                            if let Ok(mut v) = conns.lock() {
+                                v.push(c);
+                            }
+                        }
+                        let s = s.clone();
+                        std::thread::spawn(move || serve(conn, &s));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
             }
         });
-        Ok(DemoOrigin { addr, served })
+        Ok(())
+    }
+
+    /// Stops listening and cuts every connection, like a crashed server.
+    fn kill(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(mut v) = self.conns.lock() {
+            for c in v.drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Listens on the same port again.
+    fn revive(&mut self) -> Result<(), String> {
+        std::thread::sleep(Duration::from_millis(10));
+        let l = TcpListener::bind(self.addr).map_err(|e| format!("origin rebind: {e}"))?;
+        self.listen(l)
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 
@@ -55,12 +101,15 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
         if line.contains("/herd") {
             std::thread::sleep(Duration::from_millis(200));
         }
+        let probe = line.contains("/healthz");
         let cc = if line.contains("/cached") || line.contains("/herd") {
             "public, max-age=60"
         } else {
             "no-store"
         };
-        served.fetch_add(1, Ordering::Relaxed);
+        if !probe {
+            served.fetch_add(1, Ordering::Relaxed);
+        }
         let mut out = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nCache-Control: {cc}\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -102,16 +151,23 @@ fn describe(r: &loadgen::Report) -> String {
 
 /// Runs the tour; `seconds` is its rough length.
 pub fn run(seconds: u64) -> Result<(), String> {
-    let phase = Duration::from_millis((seconds.clamp(8, 120) * 1000) / 8);
+    let phase = Duration::from_millis((seconds.clamp(9, 120) * 1000) / 9);
     println!("corral demo: a shard-per-core reverse proxy on io_uring, on loopback only.\n");
     let a = DemoOrigin::start()?;
     let b = DemoOrigin::start()?;
+    let mut c = DemoOrigin::start()?;
     let shards = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(2);
     let ov = Overrides {
         listen: vec!["127.0.0.1:0".into()],
-        backends: vec![format!("{},weight=3", a.addr), b.addr.to_string()],
+        backends: vec![
+            format!("{},weight=3", a.addr),
+            b.addr.to_string(),
+            c.addr.to_string(),
+        ],
+        health_path: Some("/healthz".into()),
+        health_interval: Some("250ms".into()),
         shards: Some(shards),
         ..Default::default()
     };
@@ -120,8 +176,8 @@ pub fn run(seconds: u64) -> Result<(), String> {
     let running = crate::shard::start(cfg).map_err(|e| e.to_string())?;
     let proxy = running.addrs[0];
     println!(
-        "1. Started two origins ({} with weight 3, {} with weight 1) and corral on {} with {} shard(s),\n   each shard a pinned glommio executor with its own SO_REUSEPORT listener.\n",
-        a.addr, b.addr, proxy, shards
+        "1. Started three origins ({} with weight 3, {} and {} with weight 1) and corral on {}\n   with {} shard(s), each a pinned glommio executor with its own SO_REUSEPORT listener.\n   corral checks each origin's /healthz every 250 ms.\n",
+        a.addr, b.addr, c.addr, proxy, shards
     );
 
     let load = |path: &str, f: &dyn Fn(&mut loadgen::Options)| -> Result<loadgen::Report, String> {
@@ -138,20 +194,49 @@ pub fn run(seconds: u64) -> Result<(), String> {
     );
     let r = load("/obj/1", &|_| {})?;
     println!("{}", describe(&r));
-    let (na, nb) = (
-        a.served.load(Ordering::Relaxed),
-        b.served.load(Ordering::Relaxed),
-    );
+    let (na, nb, nc) = (a.served(), b.served(), c.served());
     println!(
-        "    smooth weighted round robin sent {na} to the weight-3 origin and {nb} to the weight-1 origin ({:.2} : 1).\n",
-        na as f64 / nb.max(1) as f64
+        "    smooth weighted round robin sent {na} : {nb} : {nc} requests to the origins ({:.2} : 1 : {:.2}).\n",
+        na as f64 / nb.max(1) as f64,
+        nc as f64 / nb.max(1) as f64
     );
 
-    println!("3. Pipelining: 8 requests in flight per connection, answered in order.");
+    println!(
+        "3. Failover: the same load, and a third of the way in the third origin dies (its port"
+    );
+    println!(
+        "   refuses, its open connections are cut). Requests that fail before any response byte"
+    );
+    println!("   are retried on another origin; health checks take it out of rotation.");
+    let (b0, c0) = (b.served(), c.served());
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(phase / 3);
+            c.kill();
+        });
+        load("/obj/1", &|_| {})
+    })?;
+    println!("{}", describe(&r));
+    println!(
+        "    the dead origin answered {} requests before it died, the weight-1 survivor {}.",
+        c.served() - c0,
+        b.served() - b0
+    );
+    c.revive()?;
+    std::thread::sleep(Duration::from_millis(900));
+    let c1 = c.served();
+    let r = load("/obj/1", &|_| {})?;
+    println!(
+        "    revived and seen healthy again (rise = 2 checks), it served {} of the next {} requests.\n",
+        c.served() - c1,
+        r.stats.requests()
+    );
+
+    println!("4. Pipelining: 8 requests in flight per connection, answered in order.");
     let r = load("/obj/2", &|o| o.pipeline = 8)?;
     println!("{}\n", describe(&r));
 
-    println!("4. Open loop at 2000 req/s against a 20 ms origin path: latency counts from each");
+    println!("5. Open loop at 2000 req/s against a 20 ms origin path: latency counts from each");
     println!(
         "   request's intended send time, so stalls cannot hide (coordinated omission corrected)."
     );
@@ -165,15 +250,15 @@ pub fn run(seconds: u64) -> Result<(), String> {
         r.stats.late
     );
 
-    println!("5. Many keys: 10,000 distinct URLs with a zipf(1.0) popularity, streamed through.");
+    println!("6. Many keys: 10,000 distinct URLs with a zipf(1.0) popularity, streamed through.");
     let r = load("/obj/{key}", &|o| {
         o.keys = Some(10_000);
         o.dist = loadgen::keys::Dist::Zipf(1.0);
     })?;
     println!("{}\n", describe(&r));
 
-    let served = || a.served.load(Ordering::Relaxed) + b.served.load(Ordering::Relaxed);
-    println!("6. The cache: 32 connections asking for one object that is fresh for a minute.");
+    let served = || a.served() + b.served() + c.served();
+    println!("7. The cache: 32 connections asking for one object that is fresh for a minute.");
     let before = served();
     let r = load("/cached/1", &|_| {})?;
     println!("{}", describe(&r));
@@ -183,7 +268,7 @@ pub fn run(seconds: u64) -> Result<(), String> {
     );
 
     println!(
-        "7. A thundering herd: 200 connections ask for the same never-seen object at the same"
+        "8. A thundering herd: 200 connections ask for the same never-seen object at the same"
     );
     println!(
         "   instant, round after round; the origin takes 200 ms. Collapsed forwarding turns each"
@@ -206,12 +291,11 @@ pub fn run(seconds: u64) -> Result<(), String> {
     );
 
     println!(
-        "8. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
+        "9. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
     );
     running.stop();
     running.join();
     println!("    all shards drained and stopped.\n");
-    println!("Not in this build yet (see the README): health checks and failover, the other");
-    println!("balancers, the origin store, and the admin listener.");
+    println!("Not in this build yet (see the README): the origin store and the admin listener.");
     Ok(())
 }
