@@ -215,9 +215,11 @@ impl Ring {
         let key = mix(key);
         let start = self.points.partition_point(|&(h, _)| h < key);
         let mut first = None;
+        // Backends found at their cap: skipped without another look.
+        let mut full: Mask = 0;
         for k in 0..self.points.len() {
             let b = self.points[(start + k) % self.points.len()].1 as usize;
-            if set & bit(b) == 0 {
+            if (set & !full) & bit(b) == 0 {
                 continue;
             }
             if factor <= 0.0 {
@@ -228,6 +230,10 @@ impl Ring {
             let cap = (factor * total_load as f64 * share).ceil();
             if (loads(b) as f64) < cap {
                 return Some(b);
+            }
+            full |= bit(b);
+            if full == set {
+                break;
             }
         }
         first
