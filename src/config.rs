@@ -17,6 +17,11 @@ pub struct Config {
     /// unpinned.
     pub cpus: Option<Vec<usize>>,
     pub admin: Option<SocketAddr>,
+    /// Record per-request statistics (latency histograms, counters).
+    pub metrics: bool,
+    /// A one-line summary on stderr this often.
+    pub stats_interval: Option<Duration>,
+    pub access_log: Option<AccessLog>,
     /// How long in-flight requests may run after SIGINT/SIGTERM.
     pub drain_timeout: Duration,
     /// Client connections per shard above which new ones are refused (503).
@@ -25,6 +30,22 @@ pub struct Config {
     pub cache: CacheConfig,
     pub pools: Vec<PoolConfig>,
     pub routes: Vec<Route>,
+}
+
+/// Where and how the access log is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// A file path, or `None` for stderr.
+    pub path: Option<String>,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// The common log format (NCSA), plus nothing.
+    Common,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +252,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub cache: CacheSection,
     #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
     pub pool: Vec<PoolSection>,
     #[serde(default)]
     pub store: Vec<toml::Value>,
@@ -245,8 +268,18 @@ pub struct ServerSection {
     pub shards: Option<usize>,
     pub cpus: Option<String>,
     pub admin: Option<String>,
+    pub metrics: Option<bool>,
+    pub stats_interval: Option<String>,
     pub drain_timeout: Option<String>,
     pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `"stderr"` or a file path; unset: no access log.
+    pub access: Option<String>,
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -352,6 +385,9 @@ pub struct Overrides {
     pub admin: Option<String>,
     pub health_path: Option<String>,
     pub health_interval: Option<String>,
+    pub no_metrics: bool,
+    pub stats_interval: Option<String>,
+    pub access_log: Option<String>,
 }
 
 /// Parses TOML text into the file shape; the error names the key path and line.
@@ -561,19 +597,61 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         );
     }
     let cpus = cpus.map(|c| (0..shards).map(|i| c[i % c.len()]).collect());
-    let admin_src = ov.admin.clone().or(file.server.admin.clone());
-    if admin_src.is_some() {
-        let key = if ov.admin.is_some() {
-            "--admin"
-        } else {
-            "server.admin"
+    let admin_key = if ov.admin.is_some() {
+        "--admin"
+    } else {
+        "server.admin"
+    };
+    let admin = match ov.admin.clone().or(file.server.admin.clone()) {
+        None => None,
+        Some(a) => match resolve(&a) {
+            Ok(addr) => Some(addr),
+            Err(m) => {
+                err(admin_key, m);
+                None
+            }
+        },
+    };
+    let metrics = !ov.no_metrics && file.server.metrics.unwrap_or(true);
+    let stats_interval = match (&ov.stats_interval, &file.server.stats_interval) {
+        (Some(v), _) => Some(dur(&mut err, "--stats-interval", &Some(v.clone()), "10s")),
+        (None, Some(v)) => Some(dur(
+            &mut err,
+            "server.stats_interval",
+            &Some(v.clone()),
+            "10s",
+        )),
+        (None, None) => None,
+    };
+    let access_log = {
+        let format = match file.log.format.as_deref().unwrap_or("common") {
+            "common" | "clf" => LogFormat::Common,
+            "json" => LogFormat::Json,
+            f => {
+                err(
+                    "log.format",
+                    format!("`{f}` is not a log format (common, json)"),
+                );
+                LogFormat::Common
+            }
         };
-        err(
-            key,
-            "the admin listener is not available in this build yet (see the README's status)"
-                .into(),
-        );
-    }
+        match ov.access_log.clone().or(file.log.access.clone()) {
+            None => None,
+            Some(p) if p.is_empty() => {
+                let key = if ov.access_log.is_some() {
+                    "--access-log"
+                } else {
+                    "log.access"
+                };
+                err(key, "must be \"stderr\" or a file path".into());
+                None
+            }
+            Some(p) => Some(AccessLog {
+                path: (p != "stderr").then_some(p),
+                format,
+            }),
+        }
+    };
     let drain_timeout = dur(
         &mut err,
         "server.drain_timeout",
@@ -986,7 +1064,10 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         listen,
         shards,
         cpus,
-        admin: None,
+        admin,
+        metrics,
+        stats_interval,
+        access_log,
         drain_timeout,
         max_connections,
         limits: Limits {

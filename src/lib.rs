@@ -13,9 +13,12 @@
 //!   task that probes and publishes health (I/O).
 //! - [`cache`] (pure cores): RFC 9111 policy, S3-FIFO store, collapse table.
 //! - [`origin`] (I/O): upstream connection pools.
+//! - [`admin`]: per-shard statistics merged on demand, the admin listener
+//!   (`/metrics`, `/status`, the status page), the access log.
 //! - [`shard`] (I/O): executors, listeners, the connection driver and the
 //!   socket fast path.
 
+pub mod admin;
 pub mod balance;
 pub mod cache;
 pub mod config;

@@ -73,6 +73,15 @@ struct RunArgs {
     /// Health check interval (default 2s).
     #[arg(long)]
     health_interval: Option<String>,
+    /// Do not record per-request statistics (latency histograms, counters).
+    #[arg(long)]
+    no_metrics: bool,
+    /// Print a one-line summary on stderr this often (e.g. 10s).
+    #[arg(long)]
+    stats_interval: Option<String>,
+    /// Write an access log: "stderr" or a file path.
+    #[arg(long)]
+    access_log: Option<String>,
 }
 
 impl RunArgs {
@@ -89,6 +98,9 @@ impl RunArgs {
             admin: self.admin.clone(),
             health_path: self.health_path.clone(),
             health_interval: self.health_interval.clone(),
+            no_metrics: self.no_metrics,
+            stats_interval: self.stats_interval.clone(),
+            access_log: self.access_log.clone(),
         }
     }
 }
@@ -158,6 +170,9 @@ fn run(args: &RunArgs) -> ExitCode {
     }
     for a in &running.addrs {
         println!("corral: listening on {a} ({shards} shards)");
+    }
+    if let Some(a) = running.admin {
+        println!("corral: admin on http://{a}/");
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -59,6 +59,26 @@ impl Partitions {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Drops every stored response whose target's path is `path` (any
+    /// host, any query, any variant), or whose whole target is `path`;
+    /// how many. Hot sets drop theirs through the purge generation.
+    pub fn purge_path(&self, path: &[u8]) -> usize {
+        let mut n = 0;
+        for p in &self.parts {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.retain(|_, o| {
+                let t = &o.meta.target;
+                let t_path = t.split(|&c| c == b'?').next().unwrap_or(t);
+                let hit = t.as_slice() == path || t_path == path;
+                n += usize::from(hit);
+                !hit
+            });
+        }
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        n
+    }
+
     /// Objects and bytes stored, over every partition.
     pub fn usage(&self) -> (usize, u64) {
         self.parts.iter().fold((0, 0), |(n, b), p| {

@@ -26,6 +26,8 @@ pub struct Meta {
     /// The fetching request's values of those fields: a request with other
     /// values must not be given this response (even while it streams).
     pub request_vary: Vec<Option<Vec<u8>>>,
+    /// The request target it answers (for purging by path).
+    pub target: Vec<u8>,
 }
 
 /// A plain 200 `Meta` for tests of the modules that carry one.
@@ -40,6 +42,7 @@ pub fn test_meta() -> Arc<Meta> {
         content_length: None,
         vary: Vec::new(),
         request_vary: Vec::new(),
+        target: Vec::new(),
     })
 }
 
@@ -160,6 +163,7 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         etag,
         vary,
         request_vary: Vec::new(),
+        target: Vec::new(),
         content_length: if head.body() == crate::http::BodyKind::Chunked {
             None
         } else {

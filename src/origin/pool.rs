@@ -9,6 +9,7 @@
 //!   backend, incremented and decremented by the shard that sends;
 //! - failure reports from any shard to the owner, over a channel.
 
+use crate::admin::stats::{BackendFigures, PoolFigures};
 use crate::balance::{
     bit, eligible, two_choices, weighted_random, Mask, PeakEwma, RetryBudget, Ring, Rng,
     SmoothRoundRobin,
@@ -241,6 +242,10 @@ pub struct UpstreamPool {
     held_until: Vec<Cell<Option<Instant>>>,
     /// Some backend is held.
     any_held: Cell<bool>,
+    /// Statistics are recorded.
+    metrics: bool,
+    /// Requests, failures and time to first byte per backend (this shard's).
+    figures: RefCell<PoolFigures>,
     epoch: Instant,
     /// Idle connections per backend, most recently used last (LIFO reuse
     /// keeps the working set warm and lets the oldest expire).
@@ -258,7 +263,7 @@ pub const LOCAL_HOLD: Duration = Duration::from_millis(250);
 const MIN_RETRIES_PER_SEC: f64 = 10.0;
 
 impl UpstreamPool {
-    pub fn new(cfg: PoolConfig, shared: Arc<PoolShared>, seed: u64) -> UpstreamPool {
+    pub fn new(cfg: PoolConfig, shared: Arc<PoolShared>, seed: u64, metrics: bool) -> UpstreamPool {
         let n = cfg.backends.len();
         let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
         let ring = matches!(cfg.balance, Balance::Hash | Balance::Sticky).then(|| {
@@ -281,6 +286,10 @@ impl UpstreamPool {
             weights: RefCell::new(vec![0; n]),
             held_until: (0..n).map(|_| Cell::new(None)).collect(),
             any_held: Cell::new(false),
+            metrics,
+            figures: RefCell::new(PoolFigures {
+                backends: (0..n).map(|_| BackendFigures::new()).collect(),
+            }),
             epoch: Instant::now(),
             shared,
             cfg,
@@ -376,6 +385,9 @@ impl UpstreamPool {
     pub fn begin(&self, b: usize) -> InFlight<'_> {
         let shared = &self.shared.backends[b];
         shared.inflight.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.figures.borrow_mut().backends.get_mut(b) {
+            f.sent += 1;
+        }
         InFlight { shared }
     }
 
@@ -383,6 +395,12 @@ impl UpstreamPool {
     /// latency estimate and the reported load, and the passive checks.
     pub fn answered(&self, b: usize, started: Instant, head: &[u8], rhead: &ResponseHead) {
         let now = Instant::now();
+        if self.metrics {
+            if let Some(f) = self.figures.borrow_mut().backends.get_mut(b) {
+                let us = now.saturating_duration_since(started).as_micros() as u64;
+                f.ttfb.saturating_record(us.max(1));
+            }
+        }
         if self.cfg.balance == Balance::PeakEwma {
             let rtt = now.saturating_duration_since(started).as_nanos() as u64;
             let t = self.nanos(now);
@@ -414,6 +432,9 @@ impl UpstreamPool {
         if let Some(r) = self.reported.get(b) {
             r.set(true);
         }
+        if let Some(f) = self.figures.borrow_mut().backends.get_mut(b) {
+            f.failures += 1;
+        }
         if matches!(kind, FailKind::Connect | FailKind::ConnectTimeout) {
             if let Some(h) = self.held_until.get(b) {
                 h.set(Some(Instant::now() + LOCAL_HOLD));
@@ -440,6 +461,11 @@ impl UpstreamPool {
         if self.reported.get(b).is_some_and(|r| r.replace(false)) {
             let _ = self.shared.reports.try_send(Report::Success { backend: b });
         }
+    }
+
+    /// This shard's figures for the pool, as of now.
+    pub fn figures(&self) -> PoolFigures {
+        self.figures.borrow().clone()
     }
 
     /// The sticky cookie value naming backend `b`.

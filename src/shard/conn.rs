@@ -11,6 +11,8 @@ mod cached;
 use super::buf::Buf;
 use super::net::{NetError, Sock};
 use super::Shard;
+use crate::admin::log::Entry;
+use crate::admin::stats::Class;
 use crate::cache::key_hash;
 use crate::config::HashKey;
 use crate::http::chunked::{self, ChunkedDecoder, Decoded};
@@ -64,6 +66,13 @@ pub struct ClientConn {
     set_cookie: String,
     /// What the balancer may use about the current request.
     hint: Hint,
+    /// The status of the response to the current request (0: none yet).
+    status: u16,
+    /// How the cache took part in the current request.
+    class: Class,
+    /// The current request's method and target, for the access log.
+    req_line: Vec<u8>,
+    req_method_len: usize,
 }
 
 /// The value of cookie `name` in the request's `Cookie` fields.
@@ -97,6 +106,10 @@ impl ClientConn {
             cache_status: String::new(),
             set_cookie: String::new(),
             hint: Hint::default(),
+            status: 0,
+            class: Class::Pass,
+            req_line: Vec::new(),
+            req_method_len: 0,
         }
     }
 
@@ -104,19 +117,69 @@ impl ClientConn {
     /// connection, or the shard drains.
     pub async fn run(mut self) {
         loop {
-            match self.read_head().await {
+            self.status = 0;
+            self.class = Class::Pass;
+            let r = self.read_head().await;
+            let started = Instant::now();
+            let sent = self.sock.sent;
+            match r {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
                     self.log(&format!("rejected request: {e}"));
+                    self.req_line.clear();
+                    self.req_method_len = 0;
                     self.send_error(e.status(), e.reason(), true).await;
+                    self.record(started, sent);
                     return;
                 }
             }
-            match self.proxy().await {
+            if self.shard.log.is_some() {
+                let buf = self.inbuf.filled();
+                self.req_line.clear();
+                self.req_line
+                    .extend_from_slice(&buf[self.head.method_range.clone()]);
+                self.req_method_len = self.req_line.len();
+                self.req_line.extend_from_slice(self.head.target(buf));
+            }
+            let outcome = self.proxy().await;
+            self.record(started, sent);
+            match outcome {
                 Outcome::KeepAlive if !self.shard.draining() => {}
                 _ => return,
             }
+        }
+    }
+
+    /// Counts the request just answered (statistics, access log).
+    fn record(&self, started: Instant, sent_before: u64) {
+        if self.status == 0 {
+            return; // the client left before any answer
+        }
+        let us = started.elapsed().as_micros() as u64;
+        if self.shard.cfg.metrics {
+            self.shard
+                .stats
+                .borrow_mut()
+                .record(self.status, self.class, us);
+        }
+        if let Some(log) = &self.shard.log {
+            let (method, target) = if self.req_method_len == 0 {
+                (&b"-"[..], &b"-"[..])
+            } else {
+                self.req_line.split_at(self.req_method_len)
+            };
+            log.write(&Entry {
+                client: &self.peer_ip,
+                method,
+                target,
+                minor: self.head.minor,
+                status: self.status,
+                bytes: self.sock.sent - sent_before,
+                duration_us: us,
+                cache: self.class.name(),
+                time: crate::cache::unix_now(),
+            });
         }
     }
 
@@ -190,6 +253,7 @@ impl ClientConn {
         } else {
             &[]
         };
+        self.status = code;
         write_simple_response(&mut self.out, code, body, close, extra);
         let deadline = Instant::now() + self.shard.cfg.limits.body_timeout;
         let _ = self.sock.write_all(&self.out, deadline).await;
@@ -652,6 +716,7 @@ impl ClientConn {
         let up_body = self.rhead.body();
         let framing = ClientFraming::choose(up_body, minor);
         let close = client_close || shard.draining() || framing == ClientFraming::Close;
+        self.status = self.rhead.code;
         if !self.set_cookie.is_empty() {
             self.cache_status.push_str(&self.set_cookie);
         }

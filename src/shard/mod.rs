@@ -4,6 +4,7 @@
 
 pub mod buf;
 pub mod conn;
+pub mod mailbox;
 pub mod net;
 
 use crate::config::Config;
@@ -12,6 +13,7 @@ use crate::origin::pool::{PoolShared, UpstreamPool};
 use futures_lite::FutureExt;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
+use mailbox::Mailbox;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
@@ -61,6 +63,10 @@ pub struct Shard {
     pub shared_fills: Arc<crate::cache::shared::SharedFills>,
     /// The task queue connections and cache fills run in.
     pub queue: glommio::TaskQueueHandle,
+    /// This shard's request statistics (written only here).
+    pub stats: RefCell<crate::admin::stats::ShardStats>,
+    /// This shard's side of the access log, when one is configured.
+    pub log: Option<crate::admin::log::ShardLog>,
     /// Open client connections.
     conns: Cell<usize>,
     draining: Cell<bool>,
@@ -68,19 +74,22 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(
-        id: usize,
-        cfg: Arc<Config>,
-        queue: glommio::TaskQueueHandle,
-        shared_fills: Arc<crate::cache::shared::SharedFills>,
-        parts: Option<Arc<crate::cache::Partitions>>,
-        pools: &[Arc<PoolShared>],
-    ) -> Shard {
-        let cache = parts.map(|p| crate::cache::ShardCache::new(id, p, cfg.cache.size_bytes));
+    fn new(id: usize, cfg: Arc<Config>, queue: glommio::TaskQueueHandle, common: &Common) -> Shard {
+        let cache = common
+            .parts
+            .clone()
+            .map(|p| crate::cache::ShardCache::new(id, p, cfg.cache.size_bytes));
+        let pools = &common.pools;
+        let log = match (&cfg.access_log, &common.log) {
+            (Some(l), Some(tx)) => Some(crate::admin::log::ShardLog::new(l.format, tx.clone())),
+            _ => None,
+        };
         Shard {
             cache,
             queue,
-            shared_fills,
+            shared_fills: common.fills.clone(),
+            stats: RefCell::new(Default::default()),
+            log,
             id,
             head_limits: HeadLimits {
                 max_header_bytes: cfg.limits.max_header_bytes,
@@ -90,12 +99,12 @@ impl Shard {
             pools: cfg
                 .pools
                 .iter()
-                .zip(pools)
+                .zip(pools.iter())
                 .enumerate()
                 .map(|(i, (p, s))| {
                     let seed = crate::cache::key_hash(&[&id.to_le_bytes(), &i.to_le_bytes()])
                         ^ random_seed();
-                    UpstreamPool::new(p.clone(), s.clone(), seed)
+                    UpstreamPool::new(p.clone(), s.clone(), seed, cfg.metrics)
                 })
                 .collect(),
             conns: Cell::new(0),
@@ -107,6 +116,28 @@ impl Shard {
 
     pub fn draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Everything this shard counts, as of now.
+    pub fn snapshot(&self) -> crate::admin::stats::Snapshot {
+        let mut stats = self.stats.borrow().clone();
+        if let Some(l) = &self.log {
+            stats.log_dropped = l.dropped.get();
+        }
+        crate::admin::stats::Snapshot {
+            shard: self.id,
+            connections: self.conns.get() as u64,
+            stats,
+            cache: self.cache.as_ref().map_or(Default::default(), |c| {
+                crate::admin::stats::CacheFigures {
+                    hits: c.hits.get(),
+                    misses: c.misses.get(),
+                    collapsed: c.collapsed.get(),
+                    stored: c.stored.get(),
+                }
+            }),
+            pools: self.pools.iter().map(|p| p.figures()).collect(),
+        }
     }
 
     fn begin_drain(&self) {
@@ -263,6 +294,8 @@ fn reserve(listen: &[SocketAddr]) -> Result<(Vec<SocketAddr>, Vec<socket2::Socke
 /// A running proxy: its bound addresses and a way to stop it.
 pub struct Running {
     pub addrs: Vec<SocketAddr>,
+    /// The admin listener's address, if there is one.
+    pub admin: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
@@ -319,6 +352,34 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             })
             .collect(),
     );
+    let mailboxes: Arc<Vec<Arc<Mailbox<crate::admin::StatsRequest>>>> = Arc::new(
+        (0..cfg.shards)
+            .map(|_| Arc::new(Mailbox::new(64)))
+            .collect(),
+    );
+    let log = match &cfg.access_log {
+        Some(l) => Some(crate::admin::log::start_writer(l).map_err(|e| {
+            StartError(format!(
+                "cannot open the access log {}: {e}",
+                l.path.as_deref().unwrap_or("stderr")
+            ))
+        })?),
+        None => None,
+    };
+    let mut admin = match cfg.admin {
+        Some(a) => {
+            let s = listen_socket(a, false)
+                .and_then(|s| s.listen(128).map(|_| s))
+                .map_err(|e| StartError(format!("cannot listen on the admin address {a}: {e}")))?;
+            Some(s)
+        }
+        None => None,
+    };
+    let admin_addr = admin
+        .as_ref()
+        .and_then(|s| s.local_addr().ok())
+        .and_then(|a| a.as_socket());
+    let started = Instant::now();
     let mut handles = Vec::new();
     for id in 0..cfg.shards {
         let placement = match &cfg.cpus {
@@ -331,6 +392,10 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             fills: shared_fills.clone(),
             parts: partitions.clone(),
             pools: pools.clone(),
+            mailboxes: mailboxes.clone(),
+            log: log.clone(),
+            admin: if id == 0 { admin.take() } else { None },
+            started,
         };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("corral-shard{id}"))
@@ -356,6 +421,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
     drop(holds);
     Ok(Running {
         addrs,
+        admin: admin_addr,
         stop,
         handles,
     })
@@ -376,6 +442,13 @@ struct Common {
     parts: Option<Arc<crate::cache::Partitions>>,
     /// Health and load of each pool's backends.
     pools: Arc<Vec<Arc<PoolShared>>>,
+    /// Each shard's mailbox for statistics requests.
+    mailboxes: Arc<Vec<Arc<Mailbox<crate::admin::StatsRequest>>>>,
+    /// The access log writer, if any.
+    log: Option<crossbeam_channel::Sender<Vec<u8>>>,
+    /// The admin listener's socket (shard 0 only).
+    admin: Option<socket2::Socket>,
+    started: Instant,
 }
 
 async fn shard_main(
@@ -407,14 +480,35 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
-    let shard = Rc::new(Shard::new(
-        id,
-        cfg.clone(),
-        queue,
-        common.fills,
-        common.parts,
-        &common.pools,
-    ));
+    let shard = Rc::new(Shard::new(id, cfg.clone(), queue, &common));
+    let hub = crate::admin::Hub {
+        mailboxes: common.mailboxes.clone(),
+        pools: common.pools.clone(),
+        parts: common.parts.clone(),
+        started: common.started,
+    };
+    // Statistics requests from the admin side run beside the connections.
+    let answer = crate::admin::answer_stats(shard.clone(), common.mailboxes[id].clone());
+    if let Err(e) = glommio::spawn_local_into(answer, queue).map(|t| t.detach()) {
+        let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+        return;
+    }
+    if let Some(sock) = common.admin {
+        // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
+        let l = unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) };
+        let task = crate::admin::serve(shard.clone(), hub.clone(), l);
+        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+            return;
+        }
+    }
+    if let (0, Some(every)) = (id, cfg.stats_interval) {
+        let task = crate::admin::summaries(shard.clone(), hub.clone(), every);
+        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+            return;
+        }
+    }
     for (i, p) in common.pools.iter().enumerate() {
         if p.owner == id {
             let task = crate::health::owner::run(shard.clone(), i);
@@ -441,6 +535,9 @@ async fn shard_main(
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(HOUSEKEEPING).await;
+        if let Some(l) = &shard.log {
+            l.flush();
+        }
         let now = Instant::now();
         if now.duration_since(last_sweep) >= Duration::from_secs(1) {
             for p in &shard.pools {
@@ -467,6 +564,29 @@ async fn shard_main(
     for p in &shard.pools {
         p.clear();
     }
+    if let Some(l) = &shard.log {
+        l.flush();
+    }
+}
+
+/// The next connection on `listener`; `None` once the shard drains.
+pub async fn accept(shard: &Shard, listener: &TcpListener) -> Option<glommio::net::TcpStream> {
+    loop {
+        let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.drain_signal().await;
+            None
+        })
+        .await;
+        match next {
+            None => return None,
+            Some(Ok(s)) => return Some(s),
+            Some(Err(e)) => {
+                eprintln!("corral[{}]: accept failed: {e}", shard.id);
+                // Out of file descriptors or similar: back off briefly.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
@@ -482,22 +602,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         );
         v
     };
-    loop {
-        let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.drain_signal().await;
-            None
-        })
-        .await;
-        let stream = match next {
-            None => return,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                eprintln!("corral[{}]: accept failed: {e}", shard.id);
-                // Out of file descriptors or similar: back off briefly.
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = accept(&shard, &listener).await {
         let sock = net::Sock::new(stream);
         if shard.conns.get() >= shard.cfg.max_connections {
             sock.try_write(&refusal);

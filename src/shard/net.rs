@@ -61,13 +61,19 @@ pub async fn until<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option
 pub struct Sock {
     stream: TcpStream,
     fd: RawFd,
+    /// Bytes written so far (for the access log).
+    pub sent: u64,
 }
 
 impl Sock {
     pub fn new(stream: TcpStream) -> Sock {
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
-        Sock { stream, fd }
+        Sock {
+            stream,
+            fd,
+            sent: 0,
+        }
     }
 
     /// Connects within `timeout`.
@@ -154,6 +160,7 @@ impl Sock {
             };
             if n >= 0 {
                 buf = &buf[n as usize..];
+                self.sent += n as u64;
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -162,7 +169,10 @@ impl Sock {
                 Some(libc::EAGAIN) => {
                     // The send buffer is full: let glommio wait for room.
                     match until(deadline, self.stream.write(buf)).await {
-                        Some(Ok(n)) => buf = &buf[n..],
+                        Some(Ok(n)) => {
+                            buf = &buf[n..];
+                            self.sent += n as u64;
+                        }
                         Some(Err(e)) => return Err(NetError::Io(e)),
                         None => return Err(NetError::TimedOut),
                     }
@@ -208,6 +218,7 @@ impl Sock {
                 _ => return Err(NetError::Io(io::Error::last_os_error())),
             }
         };
+        self.sent += sent as u64;
         if sent < head.len() {
             self.write_all(&head[sent..], deadline).await?;
             self.write_all(body, deadline).await

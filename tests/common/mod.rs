@@ -293,6 +293,8 @@ pub struct Proxy {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
+    /// What it printed on stdout after the first line.
+    pub stdout: Arc<Mutex<String>>,
 }
 
 impl Proxy {
@@ -340,9 +342,12 @@ impl Proxy {
             .find_map(|w| w.parse().ok())
             .expect("listening line names an address");
         // Keep draining stdout so the child never blocks on it.
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let o = stdout.clone();
         std::thread::spawn(move || {
             let mut s = String::new();
             while out.read_line(&mut s).unwrap_or(0) > 0 {
+                o.lock().unwrap().push_str(&s);
                 s.clear();
             }
         });
@@ -350,7 +355,21 @@ impl Proxy {
             child,
             addr,
             stderr,
+            stdout,
         })
+    }
+
+    /// The admin listener's address (from its start-up line).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            let out = self.stdout.lock().unwrap().clone();
+            if let Some(rest) = out.split("admin on http://").nth(1) {
+                return rest.split('/').next().unwrap().parse().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no admin line on stdout");
     }
 
     pub fn connect(&self) -> TcpStream {

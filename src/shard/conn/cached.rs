@@ -4,6 +4,7 @@
 //! stores what RFC 9111 allows.
 
 use super::{ClientConn, Outcome};
+use crate::admin::stats::Class;
 use crate::cache::collapse::{Fill, Next, Phase, Reader};
 use crate::cache::object::Meta;
 use crate::cache::object::{
@@ -93,6 +94,7 @@ impl ClientConn {
                 match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
                     Use::Fresh => {
                         ShardCache::bump(&cache.hits);
+                        self.class = Class::Hit;
                         return Some(
                             self.serve_object(&obj, age, &format!("hit; ttl={ttl}"))
                                 .await,
@@ -100,6 +102,7 @@ impl ClientConn {
                     }
                     Use::StaleOk => {
                         ShardCache::bump(&cache.hits);
+                        self.class = Class::Hit;
                         // One background refresh: lead a fill nobody reads.
                         let (reader, lead) = cache.collapse.join(key);
                         if lead {
@@ -122,6 +125,7 @@ impl ClientConn {
             }
         }
         ShardCache::bump(&cache.misses);
+        self.class = Class::Miss;
         if facts.cc.only_if_cached {
             self.inbuf.consume(self.head.head_len);
             self.send_error(504, "not in cache (only-if-cached)", self.head.close)
@@ -188,6 +192,7 @@ impl ClientConn {
             }
         }
         extra.push_str(&self.set_cookie);
+        self.status = status;
         let head_only = self.head.method() == Method::Head || status == 304 || status == 204;
         let close = self.head.close || self.shard.draining();
         self.out.clear();
@@ -332,6 +337,7 @@ impl ClientConn {
                             close = true;
                         }
                         self.out.clear();
+                        self.status = meta.status;
                         HitHead {
                             meta: &meta,
                             status: meta.status,
@@ -609,6 +615,7 @@ impl FillJob {
         let mut meta = meta_from_response(&synthetic, &rhead);
         meta.reason = old.meta.reason.clone();
         meta.request_vary = old.meta.request_vary.clone();
+        meta.target = old.meta.target.clone();
         let now = unix_now();
         let obj = Object {
             lifetime: freshness_lifetime(&meta.facts, now),
@@ -745,6 +752,7 @@ impl FillJob {
         let timing = Timing::new(&meta.facts, request_time, response_time);
         let vary = vary_values(&self.request, &self.head, &meta.vary);
         meta.request_vary = vary.clone();
+        meta.target = self.head.target(&self.request).to_vec();
         let meta = Arc::new(meta);
         self.start(meta.clone(), cacheable, timing, lifetime);
         ubuf.consume(rhead.head_len);

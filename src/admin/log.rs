@@ -1,0 +1,200 @@
+//! The access log: each shard formats its lines into its own buffer, and
+//! hands full buffers to one writer thread over a bounded channel. A shard
+//! never waits on the disk: when the writer falls behind, a buffer is dropped
+//! and counted (`corral_access_log_dropped_bytes_total`).
+
+use crate::config::{AccessLog, LogFormat};
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+
+/// A shard hands its buffer over at this size (or every 50 ms).
+pub const FLUSH_AT: usize = 64 * 1024;
+/// Buffers in flight to the writer before new ones are dropped.
+const QUEUE: usize = 64;
+
+/// Starts the writer thread; the sender every shard clones.
+pub fn start_writer(cfg: &AccessLog) -> std::io::Result<crossbeam_channel::Sender<Vec<u8>>> {
+    let mut out: Box<dyn Write + Send> = match &cfg.path {
+        None => Box::new(std::io::stderr()),
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?,
+        ),
+    };
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(QUEUE);
+    std::thread::Builder::new()
+        .name("corral-access-log".into())
+        .spawn(move || {
+            for buf in rx {
+                if out.write_all(&buf).is_err() {
+                    eprintln!("corral: cannot write the access log; lines are lost");
+                }
+                let _ = out.flush();
+            }
+        })?;
+    Ok(tx)
+}
+
+/// What one log line says.
+pub struct Entry<'a> {
+    pub client: &'a str,
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+    pub minor: u8,
+    pub status: u16,
+    pub bytes: u64,
+    pub duration_us: u64,
+    pub cache: &'static str,
+    /// Seconds since the Unix epoch.
+    pub time: i64,
+}
+
+/// One shard's side of the log.
+pub struct ShardLog {
+    format: LogFormat,
+    tx: crossbeam_channel::Sender<Vec<u8>>,
+    buf: RefCell<Vec<u8>>,
+    /// The formatted time of the second last formatted.
+    stamp: RefCell<(i64, String)>,
+    pub dropped: Cell<u64>,
+}
+
+impl ShardLog {
+    pub fn new(format: LogFormat, tx: crossbeam_channel::Sender<Vec<u8>>) -> ShardLog {
+        ShardLog {
+            format,
+            tx,
+            buf: RefCell::new(Vec::with_capacity(FLUSH_AT + 1024)),
+            stamp: RefCell::new((i64::MIN, String::new())),
+            dropped: Cell::new(0),
+        }
+    }
+
+    /// Appends one line; hands the buffer over when it is full.
+    pub fn write(&self, e: &Entry<'_>) {
+        let full = {
+            let mut buf = self.buf.borrow_mut();
+            let mut stamp = self.stamp.borrow_mut();
+            if stamp.0 != e.time {
+                *stamp = (e.time, clf_time(e.time));
+            }
+            match self.format {
+                LogFormat::Common => common(&mut buf, e, &stamp.1),
+                LogFormat::Json => json(&mut buf, e),
+            }
+            buf.len() >= FLUSH_AT
+        };
+        if full {
+            self.flush();
+        }
+    }
+
+    /// Hands what is buffered to the writer, without waiting.
+    pub fn flush(&self) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return;
+        }
+        let out = std::mem::replace(&mut *buf, Vec::with_capacity(FLUSH_AT + 1024));
+        let n = out.len() as u64;
+        if self.tx.try_send(out).is_err() {
+            self.dropped.set(self.dropped.get() + n);
+        }
+    }
+}
+
+/// Bytes as log text: printable ASCII kept, `"` and `\` escaped, the rest
+/// `\xNN` (common format) or `\u00NN` (JSON), so a hostile target can
+/// neither forge a line nor break the JSON.
+fn escaped(out: &mut Vec<u8>, s: &[u8], json: bool) {
+    for &b in s {
+        match b {
+            b'"' | b'\\' => {
+                out.push(b'\\');
+                out.push(b);
+            }
+            0x20..=0x7e => out.push(b),
+            _ if json => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+}
+
+/// `127.0.0.1 - - [27/Nov/2026:07:18:31 +0000] "GET / HTTP/1.1" 200 1024`
+fn common(out: &mut Vec<u8>, e: &Entry<'_>, time: &str) {
+    out.extend_from_slice(e.client.as_bytes());
+    out.extend_from_slice(b" - - [");
+    out.extend_from_slice(time.as_bytes());
+    out.extend_from_slice(b"] \"");
+    escaped(out, e.method, false);
+    out.push(b' ');
+    escaped(out, e.target, false);
+    let _ = writeln!(out, " HTTP/1.{}\" {} {}", e.minor, e.status, e.bytes);
+}
+
+fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
+    let _ = write!(out, "{{\"time\":{},\"client\":\"", e.time);
+    escaped(out, e.client.as_bytes(), true);
+    out.extend_from_slice(b"\",\"method\":\"");
+    escaped(out, e.method, true);
+    out.extend_from_slice(b"\",\"target\":\"");
+    escaped(out, e.target, true);
+    let _ = writeln!(
+        out,
+        "\",\"version\":\"HTTP/1.{}\",\"status\":{},\"bytes\":{},\"duration_us\":{},\"cache\":\"{}\"}}",
+        e.minor, e.status, e.bytes, e.duration_us, e.cache
+    );
+}
+
+/// `27/Nov/2026:07:18:31 +0000`
+pub fn clf_time(t: i64) -> String {
+    // From the HTTP date ("Fri, 27 Nov 2026 07:18:31 GMT"), reordered.
+    let d = crate::cache::policy::format_http_date(t);
+    let p: Vec<&str> = d.split_whitespace().collect();
+    match p.as_slice() {
+        [_, day, mon, year, hms, _] => format!("{day}/{mon}/{year}:{hms} +0000"),
+        _ => d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(target: &'a [u8]) -> Entry<'a> {
+        Entry {
+            client: "127.0.0.1",
+            method: b"GET",
+            target,
+            minor: 1,
+            status: 200,
+            bytes: 1024,
+            duration_us: 250,
+            cache: "hit",
+            time: 1_795_763_911,
+        }
+    }
+
+    #[test]
+    fn formats_common_and_json_lines() {
+        let mut out = Vec::new();
+        common(&mut out, &entry(b"/a?b=1"), &clf_time(1_795_763_911));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "127.0.0.1 - - [27/Nov/2026:07:18:31 +0000] \"GET /a?b=1 HTTP/1.1\" 200 1024\n"
+        );
+        let mut out = Vec::new();
+        json(&mut out, &entry(b"/x\"\n"));
+        let line = String::from_utf8(out).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["target"], "/x\"\n");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["cache"], "hit");
+    }
+}
