@@ -122,6 +122,21 @@ fn serve(conn: TcpStream, served: &AtomicU64) {
     }
 }
 
+/// One GET to the admin listener; the body.
+fn admin_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
 fn ms(us: u64) -> String {
     format!("{:.2} ms", us as f64 / 1000.0)
 }
@@ -168,6 +183,7 @@ pub fn run(seconds: u64) -> Result<(), String> {
         ],
         health_path: Some("/healthz".into()),
         health_interval: Some("250ms".into()),
+        admin: Some("127.0.0.1:0".into()),
         shards: Some(shards),
         ..Default::default()
     };
@@ -290,12 +306,28 @@ pub fn run(seconds: u64) -> Result<(), String> {
         r.rounds.iter().map(|x| ms(x.max_us())).collect::<Vec<_>>().join(", ")
     );
 
+    if let Some(admin) = running.admin {
+        println!("9. Observability: every shard counts on its own; the admin listener at http://{admin}/");
+        println!("   (status page, /metrics, /status, /histogram) merges them when asked. From /metrics:");
+        let text = admin_get(admin, "/metrics").unwrap_or_default();
+        for line in text.lines().filter(|l| {
+            l.starts_with("corral_requests_total")
+                || l.starts_with("corral_cache_hits_total")
+                || l.starts_with("corral_collapsed_total")
+                || l.starts_with("corral_backend_up")
+                || l.starts_with("corral_request_duration_seconds{quantile=\"0.99\"}")
+        }) {
+            println!("    {line}");
+        }
+        println!();
+    }
+
     println!(
-        "9. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
+        "10. Graceful shutdown: stop accepting, finish in-flight requests, close idle connections."
     );
     running.stop();
     running.join();
     println!("    all shards drained and stopped.\n");
-    println!("Not in this build yet (see the README): the origin store and the admin listener.");
+    println!("Not in this build yet (see the README): the origin store.");
     Ok(())
 }

@@ -237,7 +237,7 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
         &mut o,
         "corral_request_duration_seconds",
         "",
-        &t.stats.latency,
+        &t.stats.latency(),
     );
     head(
         &mut o,
@@ -331,7 +331,7 @@ pub fn status_json(m: &Merged, v: &View) -> String {
                 "id": s.shard,
                 "connections": s.connections,
                 "requests": s.stats.requests(),
-                "latency_us": percentiles(&s.stats.latency),
+                "latency_us": percentiles(&s.stats.latency()),
                 "cache": { "hits": s.cache.hits, "misses": s.cache.misses,
                            "collapsed": s.cache.collapsed, "stored": s.cache.stored },
             })
@@ -376,7 +376,7 @@ pub fn status_json(m: &Merged, v: &View) -> String {
         "requests": {
             "total": t.stats.requests(),
             "by_code": codes,
-            "latency_us": percentiles(&t.stats.latency),
+            "latency_us": percentiles(&t.stats.latency()),
             "by_cache": by_cache,
         },
         "pools": pools,
@@ -534,7 +534,7 @@ pub fn status_html(m: &Merged, v: &View) -> String {
             if hist.is_empty() { "–".to_string() } else { ms(hist.max()) }
         );
     };
-    row("all", &t.stats.latency);
+    row("all", &t.stats.latency());
     for c in Class::ALL {
         row(c.name(), &t.stats.by_class[c as usize]);
     }
@@ -548,7 +548,10 @@ pub fn status_html(m: &Merged, v: &View) -> String {
             s.stats.requests(),
             s.cache.hits,
             s.cache.misses,
-            if s.stats.latency.is_empty() { "–".to_string() } else { ms(s.stats.latency.value_at_percentile(99.0)) }
+            {
+                let l = s.stats.latency();
+                if l.is_empty() { "–".to_string() } else { ms(l.value_at_percentile(99.0)) }
+            }
         );
     }
     o.push_str("</table>\n<h2>Responses by status</h2>\n<table><tr>");
@@ -567,5 +570,5 @@ pub fn status_html(m: &Merged, v: &View) -> String {
 /// `/histogram`: the merged request latency as an HdrHistogram percentile
 /// distribution (`.hgrm`, values in milliseconds).
 pub fn hgrm(m: &Merged) -> String {
-    loadgen::stats::hgrm(&m.total.stats.latency)
+    loadgen::stats::hgrm(&m.total.stats.latency())
 }

@@ -72,7 +72,8 @@ impl Default for BackendFigures {
 pub struct ShardStats {
     /// Responses by status code (index = code, 0..600).
     pub codes: Vec<u64>,
-    pub latency: Histogram<u64>,
+    /// Latency by cache class; the overall histogram is their sum
+    /// ([`ShardStats::latency`]), so a request is recorded once.
     pub by_class: [Histogram<u64>; 3],
     /// Requests by cache class.
     pub class_count: [u64; 3],
@@ -84,7 +85,6 @@ impl Default for ShardStats {
     fn default() -> Self {
         ShardStats {
             codes: vec![0; 600],
-            latency: histogram(),
             by_class: [histogram(), histogram(), histogram()],
             class_count: [0; 3],
             log_dropped: 0,
@@ -99,7 +99,6 @@ impl ShardStats {
         if let Some(c) = self.codes.get_mut(code as usize) {
             *c += 1;
         }
-        self.latency.saturating_record(us);
         self.by_class[class.index()].saturating_record(us);
         self.class_count[class.index()] += 1;
     }
@@ -108,7 +107,6 @@ impl ShardStats {
         for (a, b) in self.codes.iter_mut().zip(&o.codes) {
             *a += b;
         }
-        let _ = self.latency.add(&o.latency);
         for i in 0..3 {
             let _ = self.by_class[i].add(&o.by_class[i]);
             self.class_count[i] += o.class_count[i];
@@ -118,6 +116,15 @@ impl ShardStats {
 
     pub fn requests(&self) -> u64 {
         self.codes.iter().sum()
+    }
+
+    /// Every request's latency: the sum of the per-class histograms.
+    pub fn latency(&self) -> Histogram<u64> {
+        let mut h = self.by_class[0].clone();
+        for c in &self.by_class[1..] {
+            let _ = h.add(c);
+        }
+        h
     }
 }
 
@@ -214,7 +221,8 @@ mod tests {
         assert_eq!(s.requests(), 3);
         assert_eq!(s.class_count, [1, 1, 1]);
         assert_eq!(s.by_class[0].max(), 100);
-        assert_eq!(s.latency.min(), 1, "zero clamps to the histogram's floor");
+        assert_eq!(s.latency().min(), 1, "zero clamps to the histogram's floor");
+        assert_eq!(s.latency().len(), 3);
     }
 
     proptest! {
@@ -232,14 +240,13 @@ mod tests {
             }
             let m = merge(parts);
             prop_assert_eq!(&m.total.stats.codes, &one.codes);
-            prop_assert_eq!(m.total.stats.latency.len(), one.latency.len());
+            let (merged, all) = (m.total.stats.latency(), one.latency());
+            prop_assert_eq!(merged.len(), values.len() as u64);
+            prop_assert_eq!(merged.len(), all.len());
             for q in [0.0, 50.0, 90.0, 99.0, 99.9, 100.0] {
-                prop_assert_eq!(
-                    m.total.stats.latency.value_at_percentile(q),
-                    one.latency.value_at_percentile(q)
-                );
+                prop_assert_eq!(merged.value_at_percentile(q), all.value_at_percentile(q));
             }
-            prop_assert_eq!(m.total.stats.latency.mean().to_bits(), one.latency.mean().to_bits());
+            prop_assert_eq!(merged.mean().to_bits(), all.mean().to_bits());
             for c in 0..3 {
                 prop_assert_eq!(m.total.stats.by_class[c].len(), one.by_class[c].len());
             }
