@@ -345,7 +345,7 @@ pub fn summary_line(before: &Merged, now: &Merged, secs: f64, v: &View) -> Strin
     let hits = b.cache.hits.saturating_sub(a.cache.hits);
     let lookups = hits + b.cache.misses.saturating_sub(a.cache.misses);
     let mut h = b.stats.latency();
-    let _ = h.subtract(&a.stats.latency());
+    let _ = h.subtract(a.stats.latency());
     let q = |p: f64| {
         if h.is_empty() {
             "-".to_string()
