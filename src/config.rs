@@ -604,7 +604,11 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     };
     let admin = match ov.admin.clone().or(file.server.admin.clone()) {
         None => None,
-        Some(a) => match resolve(&a) {
+        // A bare port (`9090` or `:9090`) listens on loopback.
+        Some(a) => match resolve(&match a.trim_start_matches(':').parse::<u16>() {
+            Ok(port) => format!("127.0.0.1:{port}"),
+            Err(_) => a,
+        }) {
             Ok(addr) => Some(addr),
             Err(m) => {
                 err(admin_key, m);
@@ -1250,6 +1254,27 @@ backends = [{ addr = "127.0.0.1:3" }]
         assert_eq!(p.balance, Balance::RoundRobin);
         assert!(p.health.is_none() && p.sticky.is_none());
         assert_eq!((p.eject.failures, p.retries), (5, 2));
+    }
+
+    #[test]
+    fn admin_takes_an_address_or_a_loopback_port() {
+        let c = |admin: &str| {
+            let file = parse_file(&format!(
+                "[server]\nadmin = \"{admin}\"\n[[pool]]\nname = \"d\"\nbackends = [{{ addr = \"127.0.0.1:1\" }}]\n"
+            ))
+            .unwrap();
+            build(file, &Overrides::default(), 2).map(|c| c.admin)
+        };
+        assert_eq!(c("9090").unwrap(), Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c(":9091").unwrap(), Some("127.0.0.1:9091".parse().unwrap()));
+        assert_eq!(
+            c("0.0.0.0:80").unwrap(),
+            Some("0.0.0.0:80".parse().unwrap())
+        );
+        assert!(c("nowhere")
+            .unwrap_err()
+            .to_string()
+            .contains("server.admin"));
     }
 
     #[test]

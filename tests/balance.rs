@@ -32,6 +32,8 @@ struct Backend {
     received: Arc<Mutex<HashMap<String, usize>>>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Field lines added to every answer (each ending in CRLF).
+    extra: Arc<Mutex<String>>,
 }
 
 impl Backend {
@@ -46,6 +48,7 @@ impl Backend {
             received: Arc::new(Mutex::new(HashMap::new())),
             stop: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Mutex::new(Vec::new())),
+            extra: Arc::new(Mutex::new(String::new())),
         };
         b.serve(l);
         b
@@ -55,12 +58,13 @@ impl Backend {
         l.set_nonblocking(true).unwrap();
         self.stop = Arc::new(AtomicBool::new(false));
         let (stop, conns) = (self.stop.clone(), self.conns.clone());
-        let (name, mode, delay, served, received) = (
+        let (name, mode, delay, served, received, extra) = (
             self.name.clone(),
             self.mode.clone(),
             self.delay_ms.clone(),
             self.served.clone(),
             self.received.clone(),
+            self.extra.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
@@ -69,16 +73,17 @@ impl Backend {
                         s.set_nonblocking(false).unwrap();
                         s.set_nodelay(true).unwrap();
                         conns.lock().unwrap().push(s.try_clone().unwrap());
-                        let (name, mode, delay, served, received, stop) = (
-                            name.clone(),
-                            mode.clone(),
-                            delay.clone(),
-                            served.clone(),
-                            received.clone(),
-                            stop.clone(),
-                        );
+                        let ctx = Ctx {
+                            name: name.clone(),
+                            mode: mode.clone(),
+                            delay: delay.clone(),
+                            served: served.clone(),
+                            received: received.clone(),
+                            stop: stop.clone(),
+                            extra: extra.clone(),
+                        };
                         std::thread::spawn(move || {
-                            let _ = serve_conn(s, &name, &mode, &delay, &served, &received, &stop);
+                            let _ = serve_conn(s, &ctx);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -112,15 +117,27 @@ impl Backend {
     }
 }
 
-fn serve_conn(
-    s: TcpStream,
-    name: &str,
-    mode: &AtomicU8,
-    delay: &AtomicU64,
-    served: &AtomicUsize,
-    received: &Mutex<HashMap<String, usize>>,
-    stop: &AtomicBool,
-) -> std::io::Result<()> {
+/// What one backend connection's thread shares with the test.
+struct Ctx {
+    name: String,
+    mode: Arc<AtomicU8>,
+    delay: Arc<AtomicU64>,
+    served: Arc<AtomicUsize>,
+    received: Arc<Mutex<HashMap<String, usize>>>,
+    stop: Arc<AtomicBool>,
+    extra: Arc<Mutex<String>>,
+}
+
+fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
+    let Ctx {
+        name,
+        mode,
+        delay,
+        served,
+        received,
+        stop,
+        extra,
+    } = ctx;
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
     loop {
@@ -168,8 +185,15 @@ fn serve_conn(
             std::thread::sleep(Duration::from_millis(d));
         }
         served.fetch_add(1, Ordering::SeqCst);
+        // /cached/...: fresh for a second, usable stale for a minute on error.
+        let cc = if path.starts_with("/cached/") {
+            "Cache-Control: max-age=1, stale-if-error=60\r\n"
+        } else {
+            ""
+        };
+        let extra = extra.lock().unwrap().clone();
         let out = format!(
-            "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n{name}",
+            "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\n{cc}{extra}Content-Length: {}\r\n\r\n{name}",
             name.len()
         );
         w.write_all(out.as_bytes())?;
@@ -616,5 +640,67 @@ fn all_backends_down_gives_503_with_retry_after() {
         assert_eq!(r.header("retry-after"), Some("1"));
     }
     let r = Client::new(&p).post("/");
+    assert_eq!(r.status, 503);
+}
+
+#[test]
+fn peak_ewma_reads_the_load_a_backend_reports() {
+    let bs = [
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("busy"),
+    ];
+    // All equally fast, but one says it is busy with 50 requests.
+    *bs[2].extra.lock().unwrap() = "X-Load: 50\r\n".into();
+    let path = config(
+        "load-header",
+        &[&bs[0], &bs[1], &bs[2]],
+        &[],
+        "balance = \"peak-ewma\"\nload_header = \"X-Load\"\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&p, 4, stop.clone());
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    let codes: Vec<u16> = clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(codes.iter().all(|&c| c == 200));
+    let (busy, all) = (
+        bs[2].served(),
+        bs.iter().map(Backend::served).sum::<usize>(),
+    );
+    assert!(
+        (busy as f64) < all as f64 / 10.0,
+        "the busy backend served {busy} of {all}"
+    );
+}
+
+#[test]
+fn with_every_backend_down_a_stale_response_answers_where_allowed() {
+    let mut a = Backend::start("a");
+    let path = write_config(
+        "stale-down",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[pool]]\nname = \"app\"\n\
+             backends = [{{ addr = \"{}\" }}]\n\
+             health = {{ path = \"/healthz\", interval = \"100ms\", fall = 1 }}\n",
+            a.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let r = Client::new(&p).get("/cached/x", "");
+    assert_eq!(r.status, 200);
+    a.kill();
+    assert!(wait_log(&p, "no backend is usable", Duration::from_secs(3)).is_some());
+    // Past its freshness: stale-if-error lets the stored answer stand in.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = Client::new(&p).get("/cached/x", "");
+    assert_eq!(r.status, 200, "{}", p.stderr.lock().unwrap());
+    assert_eq!(r.text(), "a");
+    // Without a stored answer: 503.
+    let r = Client::new(&p).get("/cached/never", "");
     assert_eq!(r.status, 503);
 }

@@ -2,5 +2,6 @@
 //! its own issue.
 
 pub mod body;
+pub mod planner;
 pub mod pool;
 pub mod upstream;

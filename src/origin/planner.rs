@@ -1,0 +1,453 @@
+//! The block planner of the origin store (pure: no I/O, no clock).
+//!
+//! A request for a byte range becomes a span of page-aligned blocks. Each
+//! block is answered from the shard's block cache, or joins the read already
+//! in flight for it (per-block collapse), or becomes *pending*. When the
+//! store's reader task runs, [`Planner::plan`] turns every pending block of
+//! every waiting request into as few reads as it can: adjacent blocks of the
+//! same file merge into one read, and so do blocks a small gap apart, as long
+//! as a read stays within `max_merge` and its read amplification (blocks read
+//! ÷ blocks wanted) within `max_amplification`. Completed reads fill the
+//! cache and every request waiting on their blocks.
+
+use crate::cache::store::Store;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+/// A file as the planner knows it: a fresh id per open, so blocks of a
+/// replaced file are never mixed with the new one's.
+pub type FileId = u32;
+
+/// The largest block index (blocks are numbered by `u32`).
+pub const MAX_BLOCK: u64 = u32::MAX as u64;
+
+/// How reads are merged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    pub block_size: u64,
+    /// Blocks in one read, at most.
+    pub max_merge_blocks: u64,
+    /// Unrequested blocks a read may span between two requested ones.
+    pub max_gap_blocks: u64,
+    /// Blocks read ÷ blocks wanted, per read, at most.
+    pub max_amplification: f64,
+}
+
+/// One read to issue: `count` blocks of `file` from block `first`, of which
+/// `wanted` were asked for (the rest are gap blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Read {
+    pub file: FileId,
+    pub first: u64,
+    pub count: u64,
+    pub wanted: u64,
+}
+
+impl Read {
+    /// Byte offset and length of the read.
+    pub fn bytes(&self, block_size: u64) -> (u64, usize) {
+        (self.first * block_size, (self.count * block_size) as usize)
+    }
+}
+
+/// Merges sorted, distinct pending blocks into reads. `busy` says whether a
+/// block is already being read (a gap may not include such a block).
+pub fn merge(
+    pending: &[(FileId, u64)],
+    p: &Params,
+    busy: impl Fn(FileId, u64) -> bool,
+) -> Vec<Read> {
+    let mut out: Vec<Read> = Vec::new();
+    for &(f, b) in pending {
+        if let Some(r) = out.last_mut() {
+            let last = r.first + r.count - 1;
+            if r.file == f && b > last {
+                let gap = b - last - 1;
+                let count = b - r.first + 1;
+                let wanted = r.wanted + 1;
+                if count <= p.max_merge_blocks
+                    && gap <= p.max_gap_blocks
+                    && count as f64 <= p.max_amplification * wanted as f64
+                    && !(last + 1..b).any(|g| busy(f, g))
+                {
+                    r.count = count;
+                    r.wanted = wanted;
+                    continue;
+                }
+            }
+        }
+        out.push(Read {
+            file: f,
+            first: b,
+            count: 1,
+            wanted: 1,
+        });
+    }
+    out
+}
+
+/// Counters of the planner's work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlannerStats {
+    /// Blocks that requests asked for.
+    pub blocks_requested: u64,
+    /// Of those, answered from the block cache.
+    pub cache_hits: u64,
+    /// Of those, joined to a read already in flight or pending.
+    pub joined: u64,
+    /// Reads issued.
+    pub reads: u64,
+    /// Reads that cover more than one wanted block.
+    pub merged_reads: u64,
+    /// Blocks read (wanted and gap).
+    pub blocks_read: u64,
+}
+
+struct Ticket {
+    file: FileId,
+    first: u64,
+    slots: Vec<Option<Arc<[u8]>>>,
+    missing: usize,
+    failed: bool,
+}
+
+/// One shard's planner: block cache, reads in flight, waiting requests.
+pub struct Planner {
+    p: Params,
+    cache: Store<Arc<[u8]>>,
+    inflight: HashSet<(FileId, u64)>,
+    pending: BTreeSet<(FileId, u64)>,
+    waiters: HashMap<(FileId, u64), Vec<(usize, usize)>>,
+    tickets: slab::Slab<Ticket>,
+    pub stats: PlannerStats,
+}
+
+fn key(f: FileId, b: u64) -> u64 {
+    (u64::from(f) << 32) | (b & MAX_BLOCK)
+}
+
+impl Planner {
+    pub fn new(p: Params, cache_bytes: u64) -> Planner {
+        Planner {
+            p,
+            cache: Store::new(cache_bytes),
+            inflight: HashSet::new(),
+            pending: BTreeSet::new(),
+            waiters: HashMap::new(),
+            tickets: slab::Slab::new(),
+            stats: PlannerStats::default(),
+        }
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.p
+    }
+
+    /// Asks for blocks `first..=last` of `file` (`last <= MAX_BLOCK`); a
+    /// ticket to wait on.
+    pub fn request(&mut self, file: FileId, first: u64, last: u64) -> usize {
+        let n = (last + 1).saturating_sub(first) as usize;
+        let t = self.tickets.insert(Ticket {
+            file,
+            first,
+            slots: vec![None; n],
+            missing: 0,
+            failed: false,
+        });
+        for (i, b) in (first..=last).enumerate() {
+            self.stats.blocks_requested += 1;
+            if let Some(d) = self.cache.get(key(file, b)) {
+                self.tickets[t].slots[i] = Some(d.clone());
+                self.stats.cache_hits += 1;
+                continue;
+            }
+            self.tickets[t].missing += 1;
+            let w = self.waiters.entry((file, b)).or_default();
+            if !w.is_empty() || self.inflight.contains(&(file, b)) {
+                self.stats.joined += 1;
+            }
+            w.push((t, i));
+            if !self.inflight.contains(&(file, b)) {
+                self.pending.insert((file, b));
+            }
+        }
+        t
+    }
+
+    /// Whether ticket `t` has all its blocks (or failed).
+    pub fn is_done(&self, t: usize) -> bool {
+        self.tickets
+            .get(t)
+            .is_none_or(|k| k.missing == 0 || k.failed)
+    }
+
+    /// Takes a done ticket's blocks, in order; `None` if a read failed.
+    pub fn take(&mut self, t: usize) -> Option<Vec<Arc<[u8]>>> {
+        let k = self.tickets.try_remove(t)?;
+        if k.failed {
+            self.unwait(t, &k);
+            return None;
+        }
+        k.slots.into_iter().collect()
+    }
+
+    /// Forgets ticket `t` (its request went away).
+    pub fn cancel(&mut self, t: usize) {
+        if let Some(k) = self.tickets.try_remove(t) {
+            self.unwait(t, &k);
+        }
+    }
+
+    fn unwait(&mut self, t: usize, k: &Ticket) {
+        for (i, slot) in k.slots.iter().enumerate() {
+            if slot.is_none() {
+                let b = (k.file, k.first + i as u64);
+                if let Some(w) = self.waiters.get_mut(&b) {
+                    w.retain(|&(tt, _)| tt != t);
+                    if w.is_empty() {
+                        self.waiters.remove(&b);
+                        self.pending.remove(&b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether some block waits to be read.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The reads for every pending block; their blocks are in flight from now.
+    pub fn plan(&mut self) -> Vec<Read> {
+        let pending: Vec<(FileId, u64)> = std::mem::take(&mut self.pending).into_iter().collect();
+        let inflight = &self.inflight;
+        let reads = merge(&pending, &self.p, |f, b| inflight.contains(&(f, b)));
+        for r in &reads {
+            for b in r.first..r.first + r.count {
+                self.inflight.insert((r.file, b));
+            }
+            self.stats.reads += 1;
+            self.stats.blocks_read += r.count;
+            if r.wanted > 1 {
+                self.stats.merged_reads += 1;
+            }
+        }
+        reads
+    }
+
+    /// A read finished with `data` (shorter than asked at the end of the
+    /// file); the tickets it completed.
+    pub fn complete(&mut self, r: &Read, data: &[u8]) -> Vec<usize> {
+        let bs = self.p.block_size as usize;
+        let mut done = Vec::new();
+        for i in 0..r.count as usize {
+            let b = r.first + i as u64;
+            let lo = (i * bs).min(data.len());
+            let hi = ((i + 1) * bs).min(data.len());
+            let block: Arc<[u8]> = Arc::from(&data[lo..hi]);
+            self.inflight.remove(&(r.file, b));
+            self.cache
+                .insert(key(r.file, b), block.clone(), block.len().max(64) as u64);
+            for (t, slot) in self.waiters.remove(&(r.file, b)).unwrap_or_default() {
+                if let Some(k) = self.tickets.get_mut(t) {
+                    if k.slots[slot].is_none() {
+                        k.slots[slot] = Some(block.clone());
+                        k.missing -= 1;
+                        if k.missing == 0 {
+                            done.push(t);
+                        }
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// A read failed: every request waiting on its blocks fails.
+    pub fn fail(&mut self, r: &Read) -> Vec<usize> {
+        let mut done = Vec::new();
+        for b in r.first..r.first + r.count {
+            self.inflight.remove(&(r.file, b));
+            for (t, _) in self.waiters.remove(&(r.file, b)).unwrap_or_default() {
+                if let Some(k) = self.tickets.get_mut(t) {
+                    if !k.failed {
+                        k.failed = true;
+                        done.push(t);
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// Drops every cached block of `file` (it was replaced or closed).
+    pub fn forget_file(&mut self, file: FileId) {
+        self.cache.retain(|k, _| (k >> 32) as FileId != file);
+    }
+
+    /// Bytes the block cache holds.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Rng;
+    use proptest::prelude::{prop_assert, prop_assert_eq, proptest};
+
+    fn params() -> Params {
+        Params {
+            block_size: 16,
+            max_merge_blocks: 8,
+            max_gap_blocks: 2,
+            max_amplification: 1.5,
+        }
+    }
+
+    #[test]
+    fn merges_adjacent_and_near_blocks() {
+        let p = params();
+        let reads = merge(
+            &[(1, 0), (1, 1), (1, 2), (1, 4), (1, 20), (2, 5)],
+            &p,
+            |_, _| false,
+        );
+        assert_eq!(
+            reads,
+            vec![
+                Read {
+                    file: 1,
+                    first: 0,
+                    count: 5,
+                    wanted: 4
+                },
+                Read {
+                    file: 1,
+                    first: 20,
+                    count: 1,
+                    wanted: 1
+                },
+                Read {
+                    file: 2,
+                    first: 5,
+                    count: 1,
+                    wanted: 1
+                },
+            ]
+        );
+        // A gap block in flight is not read again: the run splits.
+        let reads = merge(&[(1, 0), (1, 2)], &p, |_, b| b == 1);
+        assert_eq!(reads.len(), 2);
+        // max_merge caps a run.
+        let run: Vec<_> = (0..20).map(|b| (1, b)).collect();
+        let reads = merge(&run, &p, |_, _| false);
+        assert_eq!(
+            reads.iter().map(|r| r.count).collect::<Vec<_>>(),
+            vec![8, 8, 4]
+        );
+    }
+
+    #[test]
+    fn concurrent_neighbours_share_one_read() {
+        let mut pl = Planner::new(params(), 1 << 20);
+        // Sixteen requests for consecutive 2-block ranges, all pending together.
+        let tickets: Vec<usize> = (0..16).map(|i| pl.request(7, i * 2, i * 2 + 1)).collect();
+        let reads = pl.plan();
+        assert_eq!(reads.len(), 4, "32 blocks in reads of at most 8: {reads:?}");
+        for r in &reads {
+            let (pos, len) = r.bytes(16);
+            let data: Vec<u8> = (pos..pos + len as u64).map(|x| x as u8).collect();
+            pl.complete(r, &data);
+        }
+        for (i, t) in tickets.into_iter().enumerate() {
+            let blocks = pl.take(t).unwrap();
+            let bytes: Vec<u8> = blocks.concat();
+            let want: Vec<u8> = (i as u64 * 32..i as u64 * 32 + 32)
+                .map(|x| x as u8)
+                .collect();
+            assert_eq!(bytes, want);
+        }
+        // Now cached: no read at all.
+        let t = pl.request(7, 3, 5);
+        assert!(pl.is_done(t) && !pl.has_pending());
+        assert_eq!(pl.stats.reads, 4);
+    }
+
+    #[test]
+    fn a_failed_read_fails_its_waiters_only() {
+        let mut pl = Planner::new(params(), 1 << 20);
+        let a = pl.request(1, 0, 1);
+        let b = pl.request(1, 10, 10);
+        let reads = pl.plan();
+        assert_eq!(reads.len(), 2);
+        assert_eq!(pl.fail(&reads[0]), vec![a]);
+        assert!(pl.take(a).is_none());
+        assert!(!pl.is_done(b));
+        pl.complete(&reads[1], &[9; 16]);
+        assert_eq!(pl.take(b).unwrap().concat(), vec![9; 16]);
+    }
+
+    proptest! {
+        /// A seeded simulation: requests arrive, plans and completions run in
+        /// random order. Every request gets exactly its bytes; no block is in
+        /// two reads at once; reads stay within max_merge and the
+        /// amplification bound.
+        #[test]
+        fn simulation(seed: u64, budget in 0u64..4096) {
+            let p = params();
+            let mut pl = Planner::new(p, budget);
+            let mut rng = Rng::new(seed);
+            let byte = |f: FileId, pos: u64| (pos as u8).wrapping_mul(31) ^ (f as u8);
+            let mut open: Vec<(usize, FileId, u64, u64)> = Vec::new();
+            let mut flying: Vec<Read> = Vec::new();
+            let mut busy: HashSet<(FileId, u64)> = HashSet::new();
+            for _ in 0..400 {
+                match rng.below(4) {
+                    0 | 1 => {
+                        let f = rng.below(3) as FileId;
+                        let first = rng.below(40);
+                        let last = first + rng.below(6);
+                        open.push((pl.request(f, first, last), f, first, last));
+                    }
+                    2 => {
+                        for r in pl.plan() {
+                            prop_assert!(r.count <= p.max_merge_blocks);
+                            prop_assert!(r.count as f64 <= p.max_amplification * r.wanted as f64 || r.count == r.wanted);
+                            for b in r.first..r.first + r.count {
+                                prop_assert!(busy.insert((r.file, b)), "block {} read twice at once", b);
+                            }
+                            flying.push(r);
+                        }
+                    }
+                    _ if !flying.is_empty() => {
+                        let r = flying.swap_remove(rng.below(flying.len() as u64) as usize);
+                        for b in r.first..r.first + r.count {
+                            busy.remove(&(r.file, b));
+                        }
+                        let (pos, len) = r.bytes(p.block_size);
+                        let data: Vec<u8> = (pos..pos + len as u64).map(|x| byte(r.file, x)).collect();
+                        pl.complete(&r, &data);
+                    }
+                    _ => {}
+                }
+                let mut k = 0;
+                while k < open.len() {
+                    let (t, f, first, last) = open[k];
+                    if pl.is_done(t) {
+                        let got = pl.take(t).unwrap().concat();
+                        let want: Vec<u8> = (first * p.block_size..(last + 1) * p.block_size)
+                            .map(|x| byte(f, x))
+                            .collect();
+                        prop_assert_eq!(got, want);
+                        open.swap_remove(k);
+                    } else {
+                        k += 1;
+                    }
+                }
+            }
+        }
+    }
+}
