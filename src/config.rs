@@ -29,6 +29,7 @@ pub struct Config {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub pools: Vec<PoolConfig>,
+    pub stores: Vec<StoreConfig>,
     pub routes: Vec<Route>,
 }
 
@@ -169,20 +170,49 @@ pub struct PoolConfig {
     pub keepalive_timeout: Duration,
 }
 
+/// An origin store: files under a directory, read in page-aligned blocks.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub name: String,
+    /// The root, canonical (symlinks resolved).
+    pub root: std::path::PathBuf,
+    pub block_size: u64,
+    /// Bytes in one read, at most.
+    pub max_merge: u64,
+    /// Unrequested bytes one read may span between requested blocks.
+    pub max_gap: u64,
+    /// Bytes read ÷ bytes wanted per read, at most.
+    pub max_amplification: f64,
+    /// The block cache of the whole process (each shard holds its share).
+    pub cache_bytes: u64,
+    /// Open files kept per shard.
+    pub open_files: usize,
+    /// How long the reader collects pending blocks before planning reads.
+    pub merge_window: Duration,
+}
+
+/// Where a route sends requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Index into `Config::pools`.
+    Pool(usize),
+    /// Index into `Config::stores`.
+    Store(usize),
+}
+
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Lower-case host without port; `None` matches any host.
     pub host: Option<String>,
     pub path_prefix: String,
-    /// Index into `Config::pools`.
-    pub pool: usize,
+    pub to: Target,
 }
 
 impl Config {
-    /// The pool for a request, by host (without port) and path: the longest
+    /// The origin for a request, by host (without port) and path: the longest
     /// matching path prefix among routes for this host, then among `*` routes.
-    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Option<usize> {
-        let mut best: Option<(bool, usize, usize)> = None;
+    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Option<Target> {
+        let mut best: Option<(bool, usize, Target)> = None;
         for r in &self.routes {
             let host_match = match (&r.host, host) {
                 (None, _) => false,
@@ -192,7 +222,7 @@ impl Config {
             if !path.starts_with(r.path_prefix.as_bytes()) {
                 continue;
             }
-            let key = (host_match, r.path_prefix.len(), r.pool);
+            let key = (host_match, r.path_prefix.len(), r.to);
             if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
                 best = Some(key);
             }
@@ -256,7 +286,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub pool: Vec<PoolSection>,
     #[serde(default)]
-    pub store: Vec<toml::Value>,
+    pub store: Vec<StoreSection>,
     #[serde(default)]
     pub route: Vec<RouteSection>,
 }
@@ -361,6 +391,20 @@ pub struct StickySection {
 pub struct BackendSection {
     pub addr: String,
     pub weight: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub name: String,
+    pub root: String,
+    pub block_size: Option<SizeValue>,
+    pub max_merge: Option<SizeValue>,
+    pub max_gap: Option<SizeValue>,
+    pub max_amplification: Option<f64>,
+    pub cache_size: Option<SizeValue>,
+    pub open_files: Option<usize>,
+    pub merge_window: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1002,29 +1046,110 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     }
 
     // [[store]] and --origin-dir
-    if !file.store.is_empty() {
-        err(
-            "store",
-            "origin stores are not available in this build yet".into(),
+    let mut store_sections = file.store;
+    if let Some(dir) = &ov.origin_dir {
+        store_sections.retain(|s| s.name != "dir");
+        store_sections.insert(
+            0,
+            StoreSection {
+                name: "dir".into(),
+                root: dir.clone(),
+                ..Default::default()
+            },
         );
     }
-    if ov.origin_dir.is_some() {
-        err(
-            "--origin-dir",
-            "origin stores are not available in this build yet".into(),
-        );
+    let mut stores = Vec::new();
+    for (i, st) in store_sections.iter().enumerate() {
+        let k = |f: &str| {
+            if ov.origin_dir.is_some() && i == 0 {
+                "--origin-dir".to_string()
+            } else {
+                format!("store[{i}].{f}")
+            }
+        };
+        if st.name.is_empty() {
+            err(&k("name"), "must not be empty".into());
+        }
+        if store_sections[..i].iter().any(|q| q.name == st.name)
+            || pools.iter().any(|p| p.name == st.name)
+        {
+            err(
+                &k("name"),
+                format!("`{}` names another pool or store", st.name),
+            );
+        }
+        let root = match std::fs::canonicalize(&st.root) {
+            Ok(r) if r.is_dir() => r,
+            Ok(_) => {
+                err(&k("root"), format!("`{}` is not a directory", st.root));
+                Default::default()
+            }
+            Err(e) => {
+                err(&k("root"), format!("`{}`: {e}", st.root));
+                Default::default()
+            }
+        };
+        let block_size = size(&mut err, &k("block_size"), &st.block_size, 4096);
+        if !block_size.is_power_of_two() || !(512..=(1 << 20)).contains(&block_size) {
+            err(
+                &k("block_size"),
+                "must be a power of two from 512 bytes to 1MiB (a multiple of the device's logical block)"
+                    .into(),
+            );
+        }
+        let max_merge = size(&mut err, &k("max_merge"), &st.max_merge, 128 << 10);
+        if max_merge < block_size || max_merge > (8 << 20) {
+            err(
+                &k("max_merge"),
+                "must be between block_size and 8MiB".into(),
+            );
+        }
+        let max_gap = size(&mut err, &k("max_gap"), &st.max_gap, 16 << 10);
+        let max_amplification = st.max_amplification.unwrap_or(1.5);
+        if !(1.0..=16.0).contains(&max_amplification) {
+            err(&k("max_amplification"), "must be between 1.0 and 16".into());
+        }
+        stores.push(StoreConfig {
+            name: st.name.clone(),
+            root,
+            block_size,
+            max_merge,
+            max_gap,
+            max_amplification,
+            cache_bytes: size(&mut err, &k("cache_size"), &st.cache_size, cache_size / 8),
+            open_files: st.open_files.unwrap_or(256).max(1),
+            merge_window: match st.merge_window.as_deref().map(parse_duration) {
+                None => Duration::from_micros(200),
+                Some(Ok(d)) if d <= Duration::from_millis(100) => d,
+                Some(Ok(_)) => {
+                    err(&k("merge_window"), "must be at most 100ms".into());
+                    Duration::ZERO
+                }
+                Some(Err(m)) => {
+                    err(&k("merge_window"), m);
+                    Duration::ZERO
+                }
+            },
+        });
     }
 
     // [[route]]
     let mut routes = Vec::new();
     for (i, r) in file.route.iter().enumerate() {
-        let pool = pools.iter().position(|p| p.name == r.to);
-        if pool.is_none() {
-            err(
-                &format!("route[{i}].to"),
-                format!("no pool named `{}`", r.to),
-            );
-        }
+        let to = match (
+            pools.iter().position(|p| p.name == r.to),
+            stores.iter().position(|s| s.name == r.to),
+        ) {
+            (Some(p), _) => Target::Pool(p),
+            (None, Some(s)) => Target::Store(s),
+            (None, None) => {
+                err(
+                    &format!("route[{i}].to"),
+                    format!("no pool or store named `{}`", r.to),
+                );
+                Target::Pool(0)
+            }
+        };
         let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
         if !path_prefix.starts_with('/') {
             err(
@@ -1040,25 +1165,35 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         routes.push(Route {
             host,
             path_prefix,
-            pool: pool.unwrap_or(0),
+            to,
         });
     }
-    if pools.is_empty() {
-        err(
+    let default = if !pools.is_empty() {
+        Some(Target::Pool(0))
+    } else if !stores.is_empty() {
+        Some(Target::Store(0))
+    } else {
+        None
+    };
+    match default {
+        None => err(
             "pool",
-            "no origin: give --backend ADDR or a [[pool]] with backends".into(),
-        );
-    } else if routes.is_empty()
-        || !routes
-            .iter()
-            .any(|r| r.host.is_none() && r.path_prefix == "/")
-    {
-        // Anything unrouted goes to the first pool, like a default server.
-        routes.push(Route {
-            host: None,
-            path_prefix: "/".into(),
-            pool: 0,
-        });
+            "no origin: give --backend ADDR, --origin-dir DIR, a [[pool]] or a [[store]]".into(),
+        ),
+        Some(to)
+            if !routes
+                .iter()
+                .any(|r| r.host.is_none() && r.path_prefix == "/") =>
+        {
+            // Anything unrouted goes to the first pool (else the first
+            // store), like a default server.
+            routes.push(Route {
+                host: None,
+                path_prefix: "/".into(),
+                to,
+            });
+        }
+        Some(_) => {}
     }
 
     if !errs.is_empty() {
@@ -1084,13 +1219,15 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             body_timeout,
         },
         cache: CacheConfig {
-            size_bytes: cache_size,
+            // The stores' block caches come out of the same budget.
+            size_bytes: cache_size.saturating_sub(stores.iter().map(|s| s.cache_bytes).sum()),
             collapse: file.cache.collapse.unwrap_or(true),
             max_object_bytes,
             collapse_timeout,
             hit_for_miss,
         },
         pools,
+        stores,
         routes,
     })
 }
@@ -1206,9 +1343,12 @@ to = "web"
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
         assert_eq!(c.pools[0].backends[0].weight, 3);
         assert_eq!(c.pools[0].connect_timeout, Duration::from_millis(250));
-        assert_eq!(c.route(None, b"/api/x"), Some(1));
-        assert_eq!(c.route(Some(b"static.example"), b"/api/x"), Some(0));
-        assert_eq!(c.route(Some(b"other"), b"/x"), Some(0));
+        assert_eq!(c.route(None, b"/api/x"), Some(Target::Pool(1)));
+        assert_eq!(
+            c.route(Some(b"static.example"), b"/api/x"),
+            Some(Target::Pool(0))
+        );
+        assert_eq!(c.route(Some(b"other"), b"/x"), Some(Target::Pool(0)));
     }
 
     #[test]
@@ -1254,6 +1394,38 @@ backends = [{ addr = "127.0.0.1:3" }]
         assert_eq!(p.balance, Balance::RoundRobin);
         assert!(p.health.is_none() && p.sticky.is_none());
         assert_eq!((p.eject.failures, p.retries), (5, 2));
+    }
+
+    #[test]
+    fn stores_and_routes_to_them() {
+        let root = std::env::temp_dir();
+        let c = cfg(&format!(
+            "[[pool]]\nname = \"app\"\nbackends = [{{ addr = \"127.0.0.1:1\" }}]\n\
+             [[store]]\nname = \"files\"\nroot = \"{}\"\nblock_size = \"8KiB\"\nmax_merge = \"256KiB\"\nmerge_window = \"0s\"\n\
+             [[route]]\npath_prefix = \"/files/\"\nto = \"files\"\n",
+            root.display()
+        ))
+        .unwrap();
+        let st = &c.stores[0];
+        assert_eq!((st.block_size, st.max_merge), (8192, 256 << 10));
+        assert_eq!(st.merge_window, Duration::ZERO);
+        assert_eq!(c.route(None, b"/files/a"), Some(Target::Store(0)));
+        assert_eq!(c.route(None, b"/other"), Some(Target::Pool(0)));
+        let e = cfg("[[store]]\nname = \"s\"\nroot = \"/no/such/dir\"\nblock_size = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("store[0].root") && e.contains("store[0].block_size"),
+            "{e}"
+        );
+        // --origin-dir alone: the only origin.
+        let file = parse_file("").unwrap();
+        let ov = Overrides {
+            origin_dir: Some(root.display().to_string()),
+            ..Default::default()
+        };
+        let c = build(file, &ov, 2).unwrap();
+        assert_eq!(c.route(None, b"/x"), Some(Target::Store(0)));
     }
 
     #[test]

@@ -88,6 +88,7 @@ impl Hub {
             cache_entries: entries as u64,
             cache_bytes: bytes,
             cache_budget: cfg.cache.size_bytes,
+            stores: cfg.stores.iter().map(|s| s.name.clone()).collect(),
             pools: cfg
                 .pools
                 .iter()

@@ -38,6 +38,8 @@ pub struct View {
     pub cache_bytes: u64,
     pub cache_budget: u64,
     pub metrics: bool,
+    /// Origin store names, in config order.
+    pub stores: Vec<String>,
 }
 
 const QUANTILES: [(f64, &str); 4] = [
@@ -254,6 +256,83 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
             &t.stats.by_class[c as usize],
         );
     }
+    let store_counter =
+        |o: &mut String, name: &str, help: &str, f: &dyn Fn(&super::stats::StoreFigures) -> u64| {
+            head(o, name, "counter", help);
+            for (st, sv) in t.stores.iter().zip(&v.stores) {
+                let _ = writeln!(o, "{name}{{store=\"{}\"}} {}", esc(sv), f(st));
+            }
+        };
+    store_counter(
+        &mut o,
+        "corral_store_reads_total",
+        "I/O operations issued by the block reader.",
+        &|s| s.reads,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_read_bytes_total",
+        "Bytes read from the store's files.",
+        &|s| s.read_bytes,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_blocks_requested_total",
+        "Blocks that requests asked for.",
+        &|s| s.blocks_requested,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_merged_reads_total",
+        "Reads that served more than one request.",
+        &|s| s.merged_reads,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_read_requests_total",
+        "Requests served by reads, each counted once per read serving it.",
+        &|s| s.read_requests,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_block_cache_hits_total",
+        "Requested blocks answered by the block cache.",
+        &|s| s.block_cache_hits,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_read_errors_total",
+        "Failed reads.",
+        &|s| s.read_errors,
+    );
+    head(
+        &mut o,
+        "corral_store_block_cache_bytes",
+        "gauge",
+        "Bytes in the store's block caches.",
+    );
+    for (st, sv) in t.stores.iter().zip(&v.stores) {
+        let _ = writeln!(
+            o,
+            "corral_store_block_cache_bytes{{store=\"{}\"}} {}",
+            esc(sv),
+            st.cached_bytes
+        );
+    }
+    head(
+        &mut o,
+        "corral_store_read_duration_seconds",
+        "summary",
+        "Time of one store read.",
+    );
+    for (st, sv) in t.stores.iter().zip(&v.stores) {
+        summary(
+            &mut o,
+            "corral_store_read_duration_seconds",
+            &format!("store=\"{}\"", esc(sv)),
+            &st.latency,
+        );
+    }
     head(
         &mut o,
         "corral_connections",
@@ -387,6 +466,13 @@ pub fn status_json(m: &Merged, v: &View) -> String {
             "hit_ratio": if lookups == 0 { 0.0 } else { t.cache.hits as f64 / lookups as f64 },
         },
         "collapse": { "collapsed": t.cache.collapsed },
+        "stores": t.stores.iter().zip(&v.stores).map(|(st, name)| serde_json::json!({
+            "name": name, "reads": st.reads, "read_bytes": st.read_bytes,
+            "merged_reads": st.merged_reads, "read_requests": st.read_requests,
+            "blocks_requested": st.blocks_requested,
+            "block_cache_hits": st.block_cache_hits, "block_cache_bytes": st.cached_bytes,
+            "read_errors": st.read_errors, "read_latency_us": percentiles(&st.latency),
+        })).collect::<Vec<_>>(),
         "access_log_dropped_bytes": t.stats.log_dropped,
     });
     let mut s = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into());
@@ -513,6 +599,32 @@ pub fn status_html(m: &Merged, v: &View) -> String {
         );
     } else {
         o.push_str("<p class=\"muted\">caching is off</p>\n");
+    }
+    if !v.stores.is_empty() {
+        o.push_str("<h2>Origin stores</h2>\n<table><tr><th class=\"l\">store</th><th>blocks asked</th><th>from cache</th><th>reads</th><th>merged reads</th><th>bytes read</th><th>block cache</th><th>read p50</th><th>read p99</th></tr>\n");
+        for (st, name) in t.stores.iter().zip(&v.stores) {
+            let at = |q: f64| {
+                if st.latency.is_empty() {
+                    "–".to_string()
+                } else {
+                    ms(st.latency.value_at_percentile(q))
+                }
+            };
+            let _ = writeln!(
+                o,
+                "<tr><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                h(name),
+                st.blocks_requested,
+                st.block_cache_hits,
+                st.reads,
+                st.merged_reads,
+                size(st.read_bytes),
+                size(st.cached_bytes),
+                at(50.0),
+                at(99.0)
+            );
+        }
+        o.push_str("</table>\n");
     }
     o.push_str("<h2>Latency</h2>\n<table><tr><th class=\"l\">requests</th><th>count</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>\n");
     let mut row = |name: &str, hist: &Histogram<u64>| {

@@ -152,6 +152,57 @@ impl PoolFigures {
     }
 }
 
+/// One origin store's figures from one shard (or merged).
+#[derive(Debug, Clone)]
+pub struct StoreFigures {
+    /// I/O operations issued.
+    pub reads: u64,
+    pub read_bytes: u64,
+    /// Reads serving more than one request.
+    pub merged_reads: u64,
+    /// Requests served by reads (each counted once per read serving it).
+    pub read_requests: u64,
+    /// Blocks that requests asked for.
+    pub blocks_requested: u64,
+    /// Of those, answered by the block cache.
+    pub block_cache_hits: u64,
+    pub read_errors: u64,
+    /// Bytes in the block cache (a gauge).
+    pub cached_bytes: u64,
+    /// Time of each read, µs.
+    pub latency: Histogram<u64>,
+}
+
+impl Default for StoreFigures {
+    fn default() -> Self {
+        StoreFigures {
+            reads: 0,
+            read_bytes: 0,
+            merged_reads: 0,
+            read_requests: 0,
+            blocks_requested: 0,
+            block_cache_hits: 0,
+            read_errors: 0,
+            cached_bytes: 0,
+            latency: histogram(),
+        }
+    }
+}
+
+impl StoreFigures {
+    pub fn merge(&mut self, o: &StoreFigures) {
+        self.reads += o.reads;
+        self.read_bytes += o.read_bytes;
+        self.merged_reads += o.merged_reads;
+        self.read_requests += o.read_requests;
+        self.blocks_requested += o.blocks_requested;
+        self.block_cache_hits += o.block_cache_hits;
+        self.read_errors += o.read_errors;
+        self.cached_bytes += o.cached_bytes;
+        let _ = self.latency.add(&o.latency);
+    }
+}
+
 /// The cache's counters from one shard (or merged).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheFigures {
@@ -178,6 +229,7 @@ pub struct Snapshot {
     pub stats: ShardStats,
     pub cache: CacheFigures,
     pub pools: Vec<PoolFigures>,
+    pub stores: Vec<StoreFigures>,
 }
 
 /// Every shard's snapshot and their sum.
@@ -199,6 +251,14 @@ pub fn merge(mut shards: Vec<Snapshot>) -> Merged {
             total.pools.resize_with(s.pools.len(), PoolFigures::default);
         }
         for (a, b) in total.pools.iter_mut().zip(&s.pools) {
+            a.merge(b);
+        }
+        if total.stores.len() < s.stores.len() {
+            total
+                .stores
+                .resize_with(s.stores.len(), StoreFigures::default);
+        }
+        for (a, b) in total.stores.iter_mut().zip(&s.stores) {
             a.merge(b);
         }
     }

@@ -176,6 +176,17 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
 /// (RFC 9110 §13.1.2 and §13.1.3): `If-None-Match` wins over
 /// `If-Modified-Since`.
 pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
+    conditional_not_modified(buf, req, meta.etag.as_deref(), meta.facts.last_modified)
+}
+
+/// The same for any representation with these validators (the origin
+/// store's files too).
+pub fn conditional_not_modified(
+    buf: &[u8],
+    req: &RequestHead,
+    etag: Option<&[u8]>,
+    last_modified: Option<i64>,
+) -> bool {
     let mut inm: Option<&[u8]> = None;
     let mut ims: Option<&[u8]> = None;
     for f in &req.fields {
@@ -186,7 +197,7 @@ pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
         }
     }
     if let Some(list) = inm {
-        let Some(etag) = meta.etag.as_deref() else {
+        let Some(etag) = etag else {
             return false;
         };
         // Weak comparison: W/"x" matches "x".
@@ -194,7 +205,7 @@ pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
         let mine = strip(etag);
         return list_elements(list).any(|t| t == b"*" || strip(t) == mine);
     }
-    match (ims.and_then(parse_http_date), meta.facts.last_modified) {
+    match (ims.and_then(parse_http_date), last_modified) {
         (Some(since), Some(lm)) => lm <= since,
         _ => false,
     }

@@ -97,8 +97,11 @@ pub struct PlannerStats {
     pub joined: u64,
     /// Reads issued.
     pub reads: u64,
-    /// Reads that cover more than one wanted block.
+    /// Reads that serve more than one request.
     pub merged_reads: u64,
+    /// Requests served by the reads (a request counted once per read that
+    /// serves it): ÷ `reads` = requests per read.
+    pub read_requests: u64,
     /// Blocks read (wanted and gap).
     pub blocks_read: u64,
 }
@@ -213,6 +216,11 @@ impl Planner {
         }
     }
 
+    /// Blocks waiting to be read.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether some block waits to be read.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
@@ -223,13 +231,21 @@ impl Planner {
         let pending: Vec<(FileId, u64)> = std::mem::take(&mut self.pending).into_iter().collect();
         let inflight = &self.inflight;
         let reads = merge(&pending, &self.p, |f, b| inflight.contains(&(f, b)));
+        let mut served: Vec<usize> = Vec::new();
         for r in &reads {
+            served.clear();
             for b in r.first..r.first + r.count {
                 self.inflight.insert((r.file, b));
+                if let Some(w) = self.waiters.get(&(r.file, b)) {
+                    served.extend(w.iter().map(|&(t, _)| t));
+                }
             }
+            served.sort_unstable();
+            served.dedup();
             self.stats.reads += 1;
             self.stats.blocks_read += r.count;
-            if r.wanted > 1 {
+            self.stats.read_requests += served.len() as u64;
+            if served.len() > 1 {
                 self.stats.merged_reads += 1;
             }
         }

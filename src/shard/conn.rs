@@ -7,6 +7,7 @@
 //! the body sizes.
 
 mod cached;
+mod store;
 
 use super::buf::Buf;
 use super::net::{NetError, Sock};
@@ -14,7 +15,7 @@ use super::Shard;
 use crate::admin::log::Entry;
 use crate::admin::stats::Class;
 use crate::cache::key_hash;
-use crate::config::HashKey;
+use crate::config::{HashKey, Target};
 use crate::http::chunked::{self, ChunkedDecoder, Decoded};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::ResponseHead;
@@ -267,9 +268,11 @@ impl ClientConn {
         let shard = self.shard.clone();
         let cfg = &shard.cfg;
         let buf = self.inbuf.filled();
-        let pool_idx = cfg
-            .route(self.head.host(buf), self.head.path(buf))
-            .unwrap_or(0);
+        let pool_idx = match cfg.route(self.head.host(buf), self.head.path(buf)) {
+            Some(Target::Store(i)) => return self.serve_store(i).await,
+            Some(Target::Pool(i)) => i,
+            None => 0,
+        };
         let pool = &shard.pools[pool_idx];
         let req_body = self.head.body();
         let method = self.head.method();

@@ -35,9 +35,11 @@ const HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// Preemption period of the connection task queue: the longest a parked
 /// connection can wait behind connections that keep running.
 const CONN_PREEMPT: Duration = Duration::from_millis(1);
-/// Registered io_uring buffer memory per executor. corral does no file I/O
-/// through it yet, and glommio locks about three times this per executor.
+/// Registered io_uring buffer memory per executor, without and with origin
+/// stores (their reads use it). glommio locks about three times this per
+/// executor.
 const IO_MEMORY: usize = 2 << 20;
+const IO_MEMORY_STORES: usize = 16 << 20;
 
 /// A start-up failure; the binary prints it and exits with code 2.
 #[derive(Debug)]
@@ -57,6 +59,8 @@ pub struct Shard {
     pub cfg: Arc<Config>,
     pub head_limits: HeadLimits,
     pub pools: Vec<UpstreamPool>,
+    /// This shard's side of each origin store.
+    pub stores: Vec<Rc<crate::origin::store::StoreShard>>,
     /// This shard's cache, unless `cache.size` is 0.
     pub cache: Option<crate::cache::ShardCache>,
     /// Misses in flight anywhere in the process (shared by every shard).
@@ -84,9 +88,21 @@ impl Shard {
             (Some(l), Some(tx)) => Some(crate::admin::log::ShardLog::new(l.format, tx.clone())),
             _ => None,
         };
+        let stores = cfg
+            .stores
+            .iter()
+            .map(|s| {
+                Rc::new(crate::origin::store::StoreShard::new(
+                    s.clone(),
+                    cfg.shards,
+                    cfg.metrics,
+                ))
+            })
+            .collect();
         Shard {
             cache,
             queue,
+            stores,
             shared_fills: common.fills.clone(),
             stats: RefCell::new(Default::default()),
             log,
@@ -137,6 +153,7 @@ impl Shard {
                 }
             }),
             pools: self.pools.iter().map(|p| p.figures()).collect(),
+            stores: self.stores.iter().map(|s| s.figures()).collect(),
         }
     }
 
@@ -326,6 +343,23 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         eprintln!("corral: warning: {note}");
     }
     let (addrs, holds) = reserve(&cfg.listen)?;
+    for s in &cfg.stores {
+        let (direct, why) = crate::origin::store::direct_io(&s.root);
+        eprintln!(
+            "corral: store {} at {}: {} reads of {}-byte blocks, merged up to {} bytes",
+            s.name,
+            s.root.display(),
+            if direct { "O_DIRECT" } else { "buffered" },
+            s.block_size,
+            s.max_merge
+        );
+        if !direct {
+            eprintln!(
+                "corral: store {}: {why}: reads go through the page cache",
+                s.name
+            );
+        }
+    }
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -399,7 +433,11 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         };
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("corral-shard{id}"))
-            .io_memory(IO_MEMORY)
+            .io_memory(if cfg.stores.is_empty() {
+                IO_MEMORY
+            } else {
+                IO_MEMORY_STORES
+            })
             .spawn(move || shard_main(id, cfg, common, addrs, stop, ready))
             .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
@@ -487,6 +525,13 @@ async fn shard_main(
         parts: common.parts.clone(),
         started: common.started,
     };
+    for st in &shard.stores {
+        let task = crate::origin::store::reader(st.clone(), queue);
+        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+            return;
+        }
+    }
     // Statistics requests from the admin side run beside the connections.
     let answer = crate::admin::answer_stats(shard.clone(), common.mailboxes[id].clone());
     if let Err(e) = glommio::spawn_local_into(answer, queue).map(|t| t.detach()) {

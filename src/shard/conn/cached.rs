@@ -155,7 +155,7 @@ impl ClientConn {
         self.serve_fill(reader, fwd).await
     }
 
-    fn keep_or_close(&self) -> Outcome {
+    pub(super) fn keep_or_close(&self) -> Outcome {
         if self.head.close || self.shard.draining() {
             self.sock.shutdown_write();
             Outcome::Close

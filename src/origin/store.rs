@@ -1,0 +1,413 @@
+//! The origin store (I/O): one shard's view of a directory served as an
+//! origin. Files are opened once and kept (a bounded cache that notices a
+//! file replaced on disk), read with glommio's `DmaFile` (O_DIRECT) in
+//! page-aligned blocks planned by [`Planner`]: blocks of concurrent requests
+//! that lie close together are read together, and a per-shard block cache
+//! answers hot blocks without I/O.
+//!
+//! A request asks for a span of blocks and waits on a ticket. The shard's
+//! reader task wakes when blocks are pending, lets every connection that is
+//! ready to run queue its blocks first (one yield: the merge window), plans
+//! the reads, and issues them concurrently; each completion fills the cache
+//! and wakes the requests it completed.
+
+use super::planner::{FileId, Params, Planner, Read, MAX_BLOCK};
+use crate::admin::stats::StoreFigures;
+use crate::config::StoreConfig;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+/// How a file is read.
+pub enum Handle {
+    Dma(glommio::io::DmaFile),
+    Buffered(glommio::io::BufferedFile),
+}
+
+impl Handle {
+    async fn read(&self, pos: u64, len: usize) -> std::io::Result<glommio::io::ReadResult> {
+        match self {
+            Handle::Dma(f) => {
+                let a = f.alignment().max(1);
+                let r = if pos.is_multiple_of(a) && (len as u64).is_multiple_of(a) {
+                    f.read_at_aligned(pos, len).await
+                } else {
+                    f.read_at(pos, len).await
+                };
+                r.map_err(Into::into)
+            }
+            Handle::Buffered(f) => f.read_at(pos, len).await.map_err(Into::into),
+        }
+    }
+}
+
+/// An open file of the store.
+pub struct OpenFile {
+    pub id: FileId,
+    /// `None` for an empty file (never opened: nothing to read).
+    handle: Option<Rc<Handle>>,
+    pub path: PathBuf,
+    pub ino: u64,
+    pub mtime: i64,
+    mtime_ns: i64,
+    pub size: u64,
+    used: Cell<u64>,
+}
+
+impl OpenFile {
+    /// A strong validator from the file's identity, time and size.
+    pub fn etag(&self) -> String {
+        format!(
+            "\"{:x}-{:x}-{:x}\"",
+            self.ino, self.mtime_ns as u64, self.size
+        )
+    }
+}
+
+/// What a path names.
+pub enum Lookup {
+    Found(Rc<OpenFile>),
+    NotFound,
+    /// Outside the root (a symlink), or not a regular file.
+    Forbidden,
+    /// A directory: no listings.
+    Directory,
+    Failed(String),
+}
+
+/// Is the filesystem under `root` able to do O_DIRECT? `(direct, why not)`.
+pub fn direct_io(root: &Path) -> (bool, &'static str) {
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) else {
+        return (true, "");
+    };
+    // SAFETY: a valid NUL-terminated path and a zeroed statfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return (true, "");
+    }
+    match st.f_type as i64 {
+        0x8584_58f6 => (false, "ramfs has no O_DIRECT"),
+        0x0102_1994 => (false, "tmpfs has no O_DIRECT"),
+        _ => (true, ""),
+    }
+}
+
+pub struct StoreShard {
+    pub cfg: StoreConfig,
+    /// O_DIRECT reads (else buffered).
+    direct: bool,
+    planner: RefCell<Planner>,
+    files: RefCell<HashMap<PathBuf, Rc<OpenFile>>>,
+    by_id: RefCell<HashMap<FileId, Weak<OpenFile>>>,
+    next_id: Cell<FileId>,
+    clock: Cell<u64>,
+    /// Blocks are pending and the reader should plan.
+    pending: Cell<bool>,
+    reader: RefCell<Option<Waker>>,
+    tickets: RefCell<HashMap<usize, Waker>>,
+    figures: RefCell<StoreFigures>,
+    metrics: bool,
+}
+
+impl StoreShard {
+    pub fn new(cfg: StoreConfig, shards: usize, metrics: bool) -> StoreShard {
+        let bs = cfg.block_size;
+        let params = Params {
+            block_size: bs,
+            max_merge_blocks: (cfg.max_merge / bs).max(1),
+            max_gap_blocks: cfg.max_gap / bs,
+            max_amplification: cfg.max_amplification,
+        };
+        let (direct, _) = direct_io(&cfg.root);
+        StoreShard {
+            planner: RefCell::new(Planner::new(params, cfg.cache_bytes / shards.max(1) as u64)),
+            direct,
+            files: RefCell::new(HashMap::new()),
+            by_id: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+            clock: Cell::new(0),
+            pending: Cell::new(false),
+            reader: RefCell::new(None),
+            tickets: RefCell::new(HashMap::new()),
+            figures: RefCell::new(StoreFigures::default()),
+            metrics,
+            cfg,
+        }
+    }
+
+    /// This shard's figures for the store, as of now.
+    pub fn figures(&self) -> StoreFigures {
+        let mut f = self.figures.borrow().clone();
+        let p = self.planner.borrow();
+        f.blocks_requested = p.stats.blocks_requested;
+        f.block_cache_hits = p.stats.cache_hits;
+        f.merged_reads = p.stats.merged_reads;
+        f.read_requests = p.stats.read_requests;
+        f.cached_bytes = p.cached_bytes();
+        f
+    }
+
+    /// The open file for `rel` (a relative path of normal components),
+    /// opening it (or reopening it, if it changed on disk) as needed.
+    pub async fn lookup(&self, rel: &Path) -> Lookup {
+        let full = self.cfg.root.join(rel);
+        let meta = match std::fs::metadata(&full) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::NotFound,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Lookup::Forbidden,
+            Err(e) => return Lookup::Failed(e.to_string()),
+        };
+        let now = self.clock.get() + 1;
+        self.clock.set(now);
+        if let Some(f) = self.files.borrow().get(rel) {
+            if f.ino == meta.ino() && f.mtime_ns == mtime_ns(&meta) && f.size == meta.len() {
+                f.used.set(now);
+                return Lookup::Found(f.clone());
+            }
+        }
+        if meta.is_dir() {
+            return Lookup::Directory;
+        }
+        if !meta.is_file() {
+            return Lookup::Forbidden;
+        }
+        // Symlinks may point anywhere: the real path must stay under the root.
+        let real = match std::fs::canonicalize(&full) {
+            Ok(r) if r.starts_with(&self.cfg.root) => r,
+            Ok(_) => return Lookup::Forbidden,
+            Err(e) => return Lookup::Failed(e.to_string()),
+        };
+        let handle = if meta.len() == 0 {
+            // Never opened: glommio's first open on a device probes with a
+            // read, and an empty file would fool the probe (GLOMMIO.md).
+            None
+        } else {
+            match self.open(&real).await {
+                Ok(h) => Some(Rc::new(h)),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Lookup::Forbidden
+                }
+                Err(e) => return Lookup::Failed(format!("cannot open {}: {e}", real.display())),
+            }
+        };
+        // Another request may have opened it while this one waited.
+        if let Some(f) = self.files.borrow().get(rel) {
+            if f.ino == meta.ino() && f.mtime_ns == mtime_ns(&meta) && f.size == meta.len() {
+                f.used.set(now);
+                return Lookup::Found(f.clone());
+            }
+        }
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1).max(1));
+        let f = Rc::new(OpenFile {
+            id,
+            handle,
+            path: real,
+            ino: meta.ino(),
+            mtime: meta.mtime(),
+            mtime_ns: mtime_ns(&meta),
+            size: meta.len(),
+            used: Cell::new(now),
+        });
+        let mut files = self.files.borrow_mut();
+        files.insert(rel.to_path_buf(), f.clone());
+        let mut by_id = self.by_id.borrow_mut();
+        by_id.insert(id, Rc::downgrade(&f));
+        if files.len() > self.cfg.open_files {
+            // Close the least recently used (requests still reading it keep
+            // it open until they finish: reads find it by id while any
+            // request holds it).
+            if let Some(k) = files
+                .iter()
+                .min_by_key(|(_, v)| v.used.get())
+                .map(|(k, _)| k.clone())
+            {
+                files.remove(&k);
+            }
+        }
+        if by_id.len() > 2 * self.cfg.open_files + 16 {
+            by_id.retain(|_, w| w.strong_count() > 0);
+        }
+        Lookup::Found(f)
+    }
+
+    async fn open(&self, path: &Path) -> std::io::Result<Handle> {
+        if self.direct {
+            match glommio::io::DmaFile::open(path).await {
+                Ok(f) => return Ok(Handle::Dma(f)),
+                Err(e) => {
+                    let e: std::io::Error = e.into();
+                    if e.raw_os_error() != Some(libc::EINVAL) {
+                        return Err(e);
+                    }
+                    // This filesystem refuses O_DIRECT after all.
+                }
+            }
+        }
+        glommio::io::BufferedFile::open(path)
+            .await
+            .map(Handle::Buffered)
+            .map_err(Into::into)
+    }
+
+    /// Blocks `first..=last` of `file`, from the cache or the disk.
+    pub async fn blocks(
+        self: &Rc<Self>,
+        file: &Rc<OpenFile>,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<Arc<[u8]>>, String> {
+        if last > MAX_BLOCK {
+            return Err("file too large for its block size".into());
+        }
+        let t = self.planner.borrow_mut().request(file.id, first, last);
+        let mut wait = TicketWait {
+            store: self.clone(),
+            ticket: Some(t),
+        };
+        if self.planner.borrow().has_pending() && !self.pending.replace(true) {
+            if let Some(w) = self.reader.borrow_mut().take() {
+                w.wake();
+            }
+        }
+        (&mut wait).await;
+        let t = wait.ticket.take().unwrap_or(t);
+        self.planner
+            .borrow_mut()
+            .take(t)
+            .ok_or_else(|| format!("reading {} failed", file.path.display()))
+    }
+
+    /// One read, then the wake-ups of the requests it completed.
+    async fn read(self: Rc<Self>, r: Read) {
+        let file = self.by_id.borrow().get(&r.file).and_then(Weak::upgrade);
+        let handle = file.as_ref().and_then(|f| f.handle.clone());
+        let started = Instant::now();
+        let done = match (file, handle) {
+            (Some(f), Some(h)) => {
+                let (pos, len) = r.bytes(self.cfg.block_size);
+                match h.read(pos, len).await {
+                    Ok(data) => {
+                        // glommio may hand back more than the file holds
+                        // near its end (GLOMMIO.md): clamp to the size.
+                        let n = data.len().min(f.size.saturating_sub(pos) as usize);
+                        let mut fig = self.figures.borrow_mut();
+                        fig.reads += 1;
+                        fig.read_bytes += n as u64;
+                        if self.metrics {
+                            let us = started.elapsed().as_micros() as u64;
+                            fig.latency.saturating_record(us.max(1));
+                        }
+                        drop(fig);
+                        self.planner.borrow_mut().complete(&r, &data[..n])
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "corral: store {}: reading {} failed: {e}",
+                            self.cfg.name,
+                            f.path.display()
+                        );
+                        self.figures.borrow_mut().read_errors += 1;
+                        self.planner.borrow_mut().fail(&r)
+                    }
+                }
+            }
+            _ => self.planner.borrow_mut().fail(&r),
+        };
+        let mut wakers = self.tickets.borrow_mut();
+        for t in done {
+            if let Some(w) = wakers.remove(&t) {
+                w.wake();
+            }
+        }
+    }
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+/// Waits for a ticket; forgets it if the request goes away first.
+struct TicketWait {
+    store: Rc<StoreShard>,
+    ticket: Option<usize>,
+}
+
+impl Future for &mut TicketWait {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(t) = self.ticket else {
+            return Poll::Ready(());
+        };
+        if self.store.planner.borrow().is_done(t) {
+            return Poll::Ready(());
+        }
+        self.store
+            .tickets
+            .borrow_mut()
+            .insert(t, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for TicketWait {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.store.tickets.borrow_mut().remove(&t);
+            self.store.planner.borrow_mut().cancel(t);
+        }
+    }
+}
+
+/// Waits until blocks are pending.
+struct Pending<'a>(&'a StoreShard);
+
+impl Future for Pending<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.pending.get() {
+            return Poll::Ready(());
+        }
+        *self.0.reader.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The store's reader task on this shard: plans and issues reads.
+pub async fn reader(store: Rc<StoreShard>, queue: glommio::TaskQueueHandle) {
+    loop {
+        Pending(&store).await;
+        // The merge window: let requests arriving just after this one queue
+        // their blocks too, so neighbours end up in one plan. With no window,
+        // one scheduler round (connections ready now run first).
+        if store.cfg.merge_window.is_zero() {
+            futures_lite::future::yield_now().await;
+        } else {
+            glommio::timer::sleep(store.cfg.merge_window).await;
+        }
+        store.pending.set(false);
+        let reads = store.planner.borrow_mut().plan();
+        for r in reads {
+            let task = store.clone().read(r);
+            if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+                eprintln!("corral: cannot spawn a store read: {e}");
+                let done = store.planner.borrow_mut().fail(&r);
+                let mut wakers = store.tickets.borrow_mut();
+                for t in done {
+                    if let Some(w) = wakers.remove(&t) {
+                        w.wake();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The origin store end to end: real files in a temporary folder on a real
+//! filesystem, served by a real corral with `--origin-dir`.
+
+mod common;
+
+use common::*;
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A fresh folder with files of awkward sizes; deterministic contents.
+fn tree(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("corral-store-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    for (f, n) in [
+        ("one", 1),
+        ("b4095", 4095),
+        ("b4096", 4096),
+        ("b4097", 4097),
+        ("big.bin", 1_000_003),
+        ("sub/page.html", 5000),
+    ] {
+        std::fs::write(dir.join(f), content(n)).unwrap();
+    }
+    std::fs::write(dir.join("empty"), b"").unwrap();
+    std::fs::write(dir.join("with space.txt"), b"spaced\n").unwrap();
+    // A symlink out of the root, and one inside it.
+    let outside =
+        std::env::temp_dir().join(format!("corral-store-{}-{name}-secret", std::process::id()));
+    std::fs::write(&outside, b"secret").unwrap();
+    let _ = std::os::unix::fs::symlink(&outside, dir.join("escape"));
+    let _ = std::os::unix::fs::symlink(dir.join("one"), dir.join("alias"));
+    dir
+}
+
+fn content(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+fn store_proxy(dir: &std::path::Path, extra: &[&str]) -> Proxy {
+    let d = dir.to_str().unwrap();
+    let mut args = vec!["--origin-dir", d, "--admin", "127.0.0.1:0"];
+    if !extra.contains(&"--shards") {
+        args.extend_from_slice(&["--shards", "2"]);
+    }
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+fn ask(p: &Proxy, path: &str, headers: &str) -> Response {
+    let mut s = p.connect();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(s), false).unwrap()
+}
+
+fn metric(p: &Proxy, name: &str) -> f64 {
+    let mut s = TcpStream::connect(p.admin_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut BufReader::new(s), false).unwrap();
+    r.text()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn whole_files_ranges_and_validators() {
+    let dir = tree("whole");
+    let p = store_proxy(&dir, &[]);
+    for (f, n) in [
+        ("one", 1),
+        ("b4095", 4095),
+        ("b4096", 4096),
+        ("b4097", 4097),
+        ("big.bin", 1_000_003),
+    ] {
+        let r = ask(&p, &format!("/{f}"), "");
+        assert_eq!(r.status, 200, "{f}");
+        assert_eq!(r.header("content-length"), Some(n.to_string().as_str()));
+        assert!(r.body == content(n), "{f}: body differs");
+        assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    }
+    let r = ask(&p, "/empty", "");
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    assert_eq!(r.header("content-length"), Some("0"));
+    let r = ask(&p, "/sub/page.html", "");
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(ask(&p, "/with%20space.txt", "").text(), "spaced\n");
+    assert_eq!(
+        ask(&p, "/alias", "").body,
+        content(1),
+        "a symlink inside the root"
+    );
+    // Ranges at and across block boundaries.
+    let big = content(1_000_003);
+    for (a, b) in [
+        (0u64, 0u64),
+        (4095, 4096),
+        (4090, 4100),
+        (8191, 8192 + 4096 * 3 + 5),
+        (999_000, 1_000_002),
+    ] {
+        let r = ask(&p, "/big.bin", &format!("Range: bytes={a}-{b}\r\n"));
+        assert_eq!(r.status, 206, "{a}-{b}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {a}-{b}/1000003").as_str())
+        );
+        assert!(r.body == big[a as usize..=b as usize], "{a}-{b}");
+    }
+    let r = ask(&p, "/big.bin", "Range: bytes=-10\r\n");
+    assert!(r.body == big[big.len() - 10..]);
+    let r = ask(&p, "/big.bin", "Range: bytes=999990-\r\n");
+    assert!(r.body == big[999_990..]);
+    let r = ask(&p, "/b4097", "Range: bytes=5000-6000\r\n");
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */4097"));
+    // Validators and conditionals.
+    let r = ask(&p, "/b4096", "");
+    let etag = r.header("etag").unwrap().to_string();
+    let lm = r.header("last-modified").unwrap().to_string();
+    assert_eq!(
+        ask(&p, "/b4096", &format!("If-None-Match: {etag}\r\n")).status,
+        304
+    );
+    assert_eq!(
+        ask(&p, "/b4096", "If-None-Match: \"other\"\r\n").status,
+        200
+    );
+    assert_eq!(
+        ask(&p, "/b4096", &format!("If-Modified-Since: {lm}\r\n")).status,
+        304
+    );
+    // HEAD: the same head, no body.
+    let mut s = p.connect();
+    s.write_all(b"HEAD /b4097 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut BufReader::new(s), true).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, Some("4097")));
+}
+
+#[test]
+fn unsafe_paths_and_methods_are_refused() {
+    let dir = tree("unsafe");
+    let p = store_proxy(&dir, &[]);
+    for (path, want) in [
+        ("/../etc/passwd", 403),
+        ("/sub/../../etc/passwd", 403),
+        ("/%2e%2e/%2e%2e/etc/passwd", 403),
+        ("/sub%2f..%2f..%2fetc%2fpasswd", 403),
+        ("/escape", 403),
+        ("/sub", 403),
+        ("/", 403),
+        ("/missing", 404),
+        ("/a%00b", 400),
+        ("/bad%zz", 400),
+    ] {
+        let r = ask(&p, path, "");
+        assert_eq!(r.status, want, "{path}");
+        assert!(
+            !r.text().contains("secret") && !r.text().contains("root:"),
+            "{path}"
+        );
+    }
+    let mut s = p.connect();
+    s.write_all(b"POST /one HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+        .unwrap();
+    let r = read_response(&mut BufReader::new(s), false).unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+}
+
+#[test]
+fn a_replaced_file_is_noticed() {
+    let dir = tree("replace");
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    let mut c = p.connect();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut get = || {
+        c.write_all(b"GET /sub/page.html HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        read_response(&mut r, false).unwrap()
+    };
+    assert!(get().body == content(5000));
+    assert!(get().body == content(5000));
+    // Replaced (a new inode), then rewritten in place with another size.
+    let tmp = dir.join("sub/page.new");
+    std::fs::write(&tmp, b"new contents").unwrap();
+    std::fs::rename(&tmp, dir.join("sub/page.html")).unwrap();
+    assert_eq!(get().text(), "new contents");
+    std::fs::write(dir.join("sub/page.html"), b"third").unwrap();
+    assert_eq!(get().text(), "third");
+}
+
+#[test]
+fn clustered_concurrent_readers_share_reads() {
+    let dir = tree("cluster");
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    let big = content(1_000_003);
+    // 28 clients each read one consecutive 16 KiB range of the same
+    // region at the same moment, twice over (56 ranges: inside the file).
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(28));
+    let handles: Vec<_> = (0..28u64)
+        .map(|i| {
+            let (addr, barrier) = (p.addr, barrier.clone());
+            std::thread::spawn(move || {
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut bodies = Vec::new();
+                for round in 0..2u64 {
+                    let a = 16384 * (i + 28 * round);
+                    barrier.wait();
+                    let req = format!(
+                        "GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes={a}-{}\r\n\r\n",
+                        a + 16383
+                    );
+                    w.write_all(req.as_bytes()).unwrap();
+                    bodies.push((a, read_response(&mut r, false).unwrap()));
+                }
+                bodies
+            })
+        })
+        .collect();
+    let mut requests = 0;
+    for h in handles {
+        for (a, r) in h.join().unwrap() {
+            assert_eq!(r.status, 206);
+            assert!(r.body == big[a as usize..a as usize + 16384]);
+            requests += 1;
+        }
+    }
+    let reads = metric(&p, "corral_store_reads_total");
+    let merged = metric(&p, "corral_store_merged_reads_total");
+    let bytes = metric(&p, "corral_store_read_bytes_total");
+    assert_eq!(requests, 56);
+    // 56 requests of 4 blocks each, merged into reads of up to 32 blocks:
+    // far fewer reads than requests.
+    eprintln!("{reads} reads ({merged} merged) for 56 requests");
+    assert!(reads <= 56.0 / 2.0, "{reads} reads for 56 requests");
+    assert!(merged >= 1.0);
+    // Nothing read twice, nothing read that was not asked for.
+    assert_eq!(bytes, 56.0 * 16384.0);
+    assert_eq!(metric(&p, "corral_store_blocks_requested_total"), 224.0);
+}
