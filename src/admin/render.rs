@@ -295,6 +295,18 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
     );
     store_counter(
         &mut o,
+        "corral_store_blocks_read_total",
+        "Blocks read, including gap blocks read to merge.",
+        &|s| s.blocks_read,
+    );
+    store_counter(
+        &mut o,
+        "corral_store_blocks_wanted_total",
+        "Blocks read that some request wanted (read amplification = read / wanted).",
+        &|s| s.blocks_wanted,
+    );
+    store_counter(
+        &mut o,
         "corral_store_block_cache_hits_total",
         "Requested blocks answered by the block cache.",
         &|s| s.block_cache_hits,

@@ -162,6 +162,9 @@ pub struct StoreFigures {
     pub merged_reads: u64,
     /// Requests served by reads (each counted once per read serving it).
     pub read_requests: u64,
+    /// Blocks read, and of those the ones some request wanted.
+    pub blocks_read: u64,
+    pub blocks_wanted: u64,
     /// Blocks that requests asked for.
     pub blocks_requested: u64,
     /// Of those, answered by the block cache.
@@ -180,6 +183,8 @@ impl Default for StoreFigures {
             read_bytes: 0,
             merged_reads: 0,
             read_requests: 0,
+            blocks_read: 0,
+            blocks_wanted: 0,
             blocks_requested: 0,
             block_cache_hits: 0,
             read_errors: 0,
@@ -195,6 +200,8 @@ impl StoreFigures {
         self.read_bytes += o.read_bytes;
         self.merged_reads += o.merged_reads;
         self.read_requests += o.read_requests;
+        self.blocks_read += o.blocks_read;
+        self.blocks_wanted += o.blocks_wanted;
         self.blocks_requested += o.blocks_requested;
         self.block_cache_hits += o.block_cache_hits;
         self.read_errors += o.read_errors;

@@ -104,6 +104,8 @@ pub struct PlannerStats {
     pub read_requests: u64,
     /// Blocks read (wanted and gap).
     pub blocks_read: u64,
+    /// Of those, the wanted ones (the rest were read to merge over a gap).
+    pub blocks_wanted: u64,
 }
 
 struct Ticket {
@@ -244,6 +246,7 @@ impl Planner {
             served.dedup();
             self.stats.reads += 1;
             self.stats.blocks_read += r.count;
+            self.stats.blocks_wanted += r.wanted;
             self.stats.read_requests += served.len() as u64;
             if served.len() > 1 {
                 self.stats.merged_reads += 1;

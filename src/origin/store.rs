@@ -150,6 +150,8 @@ impl StoreShard {
         f.block_cache_hits = p.stats.cache_hits;
         f.merged_reads = p.stats.merged_reads;
         f.read_requests = p.stats.read_requests;
+        f.blocks_read = p.stats.blocks_read;
+        f.blocks_wanted = p.stats.blocks_wanted;
         f.cached_bytes = p.cached_bytes();
         f
     }
