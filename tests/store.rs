@@ -251,3 +251,25 @@ fn clustered_concurrent_readers_share_reads() {
     assert_eq!(bytes, 56.0 * 16384.0);
     assert_eq!(metric(&p, "corral_store_blocks_requested_total"), 224.0);
 }
+
+#[test]
+fn tmpfs_falls_back_to_buffered_reads_and_says_so() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm here: nothing to check");
+        return;
+    }
+    let dir = shm.join(format!("corral-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("x.bin"), content(10_000)).unwrap();
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    let r = ask(&p, "/x.bin", "Range: bytes=4000-8999\r\n");
+    assert_eq!(r.status, 206);
+    assert!(r.body == content(10_000)[4000..9000]);
+    let err = p.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains("buffered reads") && err.contains("tmpfs"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
