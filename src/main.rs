@@ -105,8 +105,17 @@ impl RunArgs {
     }
 }
 
+/// CPUs online on the machine. Not `available_parallelism`, which is the
+/// caller's affinity mask: under `taskset -c 1`, `--cpus 1` must still be
+/// valid.
 fn online_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 fn main() -> ExitCode {

@@ -316,6 +316,9 @@ pub struct HitHead<'a> {
     pub age: u64,
     /// `Cache-Status` parameters after `corral; `.
     pub cache_status: &'a str,
+    /// Written after them as `; ttl=N` (hits), then `status_tail`.
+    pub ttl: Option<i64>,
+    pub status_tail: &'a str,
     /// The body length, or `None` to send a chunked body.
     pub length: Option<u64>,
     pub close: bool,
@@ -334,11 +337,13 @@ impl HitHead<'_> {
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.meta.fields);
-        let _ = write!(
-            out,
-            "Age: {}\r\nCache-Status: corral; {}\r\nVia: 1.1 corral\r\n",
-            self.age, self.cache_status
-        );
+        let _ = write!(out, "Age: {}\r\nCache-Status: corral; ", self.age);
+        out.extend_from_slice(self.cache_status.as_bytes());
+        if let Some(ttl) = self.ttl {
+            let _ = write!(out, "; ttl={ttl}");
+        }
+        out.extend_from_slice(self.status_tail.as_bytes());
+        out.extend_from_slice(b"\r\nVia: 1.1 corral\r\n");
         out.extend_from_slice(self.extra.as_bytes());
         if self.status != 304 && self.status != 204 {
             match self.length {
@@ -459,7 +464,9 @@ mod tests {
             meta: &m,
             status: 200,
             age: 7,
-            cache_status: "hit; ttl=53",
+            cache_status: "hit",
+            ttl: Some(53),
+            status_tail: "",
             length: Some(3),
             close: false,
             client_minor: 1,

@@ -74,7 +74,8 @@ pub struct Shard {
     /// Open client connections.
     conns: Cell<usize>,
     draining: Cell<bool>,
-    drain_wakers: RefCell<Vec<Waker>>,
+    /// Tasks waiting for the drain, each registered while it waits.
+    drain_wakers: RefCell<slab::Slab<Waker>>,
 }
 
 impl Shard {
@@ -125,7 +126,7 @@ impl Shard {
                 .collect(),
             conns: Cell::new(0),
             draining: Cell::new(false),
-            drain_wakers: RefCell::new(Vec::new()),
+            drain_wakers: RefCell::new(slab::Slab::new()),
             cfg,
         }
     }
@@ -159,32 +160,50 @@ impl Shard {
 
     fn begin_drain(&self) {
         self.draining.set(true);
-        for w in self.drain_wakers.borrow_mut().drain(..) {
+        for w in self.drain_wakers.borrow_mut().drain() {
             w.wake();
         }
     }
 
     /// Completes when the shard starts draining.
     pub fn drain_signal(&self) -> DrainSignal<'_> {
-        DrainSignal { shard: self }
+        DrainSignal {
+            shard: self,
+            slot: None,
+        }
     }
 }
 
+/// A wait for the drain. Its waker is registered while it waits and
+/// removed when it is dropped, so connections that end leave nothing behind
+/// (a kept waker would keep its task's memory alive).
 pub struct DrainSignal<'a> {
     shard: &'a Shard,
+    slot: Option<usize>,
 }
 
 impl Future for DrainSignal<'_> {
     type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.shard.draining.get() {
             return Poll::Ready(());
         }
-        let mut w = self.shard.drain_wakers.borrow_mut();
-        if !w.iter().any(|x| x.will_wake(cx.waker())) {
-            w.push(cx.waker().clone());
+        let shard = self.shard;
+        let mut w = shard.drain_wakers.borrow_mut();
+        match self.slot.and_then(|k| w.get_mut(k)) {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            Some(old) => *old = cx.waker().clone(),
+            None => self.slot = Some(w.insert(cx.waker().clone())),
         }
         Poll::Pending
+    }
+}
+
+impl Drop for DrainSignal<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.slot.take() {
+            self.shard.drain_wakers.borrow_mut().try_remove(k);
+        }
     }
 }
 

@@ -95,10 +95,7 @@ impl ClientConn {
                     Use::Fresh => {
                         ShardCache::bump(&cache.hits);
                         self.class = Class::Hit;
-                        return Some(
-                            self.serve_object(&obj, age, &format!("hit; ttl={ttl}"))
-                                .await,
-                        );
+                        return Some(self.serve_object(&obj, age, ttl, "").await);
                     }
                     Use::StaleOk => {
                         ShardCache::bump(&cache.hits);
@@ -115,10 +112,7 @@ impl ClientConn {
                             );
                         }
                         drop(reader);
-                        return Some(
-                            self.serve_object(&obj, age, &format!("hit; ttl={ttl}; fwd=stale"))
-                                .await,
-                        );
+                        return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
                     }
                     Use::Revalidate => stale = Some(obj),
                 }
@@ -166,7 +160,14 @@ impl ClientConn {
 
     /// Writes a stored response: whole, as a 304 for a matching
     /// conditional, or one byte range of it (206, or 416).
-    async fn serve_object(&mut self, obj: &Object, age: u64, cache_status: &str) -> Outcome {
+    /// A hit: `Cache-Status: corral; hit; ttl=N` then `status_tail`.
+    async fn serve_object(
+        &mut self,
+        obj: &Object,
+        age: u64,
+        ttl: i64,
+        status_tail: &str,
+    ) -> Outcome {
         let buf = self.inbuf.filled();
         let len = obj.body.len() as u64;
         let mut status = if not_modified(buf, &self.head, &obj.meta) {
@@ -200,7 +201,9 @@ impl ClientConn {
             meta: &obj.meta,
             status,
             age,
-            cache_status,
+            cache_status: "hit",
+            ttl: Some(ttl),
+            status_tail,
             length: Some(part.len() as u64),
             close,
             client_minor: self.head.minor,
@@ -343,6 +346,8 @@ impl ClientConn {
                             status: meta.status,
                             age: meta.facts.age.unwrap_or(0),
                             cache_status: &status_text,
+                            ttl: None,
+                            status_tail: "",
                             length: meta.content_length,
                             close,
                             client_minor: minor,
