@@ -51,7 +51,8 @@ impl Read {
 }
 
 /// Merges sorted, distinct pending blocks into reads. `busy` says whether a
-/// block is already being read (a gap may not include such a block).
+/// block is already being read or cached (a gap may not include such a
+/// block).
 pub fn merge(
     pending: &[(FileId, u64)],
     p: &Params,
@@ -231,8 +232,12 @@ impl Planner {
     /// The reads for every pending block; their blocks are in flight from now.
     pub fn plan(&mut self) -> Vec<Read> {
         let pending: Vec<(FileId, u64)> = std::mem::take(&mut self.pending).into_iter().collect();
-        let inflight = &self.inflight;
-        let reads = merge(&pending, &self.p, |f, b| inflight.contains(&(f, b)));
+        // A gap may not span a block being read (it would be read twice at
+        // once) nor one already cached (it would be read again for nothing).
+        let (inflight, cache) = (&self.inflight, &self.cache);
+        let reads = merge(&pending, &self.p, |f, b| {
+            inflight.contains(&(f, b)) || cache.peek(key(f, b)).is_some()
+        });
         let mut served: Vec<usize> = Vec::new();
         for r in &reads {
             served.clear();
@@ -415,7 +420,7 @@ mod tests {
         /// two reads at once; reads stay within max_merge and the
         /// amplification bound.
         #[test]
-        fn simulation(seed: u64, budget in 0u64..4096) {
+        fn simulation(seed: u64, budget in 0u64..20_000) {
             let p = params();
             let mut pl = Planner::new(p, budget);
             let mut rng = Rng::new(seed);
@@ -423,6 +428,9 @@ mod tests {
             let mut open: Vec<(usize, FileId, u64, u64)> = Vec::new();
             let mut flying: Vec<Read> = Vec::new();
             let mut busy: HashSet<(FileId, u64)> = HashSet::new();
+            // With a cache that holds everything, no block is ever read twice.
+            let mut ever: HashSet<(FileId, u64)> = HashSet::new();
+            let roomy = budget >= 10_000;
             for _ in 0..400 {
                 match rng.below(4) {
                     0 | 1 => {
@@ -437,6 +445,7 @@ mod tests {
                             prop_assert!(r.count as f64 <= p.max_amplification * r.wanted as f64 || r.count == r.wanted);
                             for b in r.first..r.first + r.count {
                                 prop_assert!(busy.insert((r.file, b)), "block {} read twice at once", b);
+                                prop_assert!(ever.insert((r.file, b)) || !roomy, "block {} read again", b);
                             }
                             flying.push(r);
                         }
