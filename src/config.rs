@@ -87,6 +87,29 @@ pub enum Balance {
     Sticky,
 }
 
+impl Balance {
+    pub const ALL: [Balance; 6] = [
+        Balance::RoundRobin,
+        Balance::Random,
+        Balance::LeastLoaded,
+        Balance::PeakEwma,
+        Balance::Hash,
+        Balance::Sticky,
+    ];
+
+    /// Its name in the config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::Random => "random",
+            Balance::LeastLoaded => "least-loaded",
+            Balance::PeakEwma => "peak-ewma",
+            Balance::Hash => "hash",
+            Balance::Sticky => "sticky",
+        }
+    }
+}
+
 /// What `hash` balancing (and the first pick of `sticky`) hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
@@ -835,17 +858,13 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         if pool_sections[..i].iter().any(|q| q.name == p.name) {
             err(&k("name"), format!("pool `{}` is defined twice", p.name));
         }
-        let balance = match p.balance.as_deref().unwrap_or("round-robin") {
-            "round-robin" => Balance::RoundRobin,
-            "random" => Balance::Random,
-            "least-loaded" => Balance::LeastLoaded,
-            "peak-ewma" => Balance::PeakEwma,
-            "hash" => Balance::Hash,
-            "sticky" => Balance::Sticky,
-            a => {
+        let name = p.balance.as_deref().unwrap_or("round-robin");
+        let balance = match Balance::ALL.into_iter().find(|b| b.name() == name) {
+            Some(b) => b,
+            None => {
                 err(
                     &k("balance"),
-                    format!("unknown algorithm `{a}` (round-robin, random, least-loaded, peak-ewma, hash, sticky)"),
+                    format!("unknown algorithm `{name}` (round-robin, random, least-loaded, peak-ewma, hash, sticky)"),
                 );
                 Balance::RoundRobin
             }
@@ -946,14 +965,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                 on_5xx: e.and_then(|e| e.on_5xx).unwrap_or(false),
             }
         };
-        let slow_start = match p.slow_start.as_deref().map(parse_duration) {
-            None => Duration::ZERO,
-            Some(Ok(d)) => d,
-            Some(Err(m)) => {
-                err(&k("slow_start"), m);
-                Duration::ZERO
-            }
-        };
+        let slow_start = dur_or_zero(&mut err, &k("slow_start"), &p.slow_start, Duration::ZERO);
         let sticky = match (&p.sticky, balance) {
             (None, Balance::Sticky) => Some(Sticky {
                 cookie: "corral_backend".into(),
@@ -1109,6 +1121,16 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         if !(1.0..=16.0).contains(&max_amplification) {
             err(&k("max_amplification"), "must be between 1.0 and 16".into());
         }
+        let mut merge_window = dur_or_zero(
+            &mut err,
+            &k("merge_window"),
+            &st.merge_window,
+            Duration::from_micros(200),
+        );
+        if merge_window > Duration::from_millis(100) {
+            err(&k("merge_window"), "must be at most 100ms".into());
+            merge_window = Duration::ZERO;
+        }
         stores.push(StoreConfig {
             name: st.name.clone(),
             root,
@@ -1118,18 +1140,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             max_amplification,
             cache_bytes: size(&mut err, &k("cache_size"), &st.cache_size, cache_size / 8),
             open_files: st.open_files.unwrap_or(256).max(1),
-            merge_window: match st.merge_window.as_deref().map(parse_duration) {
-                None => Duration::from_micros(200),
-                Some(Ok(d)) if d <= Duration::from_millis(100) => d,
-                Some(Ok(_)) => {
-                    err(&k("merge_window"), "must be at most 100ms".into());
-                    Duration::ZERO
-                }
-                Some(Err(m)) => {
-                    err(&k("merge_window"), m);
-                    Duration::ZERO
-                }
-            },
+            merge_window,
         });
     }
 
@@ -1248,6 +1259,23 @@ fn dur(
         Err(m) => {
             err(key, m);
             Duration::from_secs(1)
+        }
+    }
+}
+
+/// A duration that may be zero; `default` when unset (0 on an error).
+fn dur_or_zero(
+    err: &mut impl FnMut(&str, String),
+    key: &str,
+    v: &Option<String>,
+    default: Duration,
+) -> Duration {
+    match v.as_deref().map(parse_duration) {
+        None => default,
+        Some(Ok(d)) => d,
+        Some(Err(m)) => {
+            err(key, m);
+            Duration::ZERO
         }
     }
 }

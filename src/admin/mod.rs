@@ -95,16 +95,7 @@ impl Hub {
                 .zip(self.pools.iter())
                 .map(|(p, s)| PoolView {
                     name: p.name.clone(),
-                    balance: format!("{:?}", p.balance).chars().fold(
-                        String::new(),
-                        |mut acc, c| {
-                            if c.is_uppercase() && !acc.is_empty() {
-                                acc.push('-');
-                            }
-                            acc.push(c.to_ascii_lowercase());
-                            acc
-                        },
-                    ),
+                    balance: p.balance.name().to_string(),
                     health_checks: p.health.is_some(),
                     backends: p
                         .backends
@@ -267,15 +258,9 @@ impl AdminConn {
         body: &[u8],
         close: bool,
     ) -> Result<(), NetError> {
-        let reason = match code {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            _ => "Error",
-        };
         let mut out = format!(
-            "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+            crate::http::reason_phrase(code),
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )
@@ -287,29 +272,13 @@ impl AdminConn {
     }
 }
 
-/// `%XX` decoding (and `+` as space) of a query value; invalid escapes stay.
+/// A query value: `+` as space, `%XX` decoded, invalid escapes kept.
 fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).and_then(|&c| hex(c)),
-            b.get(i + 2).and_then(|&c| hex(c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-            (b'+', _, _) => out.push(b' '),
-            (c, _, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let spaced: Vec<u8> = s
+        .bytes()
+        .map(|c| if c == b'+' { b' ' } else { c })
+        .collect();
+    String::from_utf8_lossy(&crate::http::percent_decode(&spaced).0).into_owned()
 }
 
 /// The periodic one-line summary (`--stats-interval`), on shard 0.

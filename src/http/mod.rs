@@ -76,12 +76,16 @@ pub fn reason_phrase(code: u16) -> &'static str {
         100 => "Continue",
         200 => "OK",
         204 => "No Content",
+        206 => "Partial Content",
         304 => "Not Modified",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        416 => "Range Not Satisfiable",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -90,6 +94,31 @@ pub fn reason_phrase(code: u16) -> &'static str {
         504 => "Gateway Timeout",
         _ => "Unknown",
     }
+}
+
+/// `%XX` decoding: the decoded bytes (an invalid escape is kept as it is),
+/// and whether every escape was valid.
+pub fn percent_decode(s: &[u8]) -> (Vec<u8>, bool) {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut clean = true;
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                s.get(i + 1).and_then(|&c| hex(c)),
+                s.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            clean = false;
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    (out, clean)
 }
 
 /// Appends a complete response that corral makes itself (an error page) to

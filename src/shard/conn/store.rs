@@ -25,23 +25,9 @@ pub enum BadPath {
 /// The request path (without query), percent-decoded, as a relative path
 /// of normal components: `.` and empty segments dropped, `..` refused.
 pub fn decode_path(path: &[u8]) -> Result<PathBuf, BadPath> {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut raw = Vec::with_capacity(path.len());
-    let mut i = 0;
-    while i < path.len() {
-        if path[i] == b'%' {
-            match (
-                path.get(i + 1).and_then(|&c| hex(c)),
-                path.get(i + 2).and_then(|&c| hex(c)),
-            ) {
-                (Some(h), Some(l)) => raw.push(h << 4 | l),
-                _ => return Err(BadPath::Malformed),
-            }
-            i += 3;
-        } else {
-            raw.push(path[i]);
-            i += 1;
-        }
+    let (raw, clean) = crate::http::percent_decode(path);
+    if !clean {
+        return Err(BadPath::Malformed);
     }
     if raw.first() != Some(&b'/') || raw.contains(&0) {
         return Err(BadPath::Malformed);
@@ -153,13 +139,11 @@ impl ClientConn {
         self.inbuf.consume(self.head.head_len);
         self.status = status;
         self.out.clear();
-        let reason = match status {
-            200 => "OK",
-            206 => "Partial Content",
-            304 => "Not Modified",
-            _ => "Range Not Satisfiable",
-        };
-        let _ = write!(self.out, "HTTP/1.1 {status} {reason}\r\n");
+        let _ = write!(
+            self.out,
+            "HTTP/1.1 {status} {}\r\n",
+            crate::http::reason_phrase(status)
+        );
         if status != 304 {
             let _ = write!(self.out, "Content-Type: {}\r\n", content_type(&file.path));
         }
