@@ -168,11 +168,8 @@ impl StoreShard {
         };
         let now = self.clock.get() + 1;
         self.clock.set(now);
-        if let Some(f) = self.files.borrow().get(rel) {
-            if f.ino == meta.ino() && f.mtime_ns == mtime_ns(&meta) && f.size == meta.len() {
-                f.used.set(now);
-                return Lookup::Found(f.clone());
-            }
+        if let Some(f) = self.open_as(rel, &meta, now) {
+            return Lookup::Found(f);
         }
         if meta.is_dir() {
             return Lookup::Directory;
@@ -200,11 +197,8 @@ impl StoreShard {
             }
         };
         // Another request may have opened it while this one waited.
-        if let Some(f) = self.files.borrow().get(rel) {
-            if f.ino == meta.ino() && f.mtime_ns == mtime_ns(&meta) && f.size == meta.len() {
-                f.used.set(now);
-                return Lookup::Found(f.clone());
-            }
+        if let Some(f) = self.open_as(rel, &meta, now) {
+            return Lookup::Found(f);
         }
         let id = self.next_id.get();
         self.next_id.set(id.wrapping_add(1).max(1));
@@ -238,6 +232,27 @@ impl StoreShard {
             by_id.retain(|_, w| w.strong_count() > 0);
         }
         Lookup::Found(f)
+    }
+
+    /// The open file for `rel` if it is still the file `meta` describes.
+    fn open_as(&self, rel: &Path, meta: &std::fs::Metadata, now: u64) -> Option<Rc<OpenFile>> {
+        let files = self.files.borrow();
+        let f = files.get(rel)?;
+        if f.ino == meta.ino() && f.mtime_ns == mtime_ns(meta) && f.size == meta.len() {
+            f.used.set(now);
+            return Some(f.clone());
+        }
+        None
+    }
+
+    /// Wakes the requests whose tickets `done` completed or failed.
+    fn wake(&self, done: Vec<usize>) {
+        let mut wakers = self.tickets.borrow_mut();
+        for t in done {
+            if let Some(w) = wakers.remove(&t) {
+                w.wake();
+            }
+        }
     }
 
     async fn open(&self, path: &Path) -> std::io::Result<Handle> {
@@ -323,12 +338,7 @@ impl StoreShard {
             }
             _ => self.planner.borrow_mut().fail(&r),
         };
-        let mut wakers = self.tickets.borrow_mut();
-        for t in done {
-            if let Some(w) = wakers.remove(&t) {
-                w.wake();
-            }
-        }
+        self.wake(done);
     }
 }
 
@@ -403,12 +413,7 @@ pub async fn reader(store: Rc<StoreShard>, queue: glommio::TaskQueueHandle) {
             if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
                 eprintln!("corral: cannot spawn a store read: {e}");
                 let done = store.planner.borrow_mut().fail(&r);
-                let mut wakers = store.tickets.borrow_mut();
-                for t in done {
-                    if let Some(w) = wakers.remove(&t) {
-                        w.wake();
-                    }
-                }
+                store.wake(done);
             }
         }
     }

@@ -544,42 +544,35 @@ async fn shard_main(
         parts: common.parts.clone(),
         started: common.started,
     };
+    // The shard's background tasks, beside its connections.
+    let mut background: Vec<Pin<Box<dyn Future<Output = ()>>>> = Vec::new();
     for st in &shard.stores {
-        let task = crate::origin::store::reader(st.clone(), queue);
-        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
-            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
-            return;
-        }
+        background.push(Box::pin(crate::origin::store::reader(st.clone(), queue)));
     }
-    // Statistics requests from the admin side run beside the connections.
-    let answer = crate::admin::answer_stats(shard.clone(), common.mailboxes[id].clone());
-    if let Err(e) = glommio::spawn_local_into(answer, queue).map(|t| t.detach()) {
-        let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
-        return;
-    }
+    // Statistics requests from the admin side.
+    let mailbox = common.mailboxes[id].clone();
+    background.push(Box::pin(crate::admin::answer_stats(shard.clone(), mailbox)));
     if let Some(sock) = common.admin {
         // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
         let l = unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) };
-        let task = crate::admin::serve(shard.clone(), hub.clone(), l);
-        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
-            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
-            return;
-        }
+        background.push(Box::pin(crate::admin::serve(shard.clone(), hub.clone(), l)));
     }
     if let (0, Some(every)) = (id, cfg.stats_interval) {
-        let task = crate::admin::summaries(shard.clone(), hub.clone(), every);
-        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
-            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
-            return;
-        }
+        background.push(Box::pin(crate::admin::summaries(
+            shard.clone(),
+            hub.clone(),
+            every,
+        )));
     }
     for (i, p) in common.pools.iter().enumerate() {
         if p.owner == id {
-            let task = crate::health::owner::run(shard.clone(), i);
-            if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
-                let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
-                return;
-            }
+            background.push(Box::pin(crate::health::owner::run(shard.clone(), i)));
+        }
+    }
+    for task in background {
+        if let Err(e) = glommio::spawn_local_into(task, queue).map(|t| t.detach()) {
+            let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
+            return;
         }
     }
     let mut accept_tasks = Vec::new();
