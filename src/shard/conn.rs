@@ -121,7 +121,9 @@ impl ClientConn {
             self.status = 0;
             self.class = Class::Pass;
             let r = self.read_head().await;
-            let started = Instant::now();
+            // Only taken when something records the request.
+            let recorded = self.shard.cfg.metrics || self.shard.log.is_some();
+            let started = recorded.then(Instant::now);
             let sent = self.sock.sent;
             match r {
                 Ok(true) => {}
@@ -153,10 +155,10 @@ impl ClientConn {
     }
 
     /// Counts the request just answered (statistics, access log).
-    fn record(&self, started: Instant, sent_before: u64) {
-        if self.status == 0 {
-            return; // the client left before any answer
-        }
+    fn record(&self, started: Option<Instant>, sent_before: u64) {
+        let Some(started) = started.filter(|_| self.status != 0) else {
+            return; // nothing records, or the client left before any answer
+        };
         let us = started.elapsed().as_micros() as u64;
         if self.shard.cfg.metrics {
             self.shard
