@@ -217,6 +217,26 @@ fn config(test: &str, backends: &[&Backend], dead: &[SocketAddr], pool_extra: &s
     )
 }
 
+/// Three backends named `names` and a corral in front of them.
+fn three(test: &str, names: [&str; 3], pool_extra: &str) -> ([Backend; 3], Proxy) {
+    let bs = names.map(Backend::start);
+    let path = config(test, &[&bs[0], &bs[1], &bs[2]], &[], pool_extra);
+    let p = Proxy::start(&["-c", &path]);
+    (bs, p)
+}
+
+/// GETs from `threads` clients for `how_long`; every status they got.
+fn load_for(p: &Proxy, threads: usize, how_long: Duration) -> Vec<u16> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(p, threads, stop.clone());
+    std::thread::sleep(how_long);
+    stop.store(true, Ordering::SeqCst);
+    clients
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
 /// A port nothing listens on.
 fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -341,19 +361,12 @@ fn round_robin_follows_weights() {
 
 #[test]
 fn a_killed_backend_is_detected_absorbed_and_readmitted_with_slow_start() {
-    let (a, mut b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
-    let path = config(
+    let ([a, mut b, c], p) = three(
         "kill",
-        &[&a, &b, &c],
-        &[],
+        ["a", "b", "c"],
         "health = { path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", rise = 2, fall = 2 }\n\
          slow_start = \"3s\"\nretries = 2\n",
     );
-    let p = Proxy::start(&["-c", &path]);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(&p, 4, stop.clone());
     std::thread::sleep(Duration::from_millis(600));
@@ -508,18 +521,11 @@ fn a_hung_backend_gives_bounded_504s_and_is_ejected() {
 
 #[test]
 fn sticky_sessions_stay_put_and_fail_over() {
-    let mut bs = [
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    ];
-    let path = config(
+    let (mut bs, p) = three(
         "sticky",
-        &[&bs[0], &bs[1], &bs[2]],
-        &[],
+        ["a", "b", "c"],
         "balance = \"sticky\"\nsticky = { cookie = \"sid\" }\n",
     );
-    let p = Proxy::start(&["-c", &path]);
     let mut c = Client::new(&p);
     let first = c.get("/", "");
     let set = first
@@ -557,21 +563,14 @@ fn sticky_sessions_stay_put_and_fail_over() {
 
 #[test]
 fn hashing_sends_a_key_to_one_backend_from_every_shard() {
-    let bs = [
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    ];
-    let path = config(
+    let (_bs, p) = three(
         "hash",
-        &[&bs[0], &bs[1], &bs[2]],
-        &[],
+        ["a", "b", "c"],
         // Without the load bound: a request still finishing on another
         // shard could otherwise spill the next one (the bound is checked
         // by the property tests).
         "balance = \"hash\"\nhash_key = \"header:X-User\"\nhash_balance_factor = 0\n",
     );
-    let p = Proxy::start(&["-c", &path]);
     let mut owners = HashMap::new();
     for user in 0..24 {
         for _ in 0..3 {
@@ -588,27 +587,13 @@ fn hashing_sends_a_key_to_one_backend_from_every_shard() {
 #[test]
 fn least_loaded_and_peak_ewma_avoid_a_slow_backend() {
     for algo in ["least-loaded", "peak-ewma"] {
-        let bs = [
-            Backend::start("a"),
-            Backend::start("b"),
-            Backend::start("slow"),
-        ];
-        bs[2].delay_ms.store(40, Ordering::SeqCst);
-        let path = config(
+        let (bs, p) = three(
             &format!("slow-{algo}"),
-            &[&bs[0], &bs[1], &bs[2]],
-            &[],
+            ["a", "b", "slow"],
             &format!("balance = \"{algo}\"\n"),
         );
-        let p = Proxy::start(&["-c", &path]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let clients = load(&p, 6, stop.clone());
-        std::thread::sleep(Duration::from_millis(1500));
-        stop.store(true, Ordering::SeqCst);
-        let codes: Vec<u16> = clients
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect();
+        bs[2].delay_ms.store(40, Ordering::SeqCst);
+        let codes = load_for(&p, 6, Duration::from_millis(1500));
         assert!(codes.iter().all(|&c| c == 200));
         let (fast, slow) = (bs[0].served() + bs[1].served(), bs[2].served());
         // Round robin would give the slow one a third of all requests.
@@ -645,28 +630,14 @@ fn all_backends_down_gives_503_with_retry_after() {
 
 #[test]
 fn peak_ewma_reads_the_load_a_backend_reports() {
-    let bs = [
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("busy"),
-    ];
-    // All equally fast, but one says it is busy with 50 requests.
-    *bs[2].extra.lock().unwrap() = "X-Load: 50\r\n".into();
-    let path = config(
+    let (bs, p) = three(
         "load-header",
-        &[&bs[0], &bs[1], &bs[2]],
-        &[],
+        ["a", "b", "busy"],
         "balance = \"peak-ewma\"\nload_header = \"X-Load\"\n",
     );
-    let p = Proxy::start(&["-c", &path]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(&p, 4, stop.clone());
-    std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::SeqCst);
-    let codes: Vec<u16> = clients
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    // All equally fast, but one says it is busy with 50 requests.
+    *bs[2].extra.lock().unwrap() = "X-Load: 50\r\n".into();
+    let codes = load_for(&p, 4, Duration::from_millis(1000));
     assert!(codes.iter().all(|&c| c == 200));
     let (busy, all) = (
         bs[2].served(),
