@@ -22,7 +22,7 @@ fn object() -> Object {
         timing: Timing::new(&meta.facts, now, now),
         lifetime: 3600,
         meta: Arc::new(meta),
-        body: Arc::new(vec![b'x'; 1024]),
+        body: Arc::new(corral::cache::body::Body::new(vec![b'x'; 1024])),
         vary_values: Vec::new(),
     }
 }

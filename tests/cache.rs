@@ -394,3 +394,61 @@ fn collapsed_requests_get_their_own_variant() {
         assert!(r.text().ends_with(lang), "{lang} got {:?}", r.text());
     }
 }
+
+#[test]
+fn large_hits_are_sent_from_memory_files_whole_and_in_ranges() {
+    // From 16 KiB a stored body lives in a memory file and hits go out with
+    // sendfile; the bytes must be the same whichever way, on kept-alive
+    // connections, in ranges, and to a reader too slow for the socket.
+    let origin = Origin::start();
+    let p = proxy(&origin, "2");
+    let n = 7 * 1024 * 1024 + 17;
+    let path = format!("/big/{n}");
+    let want = big_body(n);
+    assert_eq!(get(p.addr, &path).body, want);
+    let mut s = BufReader::new(p.connect());
+    for _ in 0..3 {
+        write!(s.get_mut(), "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let r = read_response(&mut s, false).unwrap();
+        assert!(r.header("Cache-Status").unwrap().starts_with("corral; hit"));
+        assert!(r.body == want, "a hit's bytes differ from the origin's");
+    }
+    write!(
+        s.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: test\r\nRange: bytes=20000-1048575\r\n\r\n"
+    )
+    .unwrap();
+    let r = read_response(&mut s, false).unwrap();
+    assert_eq!(r.status, 206);
+    assert!(r.body == want[20000..1048576]);
+    write!(s.get_mut(), "HEAD {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let r = read_response(&mut s, true).unwrap();
+    assert_eq!(r.header("Content-Length"), Some(&*n.to_string()));
+    assert!(r.body.is_empty());
+    // A reader that waits before reading: the socket fills (7 MiB is more
+    // than loopback's largest send buffer), the proxy waits for room and
+    // goes on.
+    let mut slow = p.connect();
+    write!(
+        slow,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut slow, &mut got).unwrap();
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(got[body_at..] == want[..], "the slow reader's bytes differ");
+    // Concurrent readers over both shards.
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = p.addr;
+            let path = path.clone();
+            std::thread::spawn(move || get(addr, &path).body)
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap() == want);
+    }
+    assert_eq!(origin.requests_for(&path), 1);
+}

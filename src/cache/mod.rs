@@ -2,6 +2,7 @@
 //! store ([`store`], pure), the per-shard collapse table ([`collapse`],
 //! single-threaded), and the cached object with its key ([`object`]).
 
+pub mod body;
 pub mod collapse;
 pub mod object;
 pub mod policy;

@@ -2,6 +2,7 @@
 //! what RFC 9111 needs to judge it later; how it is built from an upstream
 //! head and how a hit is written. Pure.
 
+use super::body::Body;
 use super::policy::{parse_http_date, CacheControl, ResponseFacts, Timing};
 use crate::http::request::RequestHead;
 use crate::http::response::ResponseHead;
@@ -50,7 +51,9 @@ pub fn test_meta() -> Arc<Meta> {
 #[derive(Debug, Clone)]
 pub struct Object {
     pub meta: Arc<Meta>,
-    pub body: Arc<Vec<u8>>,
+    /// The body; from [`body::FILE_MIN`] bytes kept in a memory file that
+    /// hits send with sendfile.
+    pub body: Arc<Body>,
     pub timing: Timing,
     pub lifetime: u64,
     /// The request's values of the `Vary` fields, in `meta.vary` order: a

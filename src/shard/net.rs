@@ -63,6 +63,8 @@ pub struct Sock {
     fd: RawFd,
     /// Bytes written so far (for the access log).
     pub sent: u64,
+    /// Whether the fd is O_NONBLOCK (set on first sendfile).
+    nonblocking: bool,
 }
 
 impl Sock {
@@ -73,6 +75,7 @@ impl Sock {
             stream,
             fd,
             sent: 0,
+            nonblocking: false,
         }
     }
 
@@ -147,7 +150,17 @@ impl Sock {
     }
 
     /// Writes all of `buf`, waiting until `deadline`.
-    pub async fn write_all(&mut self, mut buf: &[u8], deadline: Instant) -> Result<(), NetError> {
+    pub async fn write_all(&mut self, buf: &[u8], deadline: Instant) -> Result<(), NetError> {
+        self.send_all(buf, 0, deadline).await
+    }
+
+    /// `write_all` with extra `send` flags (`MSG_MORE`) for the direct sends.
+    async fn send_all(
+        &mut self,
+        mut buf: &[u8],
+        flags: libc::c_int,
+        deadline: Instant,
+    ) -> Result<(), NetError> {
         while !buf.is_empty() {
             // SAFETY: buf is a valid slice for its whole length.
             let n = unsafe {
@@ -155,7 +168,7 @@ impl Sock {
                     self.fd,
                     buf.as_ptr().cast(),
                     buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
             if n >= 0 {
@@ -176,6 +189,61 @@ impl Sock {
                         Some(Err(e)) => return Err(NetError::Io(e)),
                         None => return Err(NetError::TimedOut),
                     }
+                }
+                _ => return Err(NetError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `head`, then `body`, which is also the bytes of `file` from
+    /// `offset`, with `sendfile(2)`: the socket takes references to the
+    /// file's pages instead of a copy. The head goes with `MSG_MORE`, so it
+    /// leaves in the same segment as the body's first bytes.
+    ///
+    /// sendfile has no `MSG_DONTWAIT`, so the socket is switched to
+    /// non-blocking on first use (glommio's own reads and writes do not
+    /// depend on the flag). When the socket is full, the next byte of `body`
+    /// goes through the ordinary write, which waits for room, and sendfile
+    /// goes on after it.
+    pub async fn write_file(
+        &mut self,
+        head: &[u8],
+        body: &[u8],
+        file: RawFd,
+        offset: usize,
+        deadline: Instant,
+    ) -> Result<(), NetError> {
+        if !self.nonblocking {
+            // SAFETY: fcntl on our own open fd.
+            let flags = unsafe { libc::fcntl(self.fd, libc::F_GETFL) };
+            // SAFETY: as above.
+            if flags < 0
+                || unsafe { libc::fcntl(self.fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+            {
+                return self.write_two(head, body, deadline).await;
+            }
+            self.nonblocking = true;
+        }
+        self.send_all(head, libc::MSG_MORE, deadline).await?;
+        let mut done = 0;
+        while done < body.len() {
+            let mut off = (offset + done) as libc::off_t;
+            // SAFETY: both fds are open; off is a valid in/out offset.
+            let n = unsafe { libc::sendfile(self.fd, file, &mut off, body.len() - done) };
+            if n > 0 {
+                done += n as usize;
+                self.sent += n as u64;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                _ if n == 0 => return Err(NetError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => {
+                    // No room: one byte the ordinary way, which waits for it.
+                    self.write_all(&body[done..done + 1], deadline).await?;
+                    done += 1;
                 }
                 _ => return Err(NetError::Io(e)),
             }

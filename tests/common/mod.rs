@@ -208,6 +208,16 @@ fn serve_origin(
         if let Some(n) = arg("/size/") {
             let body = vec![b'a'; n];
             send_len(&mut w, 200, &body)?;
+        } else if let Some(n) = arg("/big/") {
+            // A cacheable body of n bytes in which every offset differs.
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {n}\r\n\r\n"
+            )
+            .into_bytes();
+            if !head_only {
+                out.extend_from_slice(&big_body(n));
+            }
+            w.write_all(&out)?;
         } else if let Some(n) = arg("/chunked/") {
             let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             let mut left = n;
@@ -523,6 +533,11 @@ pub fn read_response<R: BufRead>(r: &mut R, head_req: bool) -> std::io::Result<R
 }
 
 /// One GET on a fresh connection.
+/// The body `/big/N` answers: byte i is a function of i with period 251 × 256.
+pub fn big_body(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+}
+
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

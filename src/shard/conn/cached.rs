@@ -5,6 +5,7 @@
 
 use super::{ClientConn, Outcome};
 use crate::admin::stats::Class;
+use crate::cache::body::{Body, FILE_MIN};
 use crate::cache::collapse::{Fill, Next, Phase, Reader};
 use crate::cache::object::Meta;
 use crate::cache::object::{
@@ -212,13 +213,17 @@ impl ClientConn {
         .write(&mut self.out);
         self.inbuf.consume(self.head.head_len);
         let timeout = self.shard.cfg.limits.body_timeout;
-        let body = &obj.body[part];
+        let body = &obj.body[part.clone()];
         let deadline = Instant::now() + timeout;
         let sent = if head_only || body.len() <= INLINE_BODY {
             if !head_only {
                 self.out.extend_from_slice(body);
             }
             self.sock.write_all(&self.out, deadline).await
+        } else if let Some(file) = obj.body.file().filter(|_| body.len() >= FILE_MIN) {
+            self.sock
+                .write_file(&self.out, body, file, part.start, deadline)
+                .await
         } else {
             self.sock.write_two(&self.out, body, deadline).await
         };
@@ -799,7 +804,7 @@ impl FillJob {
             if let Some(bytes) = self.fill.body() {
                 let obj = Object {
                     meta,
-                    body: Arc::new(bytes),
+                    body: Arc::new(Body::new(bytes)),
                     timing,
                     lifetime,
                     vary_values: vary,
