@@ -537,6 +537,10 @@ async fn shard_main(
         glommio::Latency::Matters(CONN_PREEMPT),
         "connections",
     );
+    // Every socket of the shard waits on one epoll set (see net.rs).
+    if let Err(e) = net::Poller::start(queue) {
+        eprintln!("corral[{id}]: no epoll set ({e}); sockets wait through glommio");
+    }
     let shard = Rc::new(Shard::new(id, cfg.clone(), queue, &common));
     let hub = crate::admin::Hub {
         mailboxes: common.mailboxes.clone(),

@@ -1,24 +1,38 @@
 //! The socket fast path: the one place that reads and writes TCP streams.
 //!
 //! glommio's stream arms an io_uring poll after every short read, and the next
-//! read waits for that poll; each wake-up interrupts the CPU. Measured against
-//! nginx (../shared/design/GLOMMIO.md) that costs about a third of the
-//! throughput. So reads and writes first go straight to the fd with
-//! `MSG_DONTWAIT`; on `EAGAIN` the task yields to the others a bounded number
-//! of times ([`SPIN_YIELDS`]) and only then falls back to glommio's readiness
-//! wait, bounded by a deadline. An idle connection therefore costs a few
-//! yields and then nothing.
+//! read waits for that poll; measured against nginx (../shared/design/GLOMMIO.md)
+//! that costs about a third of the throughput. So reads and writes go straight
+//! to the fd with `MSG_DONTWAIT`, and readiness comes the way nginx and HAProxy
+//! get it: each shard keeps one edge-triggered epoll set ([`Poller`]) with
+//! every socket of the shard registered once. A socket that would block
+//! parks its task on its slot (no system call); the shard's pump task asks
+//! epoll what became ready, once per round for all sockets, wakes those
+//! tasks, and when nothing is ready parks itself on the epoll descriptor with
+//! a single io_uring poll. A read that returned less than asked leaves the
+//! socket marked not ready, so the next read waits for the edge instead of
+//! trying `recv` for an `EAGAIN`.
+//!
+//! Without a pump on the thread (a socket made outside a shard), a socket
+//! falls back to yielding a bounded number of times on `EAGAIN` and then
+//! glommio's own readiness wait, bounded by a deadline.
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use slab::Slab;
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Yields on `EAGAIN` before parking on the reactor. Tuned with the
-/// pass-through benchmark; large enough to catch a response already on its
-/// way, small enough that the reactor (accepts, timers) still runs often.
+/// Rounds the pump polls epoll and finds nothing before it parks on the
+/// epoll descriptor (and, without a pump, yields on `EAGAIN` before parking
+/// on glommio). Large enough to catch a reply already on its way, small
+/// enough that the reactor (accepts, timers) still runs often.
 pub const SPIN_YIELDS: u32 = 16;
 
 /// The spin budget: [`SPIN_YIELDS`], or `CORRAL_SPIN_YIELDS` from the
@@ -28,6 +42,222 @@ fn spin_yields() -> u32 {
         static SPIN: u32 = std::env::var("CORRAL_SPIN_YIELDS").ok().and_then(|v| v.parse().ok()).unwrap_or(SPIN_YIELDS);
     }
     SPIN.with(|s| *s)
+}
+
+/// Which way a socket waits.
+#[derive(Clone, Copy)]
+enum Dir {
+    Read,
+    Write,
+}
+
+#[derive(Default)]
+struct Ready {
+    /// An edge arrived since the socket last came up empty this way (or the
+    /// socket has not been tried yet).
+    ready: bool,
+    waker: Option<Waker>,
+}
+
+struct Slot {
+    /// Distinguishes this socket from an earlier one in the same slot, whose
+    /// events may still be queued.
+    generation: u32,
+    read: Ready,
+    write: Ready,
+    /// The peer closed or the socket failed: it stays ready both ways (the
+    /// edge came once; a read that returns the data before the EOF must not
+    /// then wait for another).
+    ended: bool,
+}
+
+impl Slot {
+    fn way(&mut self, dir: Dir) -> &mut Ready {
+        match dir {
+            Dir::Read => &mut self.read,
+            Dir::Write => &mut self.write,
+        }
+    }
+}
+
+/// A shard's edge-triggered epoll set and the sockets waiting on it.
+pub struct Poller {
+    epfd: OwnedFd,
+    slots: RefCell<Slab<Slot>>,
+    generation: std::cell::Cell<u32>,
+}
+
+thread_local! {
+    static POLLER: RefCell<Option<Rc<Poller>>> = const { RefCell::new(None) };
+}
+
+/// Events taken from epoll per call.
+const EVENTS: usize = 256;
+
+impl Poller {
+    /// Makes this thread's poller and starts its pump in `queue`: from then
+    /// on every [`Sock`] made on the thread waits through it.
+    pub fn start(queue: glommio::TaskQueueHandle) -> io::Result<()> {
+        // SAFETY: plain system call; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let p = Rc::new(Poller {
+            // SAFETY: a fresh descriptor nobody else owns.
+            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            slots: RefCell::new(Slab::new()),
+            generation: std::cell::Cell::new(0),
+        });
+        glommio::spawn_local_into(p.clone().pump(), queue)
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .detach();
+        POLLER.with(|cell| *cell.borrow_mut() = Some(p));
+        Ok(())
+    }
+
+    fn current() -> Option<Rc<Poller>> {
+        POLLER.with(|cell| cell.borrow().clone())
+    }
+
+    /// Adds `fd` to the set; its slot starts ready both ways.
+    fn register(&self, fd: RawFd) -> Option<usize> {
+        let generation = self.generation.get().wrapping_add(1);
+        self.generation.set(generation);
+        let key = self.slots.borrow_mut().insert(Slot {
+            generation,
+            read: Ready {
+                ready: true,
+                waker: None,
+            },
+            write: Ready {
+                ready: true,
+                waker: None,
+            },
+            ended: false,
+        });
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: (u64::from(generation) << 32) | key as u64,
+        };
+        // SAFETY: both descriptors are open; ev is a valid event.
+        if unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            self.slots.borrow_mut().remove(key);
+            return None;
+        }
+        Some(key)
+    }
+
+    fn deregister(&self, key: usize, fd: RawFd) {
+        // SAFETY: both descriptors are open (the stream closes after this).
+        unsafe {
+            libc::epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+        self.slots.borrow_mut().try_remove(key);
+    }
+
+    /// Whether the socket may have something this way; clears the mark, so
+    /// that an empty try leaves the socket waiting for its next edge.
+    fn take(&self, key: usize, dir: Dir) -> bool {
+        match self.slots.borrow_mut().get_mut(key) {
+            Some(s) => std::mem::take(&mut s.way(dir).ready) || s.ended,
+            None => true,
+        }
+    }
+
+    fn mark(&self, key: usize, dir: Dir) {
+        if let Some(s) = self.slots.borrow_mut().get_mut(key) {
+            s.way(dir).ready = true;
+        }
+    }
+
+    /// Until an edge arrives this way.
+    async fn wait(&self, key: usize, dir: Dir) {
+        std::future::poll_fn(|cx| {
+            let mut slots = self.slots.borrow_mut();
+            let Some(s) = slots.get_mut(key) else {
+                return Poll::Ready(());
+            };
+            let ended = s.ended;
+            let r = s.way(dir);
+            if r.ready || ended {
+                return Poll::Ready(());
+            }
+            match &r.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => r.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The pump: asks epoll what became ready and wakes those sockets' tasks,
+    /// once per round of the task queue while there is traffic; after
+    /// [`spin_yields`] empty rounds it parks on the epoll descriptor.
+    async fn pump(self: Rc<Self>) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        let mut empty = 0;
+        loop {
+            // SAFETY: events has room for EVENTS entries; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epfd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    EVENTS as libc::c_int,
+                    0,
+                )
+            };
+            if n > 0 {
+                empty = 0;
+                let mut wake = Vec::new();
+                {
+                    let mut slots = self.slots.borrow_mut();
+                    for ev in &events[..n as usize] {
+                        let (generation, key) = ((ev.u64 >> 32) as u32, ev.u64 as u32 as usize);
+                        let Some(s) = slots.get_mut(key).filter(|s| s.generation == generation)
+                        else {
+                            continue;
+                        };
+                        let bits = ev.events as libc::c_int;
+                        let broken =
+                            bits & (libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLRDHUP) != 0;
+                        s.ended |= broken;
+                        if broken || bits & libc::EPOLLIN != 0 {
+                            s.read.ready = true;
+                            wake.extend(s.read.waker.take());
+                        }
+                        if broken || bits & libc::EPOLLOUT != 0 {
+                            s.write.ready = true;
+                            wake.extend(s.write.waker.take());
+                        }
+                    }
+                }
+                wake.into_iter().for_each(Waker::wake);
+                glommio::executor().yield_now().await;
+                continue;
+            }
+            empty += 1;
+            if empty <= spin_yields() {
+                glommio::executor().yield_now().await;
+                continue;
+            }
+            empty = 0;
+            // Nothing for a while: sleep until any socket has an edge. A
+            // failed poll (it should not fail) is not retried in a hot loop.
+            if glommio::net::wait_readable(self.epfd.as_raw_fd())
+                .await
+                .is_err()
+            {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 /// Why a socket operation did not complete.
@@ -65,17 +295,29 @@ pub struct Sock {
     pub sent: u64,
     /// Whether the fd is O_NONBLOCK (set on first sendfile).
     nonblocking: bool,
+    /// The shard's poller and this socket's slot in it.
+    poll: Option<(Rc<Poller>, usize)>,
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        if let Some((p, key)) = &self.poll {
+            p.deregister(*key, self.fd);
+        }
+    }
 }
 
 impl Sock {
     pub fn new(stream: TcpStream) -> Sock {
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
+        let poll = Poller::current().and_then(|p| p.register(fd).map(|key| (p, key)));
         Sock {
             stream,
             fd,
             sent: 0,
             nonblocking: false,
+            poll,
         }
     }
 
@@ -127,6 +369,22 @@ impl Sock {
         if buf.is_empty() {
             return Ok(0);
         }
+        if let Some((p, key)) = &self.poll {
+            loop {
+                if p.take(*key, Dir::Read) {
+                    if let Some(n) = self.try_recv(buf, 0)? {
+                        if n == buf.len() {
+                            // There may be more: the next read tries at once.
+                            p.mark(*key, Dir::Read);
+                        }
+                        return Ok(n);
+                    }
+                }
+                if until(deadline, p.wait(*key, Dir::Read)).await.is_none() {
+                    return Err(NetError::TimedOut);
+                }
+            }
+        }
         if let Some(n) = self.try_recv(buf, 0)? {
             return Ok(n);
         }
@@ -147,6 +405,21 @@ impl Sock {
     pub fn idle_is_alive(&self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.try_recv(&mut b, libc::MSG_PEEK), Ok(None))
+    }
+
+    /// After an `EAGAIN` this way, waits (until `deadline`) for the socket's
+    /// next edge from the shard's poller. `Ok(false)` when there is no
+    /// poller on this thread: the caller waits through glommio.
+    async fn wait_edge(&self, dir: Dir, deadline: Instant) -> Result<bool, NetError> {
+        let Some((p, key)) = &self.poll else {
+            return Ok(false);
+        };
+        // Nothing ran between the EAGAIN and here, so no edge is lost.
+        p.take(*key, dir);
+        match until(deadline, p.wait(*key, dir)).await {
+            Some(()) => Ok(true),
+            None => Err(NetError::TimedOut),
+        }
     }
 
     /// Writes all of `buf`, waiting until `deadline`.
@@ -179,6 +452,7 @@ impl Sock {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {}
                 Some(libc::EAGAIN) => {
                     // The send buffer is full: let glommio wait for room.
                     match until(deadline, self.stream.write(buf)).await {
@@ -240,6 +514,7 @@ impl Sock {
             match e.raw_os_error() {
                 _ if n == 0 => return Err(NetError::Io(io::ErrorKind::UnexpectedEof.into())),
                 Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {}
                 Some(libc::EAGAIN) => {
                     // No room: one byte the ordinary way, which waits for it.
                     self.write_all(&body[done..done + 1], deadline).await?;

@@ -117,3 +117,11 @@ pub use self::{
     udp_socket::UdpSocket,
     unix::{AcceptedUnixStream, UnixDatagram, UnixListener, UnixStream},
 };
+
+/// Waits until `fd` is readable, with one io_uring poll on the executor's
+/// ring (the latency ring for a latency-sensitive task queue). Added by
+/// corral (see CORRAL-PATCH.md) to wait on an epoll descriptor.
+pub async fn wait_readable(fd: std::os::unix::io::RawFd) -> io::Result<()> {
+    let source = crate::executor().reactor().poll_read_ready(fd);
+    source.collect_rw().await.map(|_| ())
+}
