@@ -21,14 +21,58 @@ pub const HOP_BY_HOP: &[&[u8]] = &[
 
 /// Whether a field must not be forwarded: a standard hop-by-hop field or one
 /// the message's `Connection` field names.
-fn is_hop_by_hop(name: &[u8], buf: &[u8], fields: &[Field]) -> bool {
-    if HOP_BY_HOP.iter().any(|h| name_is(name, h)) {
-        return true;
+/// The hop-by-hop test for one head: the fixed list, plus the names its
+/// `Connection` fields list, collected once (up to [`HopByHop::KEEP`]; a head
+/// naming more falls back to scanning its `Connection` fields per name).
+struct HopByHop<'a> {
+    buf: &'a [u8],
+    fields: &'a [Field],
+    named: [&'a [u8]; HopByHop::KEEP],
+    count: usize,
+    more: bool,
+}
+
+impl<'a> HopByHop<'a> {
+    const KEEP: usize = 8;
+
+    fn new(buf: &'a [u8], fields: &'a [Field]) -> HopByHop<'a> {
+        let mut h = HopByHop {
+            buf,
+            fields,
+            named: [&[][..]; HopByHop::KEEP],
+            count: 0,
+            more: false,
+        };
+        for f in fields
+            .iter()
+            .filter(|f| name_is(f.name(buf), b"connection"))
+        {
+            for t in list_elements(f.value(buf)) {
+                if h.count < HopByHop::KEEP {
+                    h.named[h.count] = t;
+                    h.count += 1;
+                } else {
+                    h.more = true;
+                }
+            }
+        }
+        h
     }
-    fields
-        .iter()
-        .filter(|f| name_is(f.name(buf), b"connection"))
-        .any(|f| list_elements(f.value(buf)).any(|t| t.eq_ignore_ascii_case(name)))
+
+    fn is(&self, name: &[u8]) -> bool {
+        HOP_BY_HOP.iter().any(|h| name_is(name, h))
+            || self.named[..self.count]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name))
+            || (self.more
+                && self
+                    .fields
+                    .iter()
+                    .filter(|f| name_is(f.name(self.buf), b"connection"))
+                    .any(|f| {
+                        list_elements(f.value(self.buf)).any(|t| t.eq_ignore_ascii_case(name))
+                    }))
+    }
 }
 
 /// What the upstream request needs beyond the client's head.
@@ -76,9 +120,10 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut xff_done = false;
     let mut via_done = false;
+    let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
-        if is_hop_by_hop(name, buf, &head.fields)
+        if hop.is(name)
             || name_is(name, b"expect")
             || name_is(name, b"x-forwarded-proto")
             || (fill && FILL_DROPS.iter().any(|d| name_is(name, d)))
@@ -191,9 +236,10 @@ pub fn write_client_response(
     }
     out.extend_from_slice(b"\r\n");
     let mut via_done = false;
+    let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
-        if is_hop_by_hop(name, buf, &head.fields) {
+        if hop.is(name) {
             continue;
         }
         if name_is(name, b"content-length") && framing != ClientFraming::NoBody {
@@ -232,9 +278,10 @@ pub fn write_interim(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
     let _ = write!(out, "HTTP/1.1 {} ", head.code);
     out.extend_from_slice(head.reason(buf));
     out.extend_from_slice(b"\r\n");
+    let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
-        if is_hop_by_hop(name, buf, &head.fields) {
+        if hop.is(name) {
             continue;
         }
         out.extend_from_slice(name);
@@ -337,5 +384,39 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert!(s.contains("Transfer-Encoding: chunked\r\n"));
         assert!(!s.contains("Connection"));
+    }
+
+    #[test]
+    fn connection_may_name_more_fields_than_are_kept() {
+        // Ten names over two Connection fields: the first eight are kept,
+        // the rest found by the scan; all ten go, the others stay.
+        let names: Vec<String> = (0..10).map(|i| format!("X-H{i}")).collect();
+        let mut text = format!(
+            "HTTP/1.1 200 OK\r\nConnection: {}\r\nConnection: {}\r\n",
+            names[..6].join(", "),
+            names[6..].join(", ")
+        );
+        for n in &names {
+            text.push_str(&format!("{n}: 1\r\n"));
+        }
+        text.push_str("X-Stay: 1\r\nContent-Length: 0\r\n\r\n");
+        let buf = text.as_bytes();
+        let mut head = ResponseHead::default();
+        assert!(parse_response(buf, false, 8192, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_client_response(
+            &mut out,
+            buf,
+            &head,
+            ClientFraming::Length(0),
+            false,
+            1,
+            b"",
+        );
+        let s = String::from_utf8(out).unwrap();
+        for n in &names {
+            assert!(!s.contains(&format!("{n}:")), "{n} kept: {s}");
+        }
+        assert!(s.contains("X-Stay: 1\r\n"));
     }
 }
