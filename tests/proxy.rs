@@ -473,6 +473,36 @@ fn slowloris_gets_408_and_idle_connections_close() {
 }
 
 #[test]
+fn a_short_deadline_fires_while_a_long_one_waits() {
+    // Deadlines live in the shard's poller, which parks with one timer for
+    // the earliest. An idle connection sets it 60 s away; a head that stops
+    // coming must still get its 408 after header_timeout, not after 60 s.
+    let origin = Origin::start();
+    let cfg = write_config(
+        "deadlines",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"60s\"\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let _idle = p.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = p.connect();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "408 after {took:?}"
+    );
+}
+
+#[test]
 fn connection_cap_refuses_cleanly() {
     let origin = Origin::start();
     let cfg = write_config(
