@@ -263,6 +263,7 @@ impl Poller {
     /// [`spin_yields`] empty rounds it parks on the epoll descriptor.
     async fn pump(self: Rc<Self>) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        let mut wake: Vec<Waker> = Vec::with_capacity(EVENTS);
         let mut empty = 0;
         loop {
             let now = Instant::now();
@@ -281,7 +282,6 @@ impl Poller {
             };
             if n > 0 {
                 empty = 0;
-                let mut wake = Vec::new();
                 {
                     let mut slots = self.slots.borrow_mut();
                     for ev in &events[..n as usize] {
@@ -304,7 +304,7 @@ impl Poller {
                         }
                     }
                 }
-                wake.into_iter().for_each(Waker::wake);
+                wake.drain(..).for_each(Waker::wake);
                 glommio::executor().yield_now().await;
                 continue;
             }
