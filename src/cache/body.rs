@@ -79,26 +79,42 @@ impl Body {
     /// when one can be had.
     pub fn new(bytes: Vec<u8>) -> Body {
         if bytes.len() >= FILE_MIN {
-            if let Some(b) = Self::mapped(&bytes) {
+            if let Some(b) = Self::mapped(&[&bytes[..]], bytes.len()) {
                 return b;
             }
         }
         Body(Bytes::Heap(bytes))
     }
 
-    fn mapped(bytes: &[u8]) -> Option<Body> {
+    /// The concatenation of `parts` (a finished fill's chunks), copied once:
+    /// straight into the memory file, or into one buffer.
+    pub fn from_parts<P: AsRef<[u8]>>(parts: &[P]) -> Body {
+        let len = parts.iter().map(|p| p.as_ref().len()).sum();
+        if len >= FILE_MIN {
+            if let Some(b) = Self::mapped(parts, len) {
+                return b;
+            }
+        }
+        let mut v = Vec::with_capacity(len);
+        for p in parts {
+            v.extend_from_slice(p.as_ref());
+        }
+        Body(Bytes::Heap(v))
+    }
+
+    fn mapped<P: AsRef<[u8]>>(parts: &[P], len: usize) -> Option<Body> {
         if FILES.fetch_add(1, Ordering::Relaxed) >= file_budget() {
             FILES.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        let made = Self::make_file(bytes);
+        let made = Self::make_file(parts, len);
         if made.is_none() {
             FILES.fetch_sub(1, Ordering::Relaxed);
         }
         made
     }
 
-    fn make_file(bytes: &[u8]) -> Option<Body> {
+    fn make_file<P: AsRef<[u8]>>(parts: &[P], len: usize) -> Option<Body> {
         // SAFETY: a valid NUL-terminated name and flags.
         let fd = unsafe { libc::memfd_create(c"corral-body".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -106,27 +122,28 @@ impl Body {
         }
         // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut done = 0;
-        while done < bytes.len() {
-            let rest = &bytes[done..];
-            // SAFETY: rest is a valid slice; fd is open.
-            let n = unsafe { libc::write(file.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
-            if n <= 0 {
-                if n < 0
-                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                {
-                    continue;
+        for part in parts {
+            let mut rest = part.as_ref();
+            while !rest.is_empty() {
+                // SAFETY: rest is a valid slice; fd is open.
+                let n = unsafe { libc::write(file.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+                if n <= 0 {
+                    if n < 0
+                        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                    {
+                        continue;
+                    }
+                    return None;
                 }
-                return None;
+                rest = &rest[n as usize..];
             }
-            done += n as usize;
         }
         // SAFETY: maps `len` bytes of a file that has exactly that many,
         // read-only and shared; checked for MAP_FAILED below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes.len(),
+                len,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -138,7 +155,7 @@ impl Body {
         }
         Some(Body(Bytes::Mapped {
             ptr: ptr as *const u8,
-            len: bytes.len(),
+            len,
             file,
         }))
     }
@@ -184,6 +201,18 @@ mod tests {
         let b = Body::new(vec![7u8; FILE_MIN - 1]);
         assert!(b.file().is_none());
         assert_eq!(&b[..], &vec![7u8; FILE_MIN - 1][..]);
+    }
+
+    #[test]
+    fn parts_are_joined_once_either_way() {
+        let parts: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 1000]).collect();
+        let joined: Vec<u8> = parts.concat();
+        let big = Body::from_parts(&parts);
+        assert!(big.file().is_some());
+        assert_eq!(&big[..], &joined[..]);
+        let small = Body::from_parts(&parts[..3]);
+        assert!(small.file().is_none());
+        assert_eq!(&small[..], &joined[..3000]);
     }
 
     #[test]

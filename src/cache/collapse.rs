@@ -202,17 +202,13 @@ impl Fill {
         self.state.borrow().alone
     }
 
-    /// The body so far, concatenated (for storing a finished fill).
-    pub fn body(&self) -> Option<Vec<u8>> {
+    /// The body so far, as one stored body (for storing a finished fill).
+    pub fn body(&self) -> Option<super::body::Body> {
         let st = self.state.borrow();
         if st.base != 0 {
             return None;
         }
-        let mut v = Vec::with_capacity(st.bytes as usize);
-        for c in &st.chunks {
-            v.extend_from_slice(c);
-        }
-        Some(v)
+        Some(super::body::Body::from_parts(&st.chunks))
     }
 
     /// Releases chunks the first reader has taken, when it is the only one

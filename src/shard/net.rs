@@ -558,9 +558,9 @@ impl Sock {
     ///
     /// sendfile has no `MSG_DONTWAIT`, so the socket is switched to
     /// non-blocking on first use (glommio's own reads and writes do not
-    /// depend on the flag). When the socket is full, the next byte of `body`
-    /// goes through the ordinary write, which waits for room, and sendfile
-    /// goes on after it.
+    /// depend on the flag). When the socket is full, the shard's poller waits
+    /// for room; without one, the next byte of `body` goes through the
+    /// ordinary write, which waits, and sendfile goes on after it.
     pub async fn write_file(
         &mut self,
         head: &[u8],

@@ -5,7 +5,7 @@
 
 use super::{ClientConn, Outcome};
 use crate::admin::stats::Class;
-use crate::cache::body::{Body, FILE_MIN};
+use crate::cache::body::FILE_MIN;
 use crate::cache::collapse::{Fill, Next, Phase, Reader};
 use crate::cache::object::Meta;
 use crate::cache::object::{
@@ -801,10 +801,10 @@ impl FillJob {
             pool.checkin(backend, up, Instant::now());
         }
         if cacheable {
-            if let Some(bytes) = self.fill.body() {
+            if let Some(body) = self.fill.body() {
                 let obj = Object {
                     meta,
-                    body: Arc::new(Body::new(bytes)),
+                    body: Arc::new(body),
                     timing,
                     lifetime,
                     vary_values: vary,
