@@ -97,9 +97,17 @@ impl ResponseReader {
         loop {
             match self.state {
                 State::Head => {
-                    let mut headers = [httparse::EMPTY_HEADER; 96];
-                    let mut resp = httparse::Response::new(&mut headers);
-                    match resp.parse(&buf[i..]) {
+                    // Uninitialised: httparse writes only what it returns,
+                    // and filling 96 empty headers per response cost more
+                    // than the parse.
+                    let mut headers =
+                        [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; 96];
+                    let mut resp = httparse::Response::new(&mut []);
+                    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                        &mut resp,
+                        &buf[i..],
+                        &mut headers,
+                    ) {
                         Ok(httparse::Status::Partial) => {
                             if buf.len() - i > MAX_HEAD {
                                 return Err(ReadError::BadHead);

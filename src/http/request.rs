@@ -5,6 +5,7 @@
 //! allocates nothing per request beyond the reusable header table.
 
 use super::{list_elements, name_is, parse_content_length, trim_ows, BodyKind, ClientError};
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// httparse needs a fixed header table; `max_headers` is checked against the
@@ -151,10 +152,12 @@ pub fn parse_request(
     limits: &HeadLimits,
     head: &mut RequestHead,
 ) -> Result<bool, ClientError> {
-    let mut table = [httparse::EMPTY_HEADER; HEADER_TABLE];
+    // Left uninitialised: filling 256 empty headers cost more than parsing
+    // a small request (httparse writes only the entries it returns).
+    let mut table = [const { MaybeUninit::<httparse::Header>::uninit() }; HEADER_TABLE];
     let max = limits.max_headers.min(HEADER_TABLE);
-    let mut req = httparse::Request::new(&mut table[..max]);
-    let status = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let status = match req.parse_with_uninit_headers(buf, &mut table[..max]) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => return Err(ClientError::HeaderTooLarge),
         Err(httparse::Error::Token) => return Err(ClientError::BadRequest("invalid method token")),

@@ -3,6 +3,7 @@
 
 use super::request::Field;
 use super::{list_elements, name_is, parse_content_length, BodyKind};
+use std::mem::MaybeUninit;
 
 /// The most header fields accepted in an upstream response.
 pub const MAX_RESPONSE_FIELDS: usize = 128;
@@ -44,9 +45,13 @@ pub fn parse_response(
     max_bytes: usize,
     head: &mut ResponseHead,
 ) -> Result<bool, UpstreamError> {
-    let mut table = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
-    let mut resp = httparse::Response::new(&mut table);
-    let n = match resp.parse(buf) {
+    // Left uninitialised, as in `parse_request`: httparse writes only the
+    // entries it returns.
+    let mut table = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_RESPONSE_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut table)
+    {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > max_bytes {
