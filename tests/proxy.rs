@@ -555,6 +555,25 @@ fn graceful_shutdown_finishes_in_flight_requests() {
 }
 
 #[test]
+fn an_idle_proxy_stops_on_sigint_and_sigterm() {
+    // Every shard parked with nothing to do: the signal itself wakes them
+    // (each shard's wake socket), not a timer they may sleep through.
+    let origin = Origin::start();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut p = proxy_for(&origin, &["--shards", "2"]);
+        assert_eq!(get(p.addr, "/").status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+        p.signal(sig);
+        assert_eq!(
+            p.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "signal {sig}"
+        );
+        assert!(TcpStream::connect(p.addr).is_err());
+    }
+}
+
+#[test]
 fn startup_errors_exit_2() {
     // Address in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -17,8 +17,10 @@ use mailbox::Mailbox;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -333,6 +335,9 @@ pub struct Running {
     /// The admin listener's address, if there is one.
     pub admin: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
+    /// One socket per shard: a byte written here wakes the shard to look at
+    /// `stop` (see [`Running::wake_fds`]).
+    wakes: Vec<UnixStream>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -340,11 +345,22 @@ impl Running {
     /// Asks every shard to drain and stop.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        wake_all(&self.wakes);
     }
 
     /// The flag that stops the shards when set (for signal handlers).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// Descriptors that wake each shard when a byte is written to them, for
+    /// signal handlers to write after setting [`Running::stop_flag`]
+    /// (`signal_hook::low_level::pipe`). A shard also looks at the flag on
+    /// its housekeeping timer, but a parked executor has been seen to miss
+    /// that timer's wake-up, and a stop must not depend on it.
+    pub fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.wakes.iter().map(|w| w.as_raw_fd()).collect()
     }
 
     /// Waits for every shard to finish.
@@ -434,7 +450,16 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         .and_then(|a| a.as_socket());
     let started = Instant::now();
     let mut handles = Vec::new();
+    let mut wakes = Vec::new();
     for id in 0..cfg.shards {
+        let (wake, woken) = UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
+        wakes.push(wake);
         let placement = match &cfg.cpus {
             Some(c) => Placement::Fixed(c[id]),
             None => Placement::Unbound,
@@ -457,7 +482,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             } else {
                 IO_MEMORY_STORES
             })
-            .spawn(move || shard_main(id, cfg, common, addrs, stop, ready))
+            .spawn(move || shard_main(id, cfg, common, addrs, stop, woken, ready))
             .map_err(|e| StartError(format!("cannot start shard {id}: {e}")))?;
         handles.push(h);
     }
@@ -467,10 +492,12 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             Ok(Ok(())) => {}
             Ok(Err(m)) => {
                 stop.store(true, Ordering::SeqCst);
+                wake_all(&wakes);
                 return Err(StartError(m));
             }
             Err(_) => {
                 stop.store(true, Ordering::SeqCst);
+                wake_all(&wakes);
                 return Err(StartError("a shard failed to start (see above)".into()));
             }
         }
@@ -480,8 +507,16 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         addrs,
         admin: admin_addr,
         stop,
+        wakes,
         handles,
     })
+}
+
+/// Writes a byte to each shard's wake socket (full means already woken).
+fn wake_all(wakes: &[UnixStream]) {
+    for mut w in wakes {
+        let _ = w.write(b"s");
+    }
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -514,6 +549,7 @@ async fn shard_main(
     common: Common,
     addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
+    woken: UnixStream,
     ready: mpsc::Sender<Result<(), String>>,
 ) {
     let mut listeners = Vec::new();
@@ -595,7 +631,17 @@ async fn shard_main(
 
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(HOUSEKEEPING).await;
+        // The wake socket stays readable once written: after a stop this
+        // returns at once, every time.
+        futures_lite::future::or(glommio::timer::sleep(HOUSEKEEPING), async {
+            if glommio::net::wait_readable(woken.as_raw_fd())
+                .await
+                .is_err()
+            {
+                std::future::pending::<()>().await; // the timer alone, then
+            }
+        })
+        .await;
         if let Some(l) = &shard.log {
             l.flush();
         }
