@@ -123,7 +123,10 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
-        if hop.is(name)
+        // A client cannot make `Host` hop-by-hop by naming it in
+        // `Connection`: dropping it would send an HTTP/1.1 request without
+        // its authority (found by the fuzz target).
+        if (hop.is(name) && !name_is(name, b"host"))
             || name_is(name, b"expect")
             || name_is(name, b"x-forwarded-proto")
             || (fill && FILL_DROPS.iter().any(|d| name_is(name, d)))
@@ -303,6 +306,29 @@ mod tests {
         max_headers: 64,
         max_uri_bytes: 2048,
     };
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let buf = b"GET /x HTTP/1.1\r\nHost: a.example\r\nConnection: x, Host\r\nX: 1\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_upstream_request(
+            &mut out,
+            buf,
+            &head,
+            &Forwarded {
+                client_ip: "127.0.0.1",
+                proto: "http",
+                backend_host: "b:1",
+            },
+        );
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert!(s.contains("Host: a.example\r\n"), "{s}");
+        assert!(!s.contains("X: 1"), "{s}");
+        let mut again = RequestHead::default();
+        assert!(parse_request(&out, &LIMITS, &mut again).unwrap());
+    }
 
     #[test]
     fn upstream_request_drops_hop_by_hop() {
