@@ -78,6 +78,8 @@ pub struct Shard {
     draining: Cell<bool>,
     /// Tasks waiting for the drain, each registered while it waits.
     drain_wakers: RefCell<slab::Slab<Waker>>,
+    /// The shard's main task while it waits for the last connection to end.
+    drained: RefCell<Option<Waker>>,
 }
 
 impl Shard {
@@ -129,6 +131,7 @@ impl Shard {
             conns: Cell::new(0),
             draining: Cell::new(false),
             drain_wakers: RefCell::new(slab::Slab::new()),
+            drained: RefCell::new(None),
             cfg,
         }
     }
@@ -214,7 +217,13 @@ struct ConnGuard(Rc<Shard>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.conns.set(self.0.conns.get() - 1);
+        let left = self.0.conns.get() - 1;
+        self.0.conns.set(left);
+        if left == 0 {
+            if let Some(w) = self.0.drained.borrow_mut().take() {
+                w.wake();
+            }
+        }
     }
 }
 
@@ -658,10 +667,18 @@ async fn shard_main(
     for t in accept_tasks {
         t.await;
     }
-    let deadline = Instant::now() + cfg.drain_timeout;
-    while shard.conns.get() > 0 && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
-    }
+    // Until the last connection ends (its guard wakes us) or the timeout.
+    futures_lite::future::or(glommio::timer::sleep(cfg.drain_timeout), {
+        let shard = &shard;
+        std::future::poll_fn(move |cx| {
+            if shard.conns.get() == 0 {
+                return Poll::Ready(());
+            }
+            *shard.drained.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    })
+    .await;
     if shard.conns.get() > 0 {
         eprintln!(
             "corral[{id}]: drain timeout: closing {} connections",
