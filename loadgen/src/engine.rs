@@ -22,6 +22,12 @@ use std::time::{Duration, Instant};
 
 /// Yields on EAGAIN before parking on the reactor (as in corral), by default.
 pub const SPIN_YIELDS: u32 = 16;
+
+/// How often the main thread wakes every worker while a run lasts: the
+/// longest a missed timer wake-up can stall a worker. Twice in a day here a
+/// worker outlived its run by more than all its timeouts before this existed
+/// (the watchdog in `run` still guards against anything else).
+const NUDGE: Duration = Duration::from_millis(100);
 /// Pause before reconnecting after a connect error.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 /// Gap between herd rounds, so every connection is parked and ready.
@@ -247,7 +253,16 @@ pub fn run(opts: Options) -> Result<Report, String> {
     });
     let opts = &shared.opts;
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Stats>();
+    let mut nudges = Vec::new();
     for t in 0..opts.threads {
+        let (nudge, nudged) = std::os::unix::net::UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| format!("cannot start thread {t}: {e}"))?;
+        nudges.push(nudge);
         let placement = match &opts.cpus {
             Some(c) => Placement::Fixed(c[t % c.len()]),
             None => Placement::Unbound,
@@ -257,6 +272,20 @@ pub fn run(opts: Options) -> Result<Report, String> {
             .name(&format!("loadgen{t}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
+                // Each byte the main thread sends wakes this executor, which
+                // then also runs any timer that is due: a parked executor has
+                // been seen to miss a timer's wake-up (see NUDGE).
+                glommio::spawn_local(async move {
+                    use std::io::Read;
+                    let mut sink = [0u8; 64];
+                    while glommio::net::wait_readable(nudged.as_raw_fd())
+                        .await
+                        .is_ok()
+                    {
+                        while matches!((&nudged).read(&mut sink), Ok(n) if n > 0) {}
+                    }
+                })
+                .detach();
                 let _ = tx.send(worker(t, sh).await);
             })
             .map_err(|e| format!("cannot start thread {t}: {e}"))?;
@@ -277,10 +306,15 @@ pub fn run(opts: Options) -> Result<Report, String> {
     let mut finished = 0;
     while finished < opts.threads {
         let left = deadline.saturating_duration_since(Instant::now());
-        match done_rx.recv_timeout(left) {
+        match done_rx.recv_timeout(left.min(NUDGE)) {
             Ok(s) => {
                 stats.merge(&s);
                 finished += 1;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                for mut n in &nudges {
+                    let _ = std::io::Write::write(&mut n, b"n");
+                }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 shared.stop.store(true, Ordering::SeqCst);

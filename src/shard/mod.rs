@@ -17,7 +17,7 @@ use mailbox::Mailbox;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
@@ -34,6 +34,9 @@ const BACKLOG: i32 = 4096;
 /// How often a shard looks at the process-wide stop flag and sweeps idle
 /// upstream connections. Only shutdown latency depends on it.
 const HOUSEKEEPING: Duration = Duration::from_millis(50);
+/// How often the nudger wakes every shard: the longest a missed timer
+/// wake-up can delay a timer.
+const NUDGE: Duration = Duration::from_millis(100);
 /// Preemption period of the connection task queue: the longest a parked
 /// connection can wait behind connections that keep running.
 const CONN_PREEMPT: Duration = Duration::from_millis(1);
@@ -364,9 +367,9 @@ impl Running {
 
     /// Descriptors that wake each shard when a byte is written to them, for
     /// signal handlers to write after setting [`Running::stop_flag`]
-    /// (`signal_hook::low_level::pipe`). A shard also looks at the flag on
-    /// its housekeeping timer, but a parked executor has been seen to miss
-    /// that timer's wake-up, and a stop must not depend on it.
+    /// (`signal_hook::low_level::pipe`). A shard looks at the flag on its
+    /// housekeeping timer; the byte wakes a parked shard at once, so that a
+    /// stop does not wait for a timer wake-up it might miss.
     pub fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
         self.wakes.iter().map(|w| w.as_raw_fd()).collect()
@@ -512,6 +515,28 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         }
     }
     drop(holds);
+    // The nudger: a byte to every shard each NUDGE, so that a missed timer
+    // wake-up costs at most that long (see shard_main).
+    let nudger = wakes
+        .iter()
+        .map(|w| w.try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|nudges| {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("corral-nudge".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(NUDGE);
+                        wake_all(&nudges);
+                    }
+                })
+        });
+    if let Err(e) = nudger {
+        stop.store(true, Ordering::SeqCst);
+        wake_all(&wakes);
+        return Err(StartError(format!("cannot start the nudger thread: {e}")));
+    }
     Ok(Running {
         addrs,
         admin: admin_addr,
@@ -639,18 +664,18 @@ async fn shard_main(
     drop(ready);
 
     let mut last_sweep = Instant::now();
+    // Every byte on the wake socket (a stop, or the nudger's tick) wakes
+    // this executor, which then also runs any timer that is due: a parked
+    // shard has been seen to miss a timer's own wake-up.
+    glommio::spawn_local(async move {
+        let mut sink = [0u8; 64];
+        while glommio::net::wait_readable(woken.as_raw_fd()).await.is_ok() {
+            while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
+        }
+    })
+    .detach();
     while !stop.load(Ordering::Relaxed) {
-        // The wake socket stays readable once written: after a stop this
-        // returns at once, every time.
-        futures_lite::future::or(glommio::timer::sleep(HOUSEKEEPING), async {
-            if glommio::net::wait_readable(woken.as_raw_fd())
-                .await
-                .is_err()
-            {
-                std::future::pending::<()>().await; // the timer alone, then
-            }
-        })
-        .await;
+        glommio::timer::sleep(HOUSEKEEPING).await;
         if let Some(l) = &shard.log {
             l.flush();
         }
