@@ -171,17 +171,8 @@ fn run(args: &RunArgs) -> ExitCode {
         }
     };
     let stop = running.stop_flag();
-    // Set the flag, then wake every shard so that none waits for a timer to
-    // notice (handlers run in the order they were registered).
-    let mut wake_ids = Vec::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let installed = signal_hook::flag::register(sig, stop.clone()).and_then(|_| {
-            for fd in running.wake_fds() {
-                wake_ids.push(signal_hook::low_level::pipe::register_raw(sig, fd)?);
-            }
-            Ok(())
-        });
-        if let Err(e) = installed {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("corral: cannot install a signal handler: {e}");
             return ExitCode::from(2);
         }
@@ -195,11 +186,6 @@ fn run(args: &RunArgs) -> ExitCode {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     running.join();
-    // The wake sockets are closed now: their handlers must not write to
-    // whatever reuses the descriptors.
-    for id in wake_ids {
-        signal_hook::low_level::unregister(id);
-    }
     if stop.load(Ordering::SeqCst) {
         eprintln!("corral: stopped");
     }

@@ -347,9 +347,6 @@ pub struct Running {
     /// The admin listener's address, if there is one.
     pub admin: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
-    /// One socket per shard: a byte written here wakes the shard to look at
-    /// `stop` (see [`Running::wake_fds`]).
-    wakes: Vec<UnixStream>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -357,22 +354,11 @@ impl Running {
     /// Asks every shard to drain and stop.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        wake_all(&self.wakes);
     }
 
     /// The flag that stops the shards when set (for signal handlers).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
-    }
-
-    /// Descriptors that wake each shard when a byte is written to them, for
-    /// signal handlers to write after setting [`Running::stop_flag`]
-    /// (`signal_hook::low_level::pipe`). A shard looks at the flag on its
-    /// housekeeping timer; the byte wakes a parked shard at once, so that a
-    /// stop does not wait for a timer wake-up it might miss.
-    pub fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        self.wakes.iter().map(|w| w.as_raw_fd()).collect()
     }
 
     /// Waits for every shard to finish.
@@ -504,53 +490,38 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             Ok(Ok(())) => {}
             Ok(Err(m)) => {
                 stop.store(true, Ordering::SeqCst);
-                wake_all(&wakes);
                 return Err(StartError(m));
             }
             Err(_) => {
                 stop.store(true, Ordering::SeqCst);
-                wake_all(&wakes);
                 return Err(StartError("a shard failed to start (see above)".into()));
             }
         }
     }
     drop(holds);
-    // The nudger: a byte to every shard each NUDGE, so that a missed timer
-    // wake-up costs at most that long (see shard_main).
-    let nudger = wakes
-        .iter()
-        .map(|w| w.try_clone())
-        .collect::<Result<Vec<_>, _>>()
-        .and_then(|nudges| {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("corral-nudge".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(NUDGE);
-                        wake_all(&nudges);
-                    }
-                })
+    // The nudger: a byte to every shard each NUDGE, until the stop, so that
+    // a missed timer wake-up costs at most that long (see shard_main).
+    let nudge_stop = stop.clone();
+    let nudger = std::thread::Builder::new()
+        .name("corral-nudge".into())
+        .spawn(move || {
+            while !nudge_stop.load(Ordering::Relaxed) {
+                std::thread::sleep(NUDGE);
+                for mut w in &wakes {
+                    let _ = w.write(b"n"); // full: already woken
+                }
+            }
         });
     if let Err(e) = nudger {
         stop.store(true, Ordering::SeqCst);
-        wake_all(&wakes);
         return Err(StartError(format!("cannot start the nudger thread: {e}")));
     }
     Ok(Running {
         addrs,
         admin: admin_addr,
         stop,
-        wakes,
         handles,
     })
-}
-
-/// Writes a byte to each shard's wake socket (full means already woken).
-fn wake_all(wakes: &[UnixStream]) {
-    for mut w in wakes {
-        let _ = w.write(b"s");
-    }
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -664,8 +635,7 @@ async fn shard_main(
     drop(ready);
 
     let mut last_sweep = Instant::now();
-    // Every byte on the wake socket (a stop, or the nudger's tick) wakes
-    // this executor, which then also runs any timer that is due: a parked
+    // Every byte on the wake socket (the nudger's tick) wakes this executor, which then also runs any timer that is due: a parked
     // shard has been seen to miss a timer's own wake-up.
     glommio::spawn_local(async move {
         let mut sink = [0u8; 64];
