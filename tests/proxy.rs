@@ -18,6 +18,20 @@ fn proxy_for(origin: &Origin, extra: &[&str]) -> Proxy {
     Proxy::start(&args)
 }
 
+/// A one-shard proxy for `origin` from a config file: `server_and_limits`
+/// goes after `shards = 1` (more `[server]` keys, a `[limits]` table),
+/// `pool_extra` into the pool `p`.
+fn one_pool_proxy(name: &str, origin: &Origin, server_and_limits: &str, pool_extra: &str) -> Proxy {
+    let cfg = write_config(
+        name,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n{server_and_limits}[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n{pool_extra}",
+            origin.addr
+        ),
+    );
+    Proxy::start(&["-c", &cfg])
+}
+
 #[test]
 fn keep_alive_reuses_both_sides() {
     let origin = Origin::start();
@@ -306,14 +320,7 @@ fn backend_down_is_502() {
 #[test]
 fn backend_timeout_is_504_and_hang_is_bounded() {
     let origin = Origin::start();
-    let cfg = write_config(
-        "timeout",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\nresponse_timeout = \"300ms\"\n",
-            origin.addr
-        ),
-    );
-    let p = Proxy::start(&["-c", &cfg]);
+    let p = one_pool_proxy("timeout", &origin, "", "response_timeout = \"300ms\"\n");
     let t = Instant::now();
     let resp = get(p.addr, "/hang");
     assert_eq!(resp.status, 504);
@@ -391,14 +398,7 @@ fn malformed_requests_get_4xx_and_close() {
 #[test]
 fn limits_414_431_413() {
     let origin = Origin::start();
-    let cfg = write_config(
-        "limits",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nmax_header_bytes = \"4KiB\"\nmax_uri_bytes = 1024\nmax_headers = 20\nmax_body_bytes = 1000\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
-    );
-    let p = Proxy::start(&["-c", &cfg]);
+    let p = one_pool_proxy("limits", &origin, "[limits]\nmax_header_bytes = \"4KiB\"\nmax_uri_bytes = 1024\nmax_headers = 20\nmax_body_bytes = 1000\n", "");
     let uri = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "u".repeat(2000));
     assert!(raw_exchange(p.addr, uri.as_bytes()).starts_with("HTTP/1.1 414"));
     let big = format!(
@@ -432,14 +432,12 @@ fn limits_414_431_413() {
 #[test]
 fn slowloris_gets_408_and_idle_connections_close() {
     let origin = Origin::start();
-    let cfg = write_config(
+    let p = one_pool_proxy(
         "slow",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nheader_timeout = \"400ms\"\nidle_timeout = \"600ms\"\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
+        &origin,
+        "[limits]\nheader_timeout = \"400ms\"\nidle_timeout = \"600ms\"\n",
+        "",
     );
-    let p = Proxy::start(&["-c", &cfg]);
     // A head trickled byte by byte never completes in time.
     let mut s = p.connect();
     let t = Instant::now();
@@ -478,14 +476,12 @@ fn a_short_deadline_fires_while_a_long_one_waits() {
     // the earliest. An idle connection sets it 60 s away; a head that stops
     // coming must still get its 408 after header_timeout, not after 60 s.
     let origin = Origin::start();
-    let cfg = write_config(
+    let p = one_pool_proxy(
         "deadlines",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"60s\"\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
+        &origin,
+        "[limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"60s\"\n",
+        "",
     );
-    let p = Proxy::start(&["-c", &cfg]);
     let _idle = p.connect();
     std::thread::sleep(Duration::from_millis(200));
     let mut s = p.connect();
@@ -505,14 +501,7 @@ fn a_short_deadline_fires_while_a_long_one_waits() {
 #[test]
 fn connection_cap_refuses_cleanly() {
     let origin = Origin::start();
-    let cfg = write_config(
-        "cap",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\nmax_connections = 2\n[[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
-    );
-    let p = Proxy::start(&["-c", &cfg]);
+    let p = one_pool_proxy("cap", &origin, "max_connections = 2\n", "");
     let mut held = Vec::new();
     for _ in 0..2 {
         let s = p.connect();
@@ -556,8 +545,9 @@ fn graceful_shutdown_finishes_in_flight_requests() {
 
 #[test]
 fn an_idle_proxy_stops_on_sigint_and_sigterm() {
-    // Every shard parked with nothing to do: the signal itself wakes them
-    // (each shard's wake socket), not a timer they may sleep through.
+    // Every shard parked with nothing to do: the housekeeping timer sees the
+    // flag, and the nudger's bytes wake the shards should that timer's own
+    // wake-up be missed.
     let origin = Origin::start();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let mut p = proxy_for(&origin, &["--shards", "2"]);
