@@ -19,10 +19,9 @@ pub const HOP_BY_HOP: &[&[u8]] = &[
     b"proxy-connection",
 ];
 
-/// Whether a field must not be forwarded: a standard hop-by-hop field or one
-/// the message's `Connection` field names.
-/// The hop-by-hop test for one head: the fixed list, plus the names its
-/// `Connection` fields list, collected once (up to [`HopByHop::KEEP`]; a head
+/// Whether a field must not be forwarded, for one head: the fixed
+/// hop-by-hop list, plus the names its `Connection` fields list, collected
+/// once (up to [`HopByHop::KEEP`]; a head
 /// naming more falls back to scanning its `Connection` fields per name).
 struct HopByHop<'a> {
     buf: &'a [u8],
