@@ -146,6 +146,7 @@ fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
             return Ok(());
         }
         let mut len = 0usize;
+        let mut host = String::new();
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 {
@@ -157,6 +158,8 @@ fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
             if let Some((k, v)) = h.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap_or(0);
+                } else if k.eq_ignore_ascii_case("host") {
+                    host = v.trim().to_string();
                 }
             }
         }
@@ -193,7 +196,7 @@ fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
         };
         let extra = extra.lock().unwrap().clone();
         let out = format!(
-            "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\n{cc}{extra}Content-Length: {}\r\n\r\n{name}",
+            "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nX-Host: {host}\r\n{cc}{extra}Content-Length: {}\r\n\r\n{name}",
             name.len()
         );
         w.write_all(out.as_bytes())?;
@@ -450,6 +453,35 @@ fn refused_requests_fail_over_and_the_backend_is_ejected() {
     );
     assert!(a.received("POST") + b.received("POST") == sent / 2);
     assert_eq!(a.served() + b.served(), sent);
+}
+
+#[test]
+fn a_request_without_host_names_the_backend_it_was_retried_on() {
+    // HTTP/1.0 without Host: corral adds the backend's address as Host. A
+    // request retried after the dead backend refused, and a cache fill
+    // (which picks its own backend), must name the backend that answers.
+    let a = Backend::start("a");
+    let dead = dead_addr();
+    for cache in ["0", "\"1MiB\""] {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = {cache}\n\
+             [[pool]]\nname = \"app\"\nbackends = [{{ addr = \"{dead}\" }}, {{ addr = \"{}\" }}]\n",
+            a.addr
+        );
+        let path = write_config("retry-host", &text);
+        let p = Proxy::start(&["-c", &path]);
+        for i in 0..6 {
+            let out = raw_exchange(
+                p.addr,
+                format!("GET /cached/{i} HTTP/1.0\r\n\r\n").as_bytes(),
+            );
+            assert!(out.starts_with("HTTP/1.1 200"), "cache {cache}, {i}: {out}");
+            assert!(
+                out.contains(&format!("X-Host: {}\r\n", a.addr)),
+                "cache {cache}, {i}: {out}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -91,6 +91,23 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead,
     write_request(out, buf, head, fwd, false);
 }
 
+/// Renames the backend in the `Host` field that [`write_upstream_request`]
+/// or [`write_fill_request`] added because the client sent none (HTTP/1.0):
+/// a request retried on another backend, or a fill that picked one, names
+/// the backend it goes to. Does nothing when the client sent its own Host.
+pub fn retarget_host(out: &mut Vec<u8>, head: &RequestHead, from: &str, to: &str) {
+    if head.host.is_some() || from == to {
+        return;
+    }
+    let Some(at) = memchr::memmem::find(out, b"\r\nHost: ").map(|i| i + 8) else {
+        return;
+    };
+    let end = at + from.len();
+    if out.get(at..end) == Some(from.as_bytes()) && out.get(end..end + 2) == Some(b"\r\n") {
+        out.splice(at..end, to.bytes());
+    }
+}
+
 /// Fields a cache fill never forwards: the fill asks for the whole current
 /// representation, whatever the client's conditions or range.
 const FILL_DROPS: &[&[u8]] = &[
@@ -359,6 +376,29 @@ mod tests {
         assert!(s.contains("Transfer-Encoding: chunked\r\n"));
         assert!(s.contains("Accept: */*\r\n"));
         assert!(s.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_retry_renames_only_the_host_corral_added() {
+        // The client sent no Host: the added one follows the backend.
+        let buf = b"GET / HTTP/1.0\r\nX-Host: b:1\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        let mut out = upstream(buf);
+        retarget_host(&mut out, &head, "b:1", "127.0.0.1:8080");
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.contains("\r\nHost: 127.0.0.1:8080\r\n"), "{s}");
+        assert!(s.contains("\r\nX-Host: b:1\r\n"), "{s}");
+        let mut again = RequestHead::default();
+        assert!(parse_request(s.as_bytes(), &LIMITS, &mut again).unwrap());
+        // The client's own Host is never touched.
+        let buf = b"GET / HTTP/1.1\r\nHost: b:1\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        let mut out = upstream(buf);
+        let before = out.clone();
+        retarget_host(&mut out, &head, "b:1", "c:2");
+        assert_eq!(out, before);
     }
 
     #[test]

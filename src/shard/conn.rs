@@ -20,7 +20,8 @@ use crate::http::chunked::{self, ChunkedDecoder, Decoded};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::ResponseHead;
 use crate::http::rewrite::{
-    write_client_response, write_interim, write_upstream_request, ClientFraming, Forwarded,
+    retarget_host, write_client_response, write_interim, write_upstream_request, ClientFraming,
+    Forwarded,
 };
 use crate::http::{write_simple_response, BodyKind, ClientError};
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
@@ -333,13 +334,6 @@ impl ClientConn {
         self.inbuf.consume(self.head.head_len);
 
         let has_body = req_body != BodyKind::Empty;
-        let up_req = UpRequest {
-            head: &up_head,
-            body: req_body,
-            expect_continue,
-            method,
-            response_timeout,
-        };
         let mut backend = first;
         let mut flight;
         let mut up = 'attempts: loop {
@@ -361,6 +355,13 @@ impl ClientConn {
                     Err(_) => break (502, String::new(), true),
                 };
                 self.ubuf.clear();
+                let up_req = UpRequest {
+                    head: &up_head,
+                    body: req_body,
+                    expect_continue,
+                    method,
+                    response_timeout,
+                };
                 match self.exchange(&mut up, &up_req, reused).await {
                     Ok(()) => {
                         pool.answered(backend, started, self.ubuf.filled(), &self.rhead);
@@ -400,6 +401,8 @@ impl ClientConn {
                 Ok(next) => {
                     let addr = pool.cfg.backends[next].addr;
                     self.log(&format!("{msg}; retrying on {addr}"));
+                    let names = &pool.backend_names;
+                    retarget_host(&mut up_head, &self.head, &names[backend], &names[next]);
                     backend = next;
                 }
                 Err(why) => {

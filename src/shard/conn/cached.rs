@@ -22,7 +22,7 @@ use crate::http::chunked;
 use crate::http::name_is;
 use crate::http::request::{Method, RequestHead};
 use crate::http::response::{parse_response, ResponseHead};
-use crate::http::rewrite::write_fill_request;
+use crate::http::rewrite::{retarget_host, write_fill_request};
 use crate::origin::body::{BodyReader, UPSTREAM_BUF};
 use crate::origin::pool::{Attempts, FailKind, Hint};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
@@ -249,7 +249,7 @@ impl ClientConn {
         let buf = self.inbuf.filled();
         let pool = &self.shard.pools[pool_idx];
         let mut up_head = Vec::with_capacity(self.head.head_len + 128);
-        // The backend is picked by the fill; Host falls back to the first.
+        // The fill picks the backend; a Host it adds is renamed then.
         write_fill_request(
             &mut up_head,
             buf,
@@ -651,7 +651,15 @@ impl FillJob {
         let mut attempts = Attempts::new(pool, self.hint);
         let mut backend = attempts.first().ok_or(UpstreamFail::NoBackend)?;
         let mut flight;
+        // The head names the first backend when the client sent no Host.
+        let mut up_head = std::borrow::Cow::Borrowed(&self.up_head[..]);
+        let mut named = 0;
         let mut up = 'attempts: loop {
+            if self.head.host.is_none() && named != backend {
+                let names = &pool.backend_names;
+                retarget_host(up_head.to_mut(), &self.head, &names[named], &names[backend]);
+                named = backend;
+            }
             flight = pool.begin(backend);
             let started = Instant::now();
             let mut attempt = 0;
@@ -666,7 +674,7 @@ impl FillJob {
                 };
                 let sent = up
                     .write_all(
-                        &self.up_head,
+                        &up_head,
                         Instant::now() + self.shard.cfg.limits.body_timeout,
                     )
                     .await;
