@@ -584,6 +584,58 @@ fn startup_errors_exit_2() {
 }
 
 #[test]
+fn a_low_open_file_limit_is_raised_at_start() {
+    // Started with a soft limit of 256 descriptors, corral raises it and
+    // holds 300 client connections, each with its own upstream connection.
+    let origin = Origin::start();
+    let cmd = format!(
+        "ulimit -Sn 256 && exec {} --listen 127.0.0.1:0 --backend {} --shards 1",
+        env!("CARGO_BIN_EXE_corral"),
+        origin.addr
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("listening line");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(soft > 256, "{limits}");
+    let mut conns = Vec::new();
+    for i in 0..300 {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        (&s).write_all(format!("GET /n{i} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200, "connection {i}");
+        conns.push((s, r));
+    }
+    // Every connection is still usable.
+    for (i, (s, r)) in conns.iter_mut().enumerate() {
+        s.write_all(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(r, false).unwrap().status, 200, "again {i}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
 fn check_config_reports_every_error() {
     let cfg = write_config(
         "check",

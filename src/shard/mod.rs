@@ -298,6 +298,42 @@ fn memlock_note() -> Option<String> {
     ))
 }
 
+/// Raises the soft open-file limit towards the hard one, as far as
+/// `clients` connections (each with an upstream connection) and some files
+/// can use: distributions start services at 1024, which would cap a shard
+/// long before `max_connections`. A note when even the raised limit is
+/// below `clients` (nginx warns the same way about `worker_connections`).
+fn raise_nofile(clients: usize) -> Option<String> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return None;
+    }
+    let want = (clients as u64).saturating_mul(2).saturating_add(1024);
+    let target = want.min(r.rlim_max);
+    if r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur < target {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: setrlimit reads a valid rlimit; raising the soft limit up
+        // to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_cur = target;
+        }
+    }
+    (r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur < clients as u64).then(|| {
+        format!(
+            "open-file limit is {} (hard {}), below the {clients} connections shards × max_connections allow: \
+             accepts will fail beyond it; raise it with `ulimit -n` or LimitNOFILE=",
+            r.rlim_cur, r.rlim_max
+        )
+    })
+}
+
 fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
@@ -373,6 +409,9 @@ impl Running {
 pub fn start(cfg: Config) -> Result<Running, StartError> {
     check_io_uring()?;
     if let Some(note) = memlock_note() {
+        eprintln!("corral: warning: {note}");
+    }
+    if let Some(note) = raise_nofile(cfg.shards * cfg.max_connections) {
         eprintln!("corral: warning: {note}");
     }
     let (addrs, holds) = reserve(&cfg.listen)?;
