@@ -164,3 +164,31 @@ fn herd_rounds_fire_together() {
         assert_eq!(round.latencies_us.len(), 10);
     }
 }
+
+#[test]
+fn more_connections_than_the_soft_file_limit() {
+    // Started with a soft limit of 128 descriptors, loadgen raises it for
+    // its 200 connections; every one of them connects and is answered.
+    let (base, conns) = server();
+    let json = std::env::temp_dir().join(format!("loadgen-nofile-{}.json", std::process::id()));
+    let cmd = format!(
+        "ulimit -Sn 128 && exec {} -c 200 -n 1000 --json {} {base}/len",
+        env!("CARGO_BIN_EXE_loadgen"),
+        json.display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = std::fs::read_to_string(&json).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert!(j.contains("\"connect_errors\": 0,"), "{j}");
+    assert!(j.contains("\"errors\": 0,"), "{j}");
+    assert!(j.contains("\"200\": 1000"), "{j}");
+    assert_eq!(conns.load(Ordering::SeqCst), 200);
+}
