@@ -6,8 +6,7 @@ use super::body::Body;
 use super::policy::{parse_http_date, CacheControl, ResponseFacts, Timing};
 use crate::http::request::RequestHead;
 use crate::http::response::ResponseHead;
-use crate::http::{list_elements, name_is};
-use std::io::Write;
+use crate::http::{list_elements, name_is, push_decimal, push_signed};
 use std::sync::Arc;
 
 /// The cacheable description of a response, known once its head arrived.
@@ -332,7 +331,9 @@ pub struct HitHead<'a> {
 
 impl HitHead<'_> {
     pub fn write(&self, out: &mut Vec<u8>) {
-        let _ = write!(out, "HTTP/1.1 {} ", self.status);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(out, u64::from(self.status));
+        out.push(b' ');
         if self.status == self.meta.status && !self.meta.reason.is_empty() {
             out.extend_from_slice(&self.meta.reason);
         } else {
@@ -340,10 +341,13 @@ impl HitHead<'_> {
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.meta.fields);
-        let _ = write!(out, "Age: {}\r\nCache-Status: corral; ", self.age);
+        out.extend_from_slice(b"Age: ");
+        push_decimal(out, self.age);
+        out.extend_from_slice(b"\r\nCache-Status: corral; ");
         out.extend_from_slice(self.cache_status.as_bytes());
         if let Some(ttl) = self.ttl {
-            let _ = write!(out, "; ttl={ttl}");
+            out.extend_from_slice(b"; ttl=");
+            push_signed(out, ttl);
         }
         out.extend_from_slice(self.status_tail.as_bytes());
         out.extend_from_slice(b"\r\nVia: 1.1 corral\r\n");
@@ -351,7 +355,9 @@ impl HitHead<'_> {
         if self.status != 304 && self.status != 204 {
             match self.length {
                 Some(n) => {
-                    let _ = write!(out, "Content-Length: {n}\r\n");
+                    out.extend_from_slice(b"Content-Length: ");
+                    push_decimal(out, n);
+                    out.extend_from_slice(b"\r\n");
                 }
                 None if self.client_minor >= 1 => {
                     out.extend_from_slice(b"Transfer-Encoding: chunked\r\n")

@@ -149,6 +149,31 @@ pub fn write_simple_response(
     out.push(b'\n');
 }
 
+/// Appends `n` in decimal: what `write!(out, "{n}")` does, without the
+/// formatting machinery (a hit writes three numbers into its head).
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// [`push_decimal`] for a signed number.
+pub fn push_signed(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    push_decimal(out, n.unsigned_abs());
+}
+
 /// ASCII case-insensitive comparison of a header name.
 #[inline]
 pub fn name_is(name: &[u8], lower: &[u8]) -> bool {
@@ -241,5 +266,19 @@ mod tests {
         assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(s.contains("Content-Length: 12\r\n"));
         assert!(s.ends_with("\r\n\r\nbad gateway\n"));
+    }
+
+    #[test]
+    fn decimals_match_format() {
+        for n in [0u64, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+        for n in [0i64, -1, 7, -86_400, i64::MIN, i64::MAX] {
+            let mut out = Vec::new();
+            push_signed(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
     }
 }
