@@ -10,7 +10,7 @@ mod cached;
 mod store;
 
 use super::buf::Buf;
-use super::net::{NetError, Sock};
+use super::net::{round_now, NetError, Sock};
 use super::Shard;
 use crate::admin::log::Entry;
 use crate::admin::stats::Class;
@@ -210,7 +210,7 @@ impl ClientConn {
         let limits = &self.shard.cfg.limits;
         let head_limits = self.shard.head_limits;
         let mut started = !self.inbuf.is_empty();
-        let mut deadline = Instant::now()
+        let mut deadline = round_now()
             + if started {
                 limits.header_timeout
             } else {
@@ -240,7 +240,7 @@ impl ClientConn {
                     self.inbuf.advance(n);
                     if !started {
                         started = true;
-                        deadline = Instant::now() + limits.header_timeout;
+                        deadline = round_now() + limits.header_timeout;
                     }
                 }
                 Err(NetError::TimedOut) if started => return Err(ClientError::Timeout),

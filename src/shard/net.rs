@@ -94,6 +94,9 @@ pub struct Poller {
     /// The time at the pump's last round (one clock read per round, not
     /// per wait).
     now: std::cell::Cell<Instant>,
+    /// Whether `now` is this round's: false while the pump is parked, when
+    /// the last reading may be arbitrarily old.
+    fresh: std::cell::Cell<bool>,
     /// The parked pump, woken when a wait brings the earliest deadline
     /// forward (its timer was set for the old one).
     pump: RefCell<Option<Waker>>,
@@ -122,6 +125,7 @@ impl Poller {
             generation: std::cell::Cell::new(0),
             earliest: std::cell::Cell::new(None),
             now: std::cell::Cell::new(Instant::now()),
+            fresh: std::cell::Cell::new(false),
             pump: RefCell::new(None),
         });
         glommio::spawn_local_into(p.clone().pump(), queue)
@@ -129,6 +133,17 @@ impl Poller {
             .detach();
         POLLER.with(|cell| *cell.borrow_mut() = Some(p));
         Ok(())
+    }
+
+    /// The pump's reading of the clock at the start of this round, while
+    /// it runs rounds; `None` when it is parked or not running.
+    fn round_time() -> Option<Instant> {
+        POLLER.with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .filter(|p| p.fresh.get())
+                .map(|p| p.now.get())
+        })
     }
 
     fn current() -> Option<Rc<Poller>> {
@@ -268,6 +283,7 @@ impl Poller {
         loop {
             let now = Instant::now();
             self.now.set(now);
+            self.fresh.set(true);
             if self.earliest.get().is_some_and(|e| e <= now) {
                 self.sweep(now);
             }
@@ -314,6 +330,7 @@ impl Poller {
                 continue;
             }
             empty = 0;
+            self.fresh.set(false);
             // Nothing for a while: sleep until any socket has an edge or the
             // earliest deadline passes. A failed poll (it should not fail)
             // is not retried in a hot loop.
@@ -344,6 +361,14 @@ impl Poller {
             self.pump.borrow_mut().take();
         }
     }
+}
+
+/// The time to count deadlines from: on a shard whose pump is running
+/// rounds, its reading at the start of the round (no clock read per
+/// request, and at most a round old, as nginx's cached time is); a fresh
+/// reading otherwise. For deadlines, not for latency figures.
+pub fn round_now() -> Instant {
+    Poller::round_time().unwrap_or_else(Instant::now)
 }
 
 /// Why a socket operation did not complete.

@@ -27,7 +27,7 @@ use crate::origin::body::{BodyReader, UPSTREAM_BUF};
 use crate::origin::pool::{Attempts, FailKind, Hint};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
-use crate::shard::net::until;
+use crate::shard::net::{round_now, until};
 use crate::shard::Shard;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -214,7 +214,7 @@ impl ClientConn {
         self.inbuf.consume(self.head.head_len);
         let timeout = self.shard.cfg.limits.body_timeout;
         let body = &obj.body[part.clone()];
-        let deadline = Instant::now() + timeout;
+        let deadline = round_now() + timeout;
         let sent = if head_only || body.len() <= INLINE_BODY {
             if !head_only {
                 self.out.extend_from_slice(body);
