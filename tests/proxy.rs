@@ -564,6 +564,35 @@ fn an_idle_proxy_stops_on_sigint_and_sigterm() {
 }
 
 #[test]
+fn a_restart_on_the_same_port_gets_every_connection() {
+    // A stopped corral must leave nothing listening: its rings are torn
+    // down after the process exits, and a listener they still held kept
+    // taking connections, sharing the port (SO_REUSEPORT) with the next
+    // corral, so some clients of the new one hung.
+    let origin = Origin::start();
+    let b = origin.addr.to_string();
+    for round in 0..3 {
+        let mut first = Proxy::start(&["--backend", &b, "--shards", "2"]);
+        let port = first.addr.to_string();
+        assert_eq!(get(first.addr, "/").status, 200);
+        first.signal(libc::SIGTERM);
+        assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
+        let second = Proxy::start(&["--listen", &port, "--backend", &b, "--shards", "2"]);
+        for i in 0..40 {
+            let mut s = TcpStream::connect(second.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let resp = read_response(&mut BufReader::new(s), false);
+            assert!(
+                resp.is_ok_and(|r| r.status == 200),
+                "round {round}, connection {i} to the restarted corral"
+            );
+        }
+    }
+}
+
+#[test]
 fn startup_errors_exit_2() {
     // Address in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

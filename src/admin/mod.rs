@@ -118,7 +118,12 @@ impl Hub {
 }
 
 /// The admin listener's accept loop (on shard 0).
-pub async fn serve(shard: Rc<Shard>, hub: Hub, listener: glommio::net::TcpListener) {
+pub async fn serve(
+    shard: Rc<Shard>,
+    hub: Hub,
+    listener: glommio::net::TcpListener,
+    fd: std::os::fd::RawFd,
+) {
     while let Some(stream) = crate::shard::accept(&shard, &listener).await {
         let (shard, hub) = (shard.clone(), hub.clone());
         let task = glommio::spawn_local_into(
@@ -136,6 +141,8 @@ pub async fn serve(shard: Rc<Shard>, hub: Hub, listener: glommio::net::TcpListen
             t.detach();
         }
     }
+    crate::shard::stop_listening(fd);
+    drop(listener);
 }
 
 struct AdminConn {

@@ -7,7 +7,7 @@
 use super::{max_ejected, Change, Health, Params};
 use crate::config::ActiveHealth;
 use crate::http::response::ResponseHead;
-use crate::origin::pool::{Report, OWNER_TICK};
+use crate::origin::pool::{Report, OWNER_IDLE_TICK, OWNER_TICK};
 use crate::origin::upstream::{read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
 use crate::shard::net::{NetError, Sock};
@@ -15,6 +15,10 @@ use crate::shard::Shard;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// After this long without reports or transitions, the owner ticks every
+/// [`OWNER_IDLE_TICK`] instead of every [`OWNER_TICK`].
+const QUIET: Duration = Duration::from_secs(1);
 
 /// Runs until the shard drains: the health decisions for pool `pool_idx`.
 pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
@@ -42,11 +46,14 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
         }
     }
     let shared = pool.shared.clone();
+    let mut tick = OWNER_TICK;
+    let mut busy_at = Instant::now();
     while !shard.draining() {
-        glommio::timer::sleep(OWNER_TICK).await;
+        glommio::timer::sleep(tick).await;
         let now = Instant::now();
         let mut changes: Vec<(usize, Change, String)> = Vec::new();
         while let Ok(r) = shared.inbox.try_recv() {
+            busy_at = now;
             match r {
                 Report::Failure { backend, kind } if backend < n => {
                     let ejected = states.iter().filter(|s| s.is_ejected()).count();
@@ -103,6 +110,16 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
             sb.up.store(s.active_up(), Ordering::Relaxed);
             sb.ejected.store(s.is_ejected(), Ordering::Relaxed);
         }
+        // Quiet for a second (no reports, nothing ejected or ramping up):
+        // look less often, so that an idle proxy seldom wakes.
+        if !changes.is_empty() || states.iter().any(|s| s.is_ejected() || s.ramping(now)) {
+            busy_at = now;
+        }
+        tick = if now.duration_since(busy_at) >= QUIET {
+            OWNER_IDLE_TICK
+        } else {
+            OWNER_TICK
+        };
         let up = states.iter().filter(|s| s.usable()).count();
         if !changes.is_empty() && up == 0 {
             eprintln!(

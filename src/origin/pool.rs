@@ -527,5 +527,9 @@ impl UpstreamPool {
     }
 }
 
-/// How long a failure report may wait in the owner's inbox, at most.
+/// How long a failure report may wait in the owner's inbox, at most, while
+/// reports come in.
 pub const OWNER_TICK: Duration = Duration::from_millis(20);
+/// The same after a quiet second: the first report after a lull may wait
+/// this long (the shard-local hold covers a dead backend meanwhile).
+pub const OWNER_IDLE_TICK: Duration = Duration::from_millis(250);

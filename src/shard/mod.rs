@@ -19,7 +19,7 @@ use std::fmt;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -31,11 +31,11 @@ use std::time::{Duration, Instant};
 
 /// Listen backlog per shard socket.
 const BACKLOG: i32 = 4096;
-/// How often a shard looks at the process-wide stop flag and sweeps idle
-/// upstream connections. Only shutdown latency depends on it.
-const HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// How often the nudger wakes every shard: the longest a missed timer
-/// wake-up can delay a timer.
+/// wake-up can delay a timer. Each nudge is also the shard's housekeeping
+/// tick: it looks at the process-wide stop flag, flushes the access log and
+/// (each second) sweeps idle upstream connections, so an idle shard wakes
+/// ten times a second for all of it.
 const NUDGE: Duration = Duration::from_millis(100);
 /// Preemption period of the connection task queue: the longest a parked
 /// connection can wait behind connections that keep running.
@@ -563,11 +563,12 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
     })
 }
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> std::io::Result<(TcpListener, RawFd)> {
     let s = listen_socket(addr, true)?;
     s.listen(BACKLOG)?;
+    let fd = s.into_raw_fd();
     // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
-    Ok(unsafe { TcpListener::from_raw_fd(s.into_raw_fd()) })
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
 }
 
 /// What every shard shares.
@@ -637,9 +638,15 @@ async fn shard_main(
     let mailbox = common.mailboxes[id].clone();
     background.push(Box::pin(crate::admin::answer_stats(shard.clone(), mailbox)));
     if let Some(sock) = common.admin {
+        let fd = sock.into_raw_fd();
         // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
-        let l = unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) };
-        background.push(Box::pin(crate::admin::serve(shard.clone(), hub.clone(), l)));
+        let l = unsafe { TcpListener::from_raw_fd(fd) };
+        background.push(Box::pin(crate::admin::serve(
+            shard.clone(),
+            hub.clone(),
+            l,
+            fd,
+        )));
     }
     if let (0, Some(every)) = (id, cfg.stats_interval) {
         background.push(Box::pin(crate::admin::summaries(
@@ -660,9 +667,9 @@ async fn shard_main(
         }
     }
     let mut accept_tasks = Vec::new();
-    for l in listeners {
+    for (l, fd) in listeners {
         let shard = shard.clone();
-        match glommio::spawn_local_into(accept_loop(shard, l), queue) {
+        match glommio::spawn_local_into(accept_loop(shard, l, fd), queue) {
             Ok(t) => accept_tasks.push(t),
             Err(e) => {
                 let _ = ready.send(Err(format!("shard {id}: cannot spawn: {e}")));
@@ -674,17 +681,18 @@ async fn shard_main(
     drop(ready);
 
     let mut last_sweep = Instant::now();
-    // Every byte on the wake socket (the nudger's tick) wakes this executor, which then also runs any timer that is due: a parked
-    // shard has been seen to miss a timer's own wake-up.
-    glommio::spawn_local(async move {
-        let mut sink = [0u8; 64];
-        while glommio::net::wait_readable(woken.as_raw_fd()).await.is_ok() {
-            while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
-        }
-    })
-    .detach();
+    // Housekeeping runs on the nudger's tick: every byte on the wake socket
+    // wakes this executor, which then also runs any timer that is due (a
+    // parked shard has been seen to miss a timer's own wake-up).
+    let mut sink = [0u8; 64];
     while !stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(HOUSEKEEPING).await;
+        if glommio::net::wait_readable(woken.as_raw_fd())
+            .await
+            .is_err()
+        {
+            glommio::timer::sleep(NUDGE).await;
+        }
+        while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
         if let Some(l) = &shard.log {
             l.flush();
         }
@@ -747,7 +755,7 @@ pub async fn accept(shard: &Shard, listener: &TcpListener) -> Option<glommio::ne
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
     let queue = shard.queue;
     let refusal = {
         let mut v = Vec::new();
@@ -783,4 +791,16 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             Err(e) => eprintln!("corral[{}]: cannot spawn a connection task: {e}", shard.id),
         };
     }
+    stop_listening(fd);
+}
+
+/// Takes a listening socket out of the listen state at once. Closing it is
+/// not enough: the ring's cancelled accept still holds the socket, and the
+/// kernel tears the ring down after the process has exited, which was seen
+/// to take seconds, during which the socket took connections nobody would
+/// accept (and a restarted corral shared the port with it).
+pub fn stop_listening(fd: RawFd) {
+    // SAFETY: shutdown on a listening socket we own (its listener is still
+    // alive in the caller); errors are harmless.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
