@@ -510,6 +510,24 @@ fn a_post_that_reached_a_backend_is_not_retried() {
 }
 
 #[test]
+fn a_bodyless_post_on_a_reused_connection_is_not_repeated() {
+    // The backend reads the POST and closes without answering, on a pooled
+    // connection: that looks like a stale connection, but a non-idempotent
+    // request that may have run must not be sent again (RFC 9112 §9.3.1.1).
+    let a = Backend::start("a");
+    let path = config("post-once", &[&a], &[], "eject = { failures = 0 }\n");
+    let p = Proxy::start(&["-c", &path, "--shards", "1"]);
+    let mut c = Client::new(&p);
+    assert_eq!(c.get("/warm", "").status, 200);
+    a.mode.store(DIE, Ordering::SeqCst);
+    c.w.write_all(b"POST /charge HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut c.r, false).unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(a.received("POST"), 1);
+}
+
+#[test]
 fn a_hung_backend_gives_bounded_504s_and_is_ejected() {
     let (mut a, b) = (Backend::start("hung"), Backend::start("b"));
     a.mode.store(HANG, Ordering::SeqCst);

@@ -334,6 +334,10 @@ impl ClientConn {
         self.inbuf.consume(self.head.head_len);
 
         let has_body = req_body != BodyKind::Empty;
+        // Only such a request may be sent again after a pooled connection
+        // failed without a response byte: the backend may have run anything
+        // else before it closed (RFC 9112 §9.3.1.1).
+        let repeatable = !has_body && method.is_idempotent();
         let mut backend = first;
         let mut flight;
         let mut up = 'attempts: loop {
@@ -345,10 +349,10 @@ impl ClientConn {
             // connection), or it is idempotent, had no body, and no
             // response byte came back.
             let (code, msg, retryable) = loop {
-                // A request without a body is retried on a fresh connection if
-                // a pooled one turns out stale; one with a body cannot be, so
-                // its pooled connection is verified first.
-                let (mut up, reused) = match connection(pool, backend, has_body).await {
+                // A repeatable request is retried on a fresh connection if a
+                // pooled one turns out stale; any other cannot be, so its
+                // pooled connection is verified first.
+                let (mut up, reused) = match connection(pool, backend, !repeatable).await {
                     Ok(c) => c,
                     Err(UpstreamFail::Timeout(m)) => break (504, m, true),
                     Err(UpstreamFail::Bad(m)) => break (502, m, true),
@@ -367,14 +371,14 @@ impl ClientConn {
                         pool.answered(backend, started, self.ubuf.filled(), &self.rhead);
                         break 'attempts up;
                     }
-                    Err(UpstreamFail::Stale) if !has_body && stale_left > 0 => {
+                    Err(UpstreamFail::Stale) if repeatable && stale_left > 0 => {
                         stale_left -= 1;
                         continue;
                     }
                     Err(UpstreamFail::Stale) => {
                         pool.failed(backend, FailKind::Reset);
                         let addr = pool.cfg.backends[backend].addr;
-                        break (502, format!("{addr} closed the connection"), !has_body);
+                        break (502, format!("{addr} closed the connection"), repeatable);
                     }
                     Err(UpstreamFail::Bad(m)) => {
                         pool.failed(backend, FailKind::Reset);
