@@ -347,6 +347,9 @@ fn stale_if_error_answers_for_a_failing_origin() {
     let r = get(p.addr, path);
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "sie #1 ");
+    // It says how stale it is: stored more than two seconds ago.
+    let age: u64 = r.header("Age").unwrap().parse().unwrap();
+    assert!(age >= 2, "Age {age}");
     // Without stale-if-error the origin's 500 goes through.
     assert_eq!(get(p.addr, other).status, 500);
 }
@@ -451,4 +454,140 @@ fn large_hits_are_sent_from_memory_files_whole_and_in_ranges() {
         assert!(h.join().unwrap() == want);
     }
     assert_eq!(origin.requests_for(&path), 1);
+}
+
+/// An origin that answers every request on a keep-alive connection with
+/// `answer(path, stream)`; `answer` returns whether to keep the connection.
+fn scripted_origin(
+    answer: impl Fn(&str, &mut TcpStream) -> bool + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    loop {
+                        let mut h = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                    }
+                    if !answer(&path, &mut s) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_stored_error_is_not_answered_304() {
+    // Preconditions apply only where the answer would be 2xx (RFC 9110
+    // §13.2.1): a cached 404 with an ETag stays a 404.
+    let origin = scripted_origin(|_, s| {
+        s.write_all(b"HTTP/1.1 404 Not Found\r\nCache-Control: max-age=60\r\nETag: \"x\"\r\nContent-Length: 4\r\n\r\nnope")
+            .is_ok()
+    });
+    let b = origin.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    assert_eq!(get(p.addr, "/gone").status, 404);
+    let hit = get(p.addr, "/gone");
+    assert!(hit.header("Cache-Status").unwrap().contains("hit"));
+    for cond in ["If-None-Match: \"x\"\r\n", "If-None-Match: *\r\n"] {
+        let r = get_with(&p, "/gone", "GET", cond);
+        assert_eq!(r.status, 404, "{cond}");
+        assert_eq!(r.text(), "nope");
+    }
+}
+
+#[test]
+fn a_transfer_coded_body_is_not_cut_to_its_content_length() {
+    // A backend that sends Transfer-Encoding (not chunked) and a
+    // Content-Length: the body runs to the close (RFC 9112 §6.3), so the
+    // client must not be told the length.
+    let origin = scripted_origin(|_, s| {
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n01234567890123456789");
+        false
+    });
+    let b = origin.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /te HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), "01234567890123456789");
+        assert_ne!(resp.header("Content-Length"), Some("5"));
+    }
+}
+
+#[test]
+fn a_follower_of_a_fill_that_outgrows_the_cache_gets_the_whole_body() {
+    // The fill's head arrives, a second client joins it, then the body
+    // comes in one burst past max_object_size: the fill stops being shared
+    // before the follower took a byte. The follower, whose response head
+    // was already under way, must still get the whole body (here, from the
+    // origin on its own), and its connection must stay usable.
+    let body: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let expect = String::from_utf8(body.clone()).unwrap();
+    let origin = scripted_origin(move |_, s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut out = format!("{:x}\r\n", body.len()).into_bytes();
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"\r\n0\r\n\r\n");
+        s.write_all(&out).is_ok()
+    });
+    let cfg = write_config(
+        "outgrown",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = \"8MiB\"\nmax_object_size = \"16KiB\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let addr = p.addr;
+    let leader = std::thread::spawn(move || get(addr, "/big"));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let follower = read_response(&mut r, false).unwrap();
+    assert_eq!(follower.status, 200);
+    assert!(
+        follower.text() == expect,
+        "follower body: {} bytes",
+        follower.body.len()
+    );
+    let first = leader.join().unwrap();
+    assert!(
+        first.text() == expect,
+        "leader body: {} bytes",
+        first.body.len()
+    );
+    // The same connection goes on.
+    s.write_all(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
 }

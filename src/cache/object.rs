@@ -166,10 +166,12 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         vary,
         request_vary: Vec::new(),
         target: Vec::new(),
-        content_length: if head.body() == crate::http::BodyKind::Chunked {
-            None
-        } else {
-            content_length
+        // A Transfer-Encoding overrides any Content-Length (RFC 9112
+        // §6.3): the body was chunked or runs to the close, whatever
+        // length the backend also claimed.
+        content_length: match head.body() {
+            crate::http::BodyKind::Chunked | crate::http::BodyKind::Close => None,
+            _ => content_length,
         },
     }
 }
@@ -399,6 +401,16 @@ mod tests {
         assert_eq!(m.facts.date, Some(784_111_777));
         assert_eq!(m.etag.as_deref(), Some(&b"\"v1\""[..]));
         assert_eq!(m.content_length, Some(3));
+    }
+
+    #[test]
+    fn a_transfer_encoding_overrides_the_stored_length() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(m.content_length, None);
+        let m = meta(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(m.content_length, None);
+        let m = meta(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(m.content_length, Some(5));
     }
 
     #[test]

@@ -171,11 +171,14 @@ impl ClientConn {
     ) -> Outcome {
         let buf = self.inbuf.filled();
         let len = obj.body.len() as u64;
-        let mut status = if not_modified(buf, &self.head, &obj.meta) {
-            304
-        } else {
-            obj.meta.status
-        };
+        // Preconditions only apply to what would be a 2xx (RFC 9110
+        // §13.2.1): a stored 404 with an ETag is not "not modified".
+        let mut status =
+            if (200..300).contains(&obj.meta.status) && not_modified(buf, &self.head, &obj.meta) {
+                304
+            } else {
+                obj.meta.status
+            };
         let mut part = 0..obj.body.len();
         let mut extra = String::new();
         if status == 200 {
@@ -300,7 +303,13 @@ impl ClientConn {
         let body_timeout = cfg.limits.body_timeout;
         let head_only = self.head.method() == Method::Head;
         let minor = self.head.minor;
+        // The response head is built once the fill's is known, but the
+        // request is only consumed when the first bytes go out: until then
+        // the fill may still send this reader to the origin on its own
+        // (it outgrew the cache before the reader took a byte), and the
+        // request must be there to be forwarded.
         let mut head_sent = false;
+        let mut consumed = false;
         let mut chunked_out = false;
         let mut close = self.head.close || self.shard.draining();
         loop {
@@ -359,9 +368,9 @@ impl ClientConn {
                             extra: &self.set_cookie,
                         }
                         .write(&mut self.out);
-                        self.inbuf.consume(self.head.head_len);
                         head_sent = true;
                         if no_body {
+                            self.inbuf.consume(self.head.head_len);
                             if self.write_client(body_timeout).await.is_err() {
                                 return Some(Outcome::Close);
                             }
@@ -374,7 +383,12 @@ impl ClientConn {
                     }
                 }
             }
-            match reader.step() {
+            let step = reader.step();
+            if head_sent && !consumed && matches!(step, Next::Chunk(_) | Next::End) {
+                self.inbuf.consume(self.head.head_len);
+                consumed = true;
+            }
+            match step {
                 Next::Chunk(c) => {
                     if chunked_out {
                         chunked::encode_chunk_head(&mut self.out, c.len());
@@ -399,7 +413,14 @@ impl ClientConn {
                         wait_deadline
                     };
                     if until(deadline, fill.changed(seen)).await.is_none() {
+                        if consumed {
+                            return Some(Outcome::Close);
+                        }
                         if head_sent {
+                            // The origin stalled before the first byte.
+                            self.out.clear();
+                            self.inbuf.consume(self.head.head_len);
+                            self.send_error(504, "upstream timed out", true).await;
                             return Some(Outcome::Close);
                         }
                         // collapse_timeout: go to the origin on our own.
@@ -417,15 +438,19 @@ impl ClientConn {
                     }
                     return Some(self.keep_or_close());
                 }
+                Next::GoAlone if consumed => return Some(Outcome::Close),
                 Next::GoAlone => {
+                    // Nothing of the response went out: forget its head.
+                    self.out.clear();
                     self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
                     return None;
                 }
                 Next::Failed(code) => {
-                    if head_sent {
+                    if consumed {
                         // Mid-body: the client must see a truncated message.
                         return Some(Outcome::Close);
                     }
+                    self.out.clear();
                     self.inbuf.consume(self.head.head_len);
                     self.send_error(code, "upstream failed", close).await;
                     return Some(self.keep_or_close());
@@ -597,7 +622,8 @@ impl FillJob {
 
     fn serve_stale(&self) {
         if let Some(o) = &self.stale {
-            self.start(o.meta.clone(), true, o.timing, o.lifetime);
+            let age = o.timing.current_age(unix_now());
+            self.start(with_age(&o.meta, age), true, o.timing, o.lifetime);
             self.push(Arc::from(&o.body[..]));
             self.finish();
         }
@@ -634,7 +660,8 @@ impl FillJob {
             body: old.body.clone(),
             vary_values: old.vary_values.clone(),
         };
-        self.start(obj.meta.clone(), true, obj.timing, obj.lifetime);
+        let age = obj.timing.current_age(now);
+        self.start(with_age(&obj.meta, age), true, obj.timing, obj.lifetime);
         self.push(Arc::from(&obj.body[..]));
         self.finish();
         if cache.insert(self.key, obj) {
@@ -825,4 +852,13 @@ impl FillJob {
         }
         Ok(())
     }
+}
+
+/// `meta` whose `Age` (what fill readers send) is `age`: a stored response
+/// served through a fill (stale on error, or refreshed by a 304) has aged
+/// since the origin's Age (RFC 9111 §5.1).
+fn with_age(meta: &Arc<Meta>, age: u64) -> Arc<Meta> {
+    let mut m = (**meta).clone();
+    m.facts.age = Some(age);
+    Arc::new(m)
 }
