@@ -528,6 +528,41 @@ fn a_bodyless_post_on_a_reused_connection_is_not_repeated() {
 }
 
 #[test]
+fn a_restarted_backend_costs_no_failure() {
+    // Five pooled connections, then the backend restarts (every one of them
+    // closed): requests go on with 200s on fresh connections, nothing is
+    // counted against the backend, and it is never ejected.
+    let mut a = Backend::start("a");
+    let path = config(
+        "restart",
+        &[&a],
+        &[],
+        "eject = { failures = 1, cooldown = \"30s\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path, "--shards", "1"]);
+    a.delay_ms.store(100, Ordering::SeqCst);
+    let addr = p.addr;
+    let warm: Vec<_> = (0..5)
+        .map(|i| std::thread::spawn(move || get(addr, &format!("/w{i}")).status))
+        .collect();
+    for t in warm {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    a.delay_ms.store(0, Ordering::SeqCst);
+    a.kill();
+    a.revive();
+    std::thread::sleep(Duration::from_millis(50));
+    for i in 0..10 {
+        assert_eq!(get(p.addr, &format!("/r{i}")).status, 200, "request {i}");
+    }
+    assert!(
+        !p.stderr.lock().unwrap().contains("ejected"),
+        "{}",
+        p.stderr.lock().unwrap()
+    );
+}
+
+#[test]
 fn a_hung_backend_gives_bounded_504s_and_is_ejected() {
     let (mut a, b) = (Backend::start("hung"), Backend::start("b"));
     a.mode.store(HANG, Ordering::SeqCst);

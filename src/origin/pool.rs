@@ -485,12 +485,17 @@ impl UpstreamPool {
     /// idled too long are dropped here. With `verify`, a connection the
     /// backend closed (or that has unexpected bytes waiting) is detected and
     /// dropped too, at the cost of a `recv` call; callers whose request can
-    /// be retried on a fresh connection skip it.
+    /// be retried on a fresh connection skip it, unless the poller saw the
+    /// idle socket stir.
     pub fn checkout(&self, b: usize, now: Instant, verify: bool) -> Option<Sock> {
         let mut idle = self.idle.get(b)?.borrow_mut();
         while let Some((sock, since)) = idle.pop() {
+            // A socket the poller saw an edge on while it sat idle has an
+            // EOF or stray bytes (a late 408, say) waiting: it is checked,
+            // whatever the caller asked, so those bytes are never read as
+            // the next response.
             if now.duration_since(since) < self.cfg.keepalive_timeout
-                && (!verify || sock.idle_is_alive())
+                && ((!verify && sock.quiet()) || sock.idle_is_alive())
             {
                 return Some(sock);
             }

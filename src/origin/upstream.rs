@@ -47,8 +47,12 @@ pub async fn connection(
     pool: &UpstreamPool,
     b: usize,
     verify: bool,
+    fresh: bool,
 ) -> Result<(Sock, bool), UpstreamFail> {
-    if let Some(s) = pool.checkout(b, Instant::now(), verify) {
+    if let Some(s) = (!fresh)
+        .then(|| pool.checkout(b, Instant::now(), verify))
+        .flatten()
+    {
         return Ok((s, true));
     }
     let addr = pool.cfg.backends[b].addr;

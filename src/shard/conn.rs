@@ -352,7 +352,12 @@ impl ClientConn {
                 // A repeatable request is retried on a fresh connection if a
                 // pooled one turns out stale; any other cannot be, so its
                 // pooled connection is verified first.
-                let (mut up, reused) = match connection(pool, backend, !repeatable).await {
+                // After a stale pooled connection, a fresh one: the next
+                // pooled one may be as dead (the backend restarted, or its
+                // idle timeout is shorter than ours), and draining them is
+                // no failure of the backend.
+                let fresh = stale_left < 2;
+                let (mut up, reused) = match connection(pool, backend, !repeatable, fresh).await {
                     Ok(c) => c,
                     Err(UpstreamFail::Timeout(m)) => break (504, m, true),
                     Err(UpstreamFail::Bad(m)) => break (502, m, true),

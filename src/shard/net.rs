@@ -202,6 +202,15 @@ impl Poller {
         }
     }
 
+    /// Whether an edge came this way (or the socket ended) since the
+    /// socket was last found empty; unknown sockets count as ready.
+    fn is_ready(&self, key: usize, dir: Dir) -> bool {
+        self.slots
+            .borrow_mut()
+            .get_mut(key)
+            .is_none_or(|s| s.way(dir).ready || s.ended)
+    }
+
     fn mark(&self, key: usize, dir: Dir) {
         if let Some(s) = self.slots.borrow_mut().get_mut(key) {
             s.way(dir).ready = true;
@@ -507,6 +516,15 @@ impl Sock {
             Some(r) => Ok(r?),
             None => Err(NetError::TimedOut),
         }
+    }
+
+    /// Whether nothing (no byte, no EOF, no error) can have arrived since
+    /// the last read came up short: the poller saw no edge. Without a
+    /// poller, unknown: false.
+    pub fn quiet(&self) -> bool {
+        self.poll
+            .as_ref()
+            .is_some_and(|(p, key)| !p.is_ready(*key, Dir::Read))
     }
 
     /// Whether an idle pooled connection is still usable: no EOF, no error and

@@ -695,7 +695,8 @@ impl FillJob {
             // (a fill is a GET without a body, so it is safe to repeat).
             let (err, retryable) = loop {
                 attempt += 1;
-                let (mut up, reused) = match connection(pool, backend, false).await {
+                // After a stale pooled connection, a fresh one (see proxy).
+                let (mut up, reused) = match connection(pool, backend, false, attempt > 1).await {
                     Ok(c) => c,
                     Err(f) => break (f, true),
                 };
