@@ -546,11 +546,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (try 250ms, 5s, 2m)"))?;
-    Ok(match unit.trim() {
+    let too_long = || format!("duration `{s}` is too long (at most {MAX_DURATION_DAYS} days)");
+    let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_long)?),
         "us" | "µs" => Duration::from_micros(n),
         "" => return Err(format!("duration `{s}` needs a unit (ms, s, m)")),
         u => {
@@ -558,8 +559,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 "unknown duration unit `{u}` in `{s}` (use ms, s, m)"
             ))
         }
-    })
+    };
+    // Deadlines are `now + duration` (and a cool-down may be multiplied):
+    // a bound keeps that arithmetic far from overflow.
+    if d > Duration::from_secs(MAX_DURATION_DAYS * 86_400) {
+        return Err(too_long());
+    }
+    Ok(d)
 }
+
+/// The longest duration any setting takes.
+pub const MAX_DURATION_DAYS: u64 = 365;
+
+/// More CPUs than Linux supports (`CONFIG_NR_CPUS` is at most 8192).
+const MAX_CPUS: usize = 8192;
 
 /// Parses a CPU list: `1`, `0-3`, `0,2,4`, `0-1,4`.
 pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
@@ -570,6 +583,11 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
             let b: usize = b.trim().parse().map_err(|_| format!("bad CPU `{part}`"))?;
             if a > b {
                 return Err(format!("bad CPU range `{part}`"));
+            }
+            // Checked against the machine later; a bound here keeps a typo
+            // from allocating the range first.
+            if b >= MAX_CPUS {
+                return Err(format!("CPU {b} does not exist (at most {MAX_CPUS} CPUs)"));
             }
             out.extend(a..=b);
         } else {
@@ -1025,6 +1043,14 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                             "must be between 1 and 1000".into(),
                         );
                     }
+                    if backends.iter().any(|x: &Backend| x.addr == addr) {
+                        // Two entries would be one backend counted twice, with
+                        // the same series twice in /metrics: raise the weight.
+                        err(
+                            &format!("pool[{i}].backends[{j}].addr"),
+                            format!("{addr} is already a backend of this pool (use weight)"),
+                        );
+                    }
                     backends.push(Backend { addr, weight });
                 }
                 Err(m) => err(&format!("pool[{i}].backends[{j}].addr"), m),
@@ -1173,6 +1199,25 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             .as_deref()
             .filter(|h| *h != "*")
             .map(|h| h.to_ascii_lowercase());
+        if host
+            .as_deref()
+            .is_some_and(|h| h.contains(':') && !h.starts_with('['))
+        {
+            // Requests are matched on the host without its port.
+            err(
+                &format!("route[{i}].host"),
+                "a route matches the host without its port: drop the `:port`".into(),
+            );
+        }
+        if routes
+            .iter()
+            .any(|x: &Route| x.host == host && x.path_prefix == path_prefix)
+        {
+            err(
+                &format!("route[{i}]"),
+                "the same host and path_prefix as an earlier route, which always wins".into(),
+            );
+        }
         routes.push(Route {
             host,
             path_prefix,
@@ -1335,6 +1380,18 @@ mod tests {
         assert_eq!(parse_cpus("0-2,5"), Ok(vec![0, 1, 2, 5]));
         assert!(parse_cpus("1,1").is_err());
         assert!(parse_cpus("3-1").is_err());
+        // Found by review: these panicked or wrapped.
+        assert!(parse_cpus("0-18446744073709551615").is_err());
+        assert!(parse_cpus("0-2000000000").is_err());
+        assert!(parse_duration("10000000000000000000s").is_err());
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("5124095576030432h").is_err());
+        assert!(parse_duration("366d").is_err());
+        assert_eq!(
+            parse_duration("8760h"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert!(parse_duration("8761h").is_err());
     }
 
     #[test]
@@ -1516,6 +1573,34 @@ backends = [{ addr = "127.0.0.1:1" }]
         assert!(s.contains("pool[0].backends[0]"), "{s}");
         assert!(s.contains("wieght"), "{s}");
         assert!(s.contains("line 6"), "{s}");
+    }
+
+    #[test]
+    fn duplicate_backends_and_dead_routes_are_errors() {
+        let e = cfg(r#"
+[server]
+listen = ["127.0.0.1:0"]
+[[pool]]
+name = "a"
+backends = [{ addr = "127.0.0.1:9001" }, { addr = "127.0.0.1:9001" }]
+[[pool]]
+name = "b"
+backends = [{ addr = "127.0.0.1:9002" }]
+[[route]]
+path_prefix = "/api/"
+to = "a"
+[[route]]
+path_prefix = "/api/"
+to = "b"
+[[route]]
+host = "example.com:8080"
+to = "b"
+"#)
+        .unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        for k in ["pool[0].backends[1].addr", "route[1]", "route[2].host"] {
+            assert!(keys.contains(&k), "missing {k} in {keys:?}");
+        }
     }
 
     #[test]

@@ -262,3 +262,27 @@ fn access_log_and_periodic_summary() {
         "{err}"
     );
 }
+
+#[test]
+fn head_on_the_admin_listener_has_no_body() {
+    // HEAD then GET on one kept-alive admin connection: the HEAD's head only
+    // (its Content-Length is what GET would send), then the GET's answer.
+    let origin = Origin::start();
+    let b = origin.addr.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1", "--admin", "127.0.0.1:0"]);
+    let s = TcpStream::connect(p.admin_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .unwrap();
+    let h = read_response(&mut r, true).unwrap();
+    assert_eq!(h.status, 200);
+    assert!(h.body.is_empty());
+    assert!(h.header("content-length").is_some());
+    w.write_all(b"GET /status HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .unwrap();
+    let g = read_response(&mut r, false).unwrap();
+    assert_eq!(g.status, 200);
+    assert_eq!(g.header("content-type"), Some("application/json"));
+}

@@ -132,6 +132,7 @@ pub async fn serve(
                     sock: Sock::new(stream),
                     shard,
                     hub,
+                    head_request: false,
                 };
                 conn.run().await;
             },
@@ -149,6 +150,8 @@ struct AdminConn {
     sock: Sock,
     shard: Rc<Shard>,
     hub: Hub,
+    /// The request being answered is a HEAD: no body goes out.
+    head_request: bool,
 }
 
 /// An admin request that is not answered within this is dropped.
@@ -188,6 +191,7 @@ impl AdminConn {
             let close = head.close || has_body;
             buf.consume(head.head_len);
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+            self.head_request = method == Method::Head;
             let r = match (method, path) {
                 (Method::Get | Method::Head, "/metrics") => {
                     let m = self.hub.gather(&self.shard).await;
@@ -272,7 +276,10 @@ impl AdminConn {
             if close { "Connection: close\r\n" } else { "" }
         )
         .into_bytes();
-        out.extend_from_slice(body);
+        // HEAD gets the head only (its Content-Length says what GET sends).
+        if !self.head_request {
+            out.extend_from_slice(body);
+        }
         self.sock
             .write_all(&out, Instant::now() + ADMIN_TIMEOUT)
             .await
