@@ -457,7 +457,8 @@ fn large_hits_are_sent_from_memory_files_whole_and_in_ranges() {
 }
 
 /// An origin that answers every request on a keep-alive connection with
-/// `answer(path, stream)`; `answer` returns whether to keep the connection.
+/// `answer(head, stream)` (`head`: the request line and fields as text);
+/// `answer` returns whether to keep the connection.
 fn scripted_origin(
     answer: impl Fn(&str, &mut TcpStream) -> bool + Send + Sync + 'static,
 ) -> std::net::SocketAddr {
@@ -475,7 +476,7 @@ fn scripted_origin(
                     if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
                         return;
                     }
-                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut head = line;
                     loop {
                         let mut h = String::new();
                         if std::io::BufRead::read_line(&mut r, &mut h).unwrap_or(0) == 0 {
@@ -484,8 +485,9 @@ fn scripted_origin(
                         if h == "\r\n" {
                             break;
                         }
+                        head.push_str(&h);
                     }
-                    if !answer(&path, &mut s) {
+                    if !answer(&head, &mut s) {
                         return;
                     }
                 }
@@ -590,4 +592,35 @@ fn a_follower_of_a_fill_that_outgrows_the_cache_gets_the_whole_body() {
     s.write_all(b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+}
+
+#[test]
+fn a_304_that_sets_a_cookie_is_not_stored_for_others() {
+    // Revalidation merges the 304's fields into the stored response; a
+    // Set-Cookie among them makes it per-user: the client that revalidated
+    // gets it, the next client must not get that cookie from the cache.
+    let origin = scripted_origin(|head, s| {
+        let out: &[u8] = if head.to_ascii_lowercase().contains("if-none-match") {
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\nSet-Cookie: sid=X\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"v1\"\r\nContent-Length: 3\r\n\r\none"
+        };
+        s.write_all(out).is_ok()
+    });
+    let b = origin.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    assert_eq!(get(p.addr, "/c").text(), "one");
+    std::thread::sleep(Duration::from_millis(2100));
+    let mine = get(p.addr, "/c");
+    assert_eq!(mine.text(), "one");
+    assert_eq!(mine.header("Set-Cookie"), Some("sid=X"));
+    for _ in 0..3 {
+        let other = get(p.addr, "/c");
+        assert_eq!(other.text(), "one");
+        assert_eq!(
+            other.header("Set-Cookie"),
+            None,
+            "another client got the cookie"
+        );
+    }
 }

@@ -168,11 +168,15 @@ impl ShardCache {
 
     /// Drops `key` process-wide; whether it was stored.
     pub fn remove(&self, key: u64) -> bool {
+        self.hot.borrow_mut().remove(key);
+        let removed = self.parts.part(key).remove(key).is_some();
+        // After the removal: a shard that sees the new generation must not
+        // find the object still in its partition and copy it back into its
+        // hot set.
         self.parts
             .purges
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.hot.borrow_mut().remove(key);
-        self.parts.part(key).remove(key).is_some()
+        removed
     }
 }
 

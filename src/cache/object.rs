@@ -116,16 +116,19 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         if name_is(name, b"cache-control") {
             cc_values.push(value);
         } else if name_is(name, b"expires") {
-            match parse_http_date(value) {
-                Some(t) => facts.expires = Some(t),
-                None => facts.expires_invalid = true,
+            // The first Expires counts (RFC 9111 §4.2.1).
+            if facts.expires.is_none() && !facts.expires_invalid {
+                match parse_http_date(value) {
+                    Some(t) => facts.expires = Some(t),
+                    None => facts.expires_invalid = true,
+                }
             }
         } else if name_is(name, b"date") {
             facts.date = parse_http_date(value);
         } else if name_is(name, b"age") {
-            facts.age = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
+            // Capped at 2^31 like every delta-seconds (§1.2.2): a huge Age
+            // must make the response stale, not wrap the arithmetic.
+            facts.age = super::policy::delta_seconds(crate::http::trim_ows(value));
         } else if name_is(name, b"last-modified") {
             facts.last_modified = parse_http_date(value);
         } else if name_is(name, b"etag") {
@@ -411,6 +414,19 @@ mod tests {
         assert_eq!(m.content_length, None);
         let m = meta(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(m.content_length, Some(5));
+    }
+
+    #[test]
+    fn a_huge_age_is_capped_and_the_first_expires_counts() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nAge: 18446744073709551615\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(m.facts.age, Some(1 << 31));
+        let t = Timing::new(&m.facts, 100, 101);
+        assert!(t.current_age(102) > 60, "a huge Age makes it stale");
+        let m =
+            meta(b"HTTP/1.1 200 OK\r\nAge: 99999999999999999999999\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(m.facts.age, Some(1 << 31));
+        let m = meta(b"HTTP/1.1 200 OK\r\nExpires: Sun, 06 Nov 1994 08:49:37 GMT\r\nExpires: Sun, 06 Nov 2094 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(m.facts.expires, Some(784_111_777));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub struct CacheControl {
 /// Delta-seconds beyond this are taken as this (RFC 9111 §1.2.2).
 const MAX_DELTA: u64 = 1 << 31;
 
-fn delta_seconds(v: &[u8]) -> Option<u64> {
+pub fn delta_seconds(v: &[u8]) -> Option<u64> {
     let v = v
         .strip_prefix(b"\"")
         .and_then(|v| v.strip_suffix(b"\""))
@@ -57,8 +57,9 @@ impl CacheControl {
                 let num = || arg.and_then(delta_seconds);
                 let lower = name.to_ascii_lowercase();
                 match lower.as_slice() {
-                    b"max-age" => cc.max_age = Some(num().unwrap_or(0)),
-                    b"s-maxage" => cc.s_maxage = Some(num().unwrap_or(0)),
+                    // A repeated directive: the first one counts (§4.2.1).
+                    b"max-age" if cc.max_age.is_none() => cc.max_age = Some(num().unwrap_or(0)),
+                    b"s-maxage" if cc.s_maxage.is_none() => cc.s_maxage = Some(num().unwrap_or(0)),
                     b"no-store" => cc.no_store = true,
                     // The field-list forms (`no-cache="Set-Cookie"`) are
                     // treated as the unqualified directive: stricter, and
@@ -424,6 +425,9 @@ mod tests {
         assert_eq!(cc("max-age=abc").max_age, Some(0));
         assert_eq!(cc("max-age=99999999999999").max_age, Some(MAX_DELTA));
         assert_eq!(cc("max-stale").max_stale, Some(u64::MAX));
+        // A repeated max-age or s-maxage: the first counts (§4.2.1).
+        assert_eq!(cc("max-age=0, max-age=31536000").max_age, Some(0));
+        assert_eq!(cc("s-maxage=5, s-maxage=99").s_maxage, Some(5));
         assert_eq!(cc("MAX-AGE=5").max_age, Some(5));
         let two = CacheControl::parse([&b"private"[..], &b"max-age=3"[..]]);
         assert!(two.private);

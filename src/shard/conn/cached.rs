@@ -611,12 +611,16 @@ impl FillJob {
         }
     }
 
-    /// Whether the stale response may stand in for an origin error.
+    /// Whether the stale response may stand in for an origin error. Only
+    /// the response's `stale-if-error` counts: the fill answers every
+    /// request collapsed onto it, and one client's request directive must
+    /// not hand the others a stale response they did not accept.
     fn stale_usable(&self) -> bool {
         self.fill.phase() == Phase::Waiting
             && self.stale.as_ref().is_some_and(|o| {
                 let age = o.timing.current_age(unix_now());
-                stale_if_error_ok(&o.meta.facts.cc, &self.facts.cc, o.lifetime, age)
+                let no_request_directive = CacheControl::default();
+                stale_if_error_ok(&o.meta.facts.cc, &no_request_directive, o.lifetime, age)
             })
     }
 
@@ -660,10 +664,27 @@ impl FillJob {
             body: old.body.clone(),
             vary_values: old.vary_values.clone(),
         };
+        // The 304's fields may make the response unstorable (Set-Cookie,
+        // private, no-store): then it answers the request that revalidated
+        // it only, and the stored copy goes.
+        let shareable = storable(&self.facts, &obj.meta.facts).is_ok();
         let age = obj.timing.current_age(now);
-        self.start(with_age(&obj.meta, age), true, obj.timing, obj.lifetime);
+        self.start(
+            with_age(&obj.meta, age),
+            shareable,
+            obj.timing,
+            obj.lifetime,
+        );
         self.push(Arc::from(&obj.body[..]));
         self.finish();
+        if !shareable {
+            cache.remove(self.key);
+            let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
+            cache
+                .collapse
+                .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
+            return Ok(());
+        }
         if cache.insert(self.key, obj) {
             ShardCache::bump(&cache.stored);
         }
