@@ -9,6 +9,26 @@ pub mod policy;
 pub mod shared;
 pub mod store;
 
+/// The cache key of a request: its host and target, hashed with SipHash
+/// under keys drawn at random once per process. Lookups match on this
+/// number alone, so it must not be possible to make two URLs collide on
+/// purpose (FNV, [`key_hash`], is easy to collide): a collision would serve
+/// one URL's stored response for the other.
+pub fn cache_key(host: &[u8], target: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher();
+    // The host's length first: no choice of bytes in host and target makes
+    // two different pairs hash the same input.
+    h.write_usize(host.len());
+    h.write(host);
+    h.write(target);
+    h.finish()
+}
+
 /// FNV-1a over the parts of a cache key, with a separator between parts so
 /// that ("ab", "c") and ("a", "bc") differ.
 pub fn key_hash(parts: &[&[u8]]) -> u64 {
@@ -200,6 +220,16 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::key_hash;
+
+    #[test]
+    fn cache_keys_separate_host_and_target() {
+        use super::cache_key;
+        assert_eq!(cache_key(b"a", b"/x"), cache_key(b"a", b"/x"));
+        assert_ne!(cache_key(b"a", b"/x"), cache_key(b"a", b"/y"));
+        assert_ne!(cache_key(b"a", b"b/x"), cache_key(b"ab", b"/x"));
+        assert_ne!(cache_key(b"h1", b"/x"), cache_key(b"h2", b"/x"));
+        assert_ne!(cache_key(b"a\xffb", b"/x"), cache_key(b"a", b"b\xff/x"));
+    }
 
     #[test]
     fn key_parts_are_separated() {

@@ -501,7 +501,7 @@ impl ClientConn {
         let loopback = self.sock.peer_addr().is_some_and(|a| a.ip().is_loopback());
         let buf = self.inbuf.filled();
         let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
-        let key = crate::cache::key_hash(&[host, self.head.target(buf)]);
+        let key = crate::cache::cache_key(host, self.head.target(buf));
         let body_unread = self.head.body() != BodyKind::Empty;
         self.inbuf.consume(self.head.head_len);
         let close = body_unread || self.head.close;

@@ -17,7 +17,7 @@ use crate::cache::policy::{
     RequestFacts, Timing, Use,
 };
 use crate::cache::shared::{Claim, End, SharedFill, SharedFills};
-use crate::cache::{key_hash, unix_now, ShardCache};
+use crate::cache::{cache_key, unix_now, ShardCache};
 use crate::http::chunked;
 use crate::http::name_is;
 use crate::http::request::{Method, RequestHead};
@@ -84,7 +84,7 @@ impl ClientConn {
             return None;
         }
         let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
-        let key = key_hash(&[host, self.head.target(buf)]);
+        let key = cache_key(host, self.head.target(buf));
         let now = unix_now();
         let found = cache.lookup(key, now);
         let mut stale: Option<Object> = None;
