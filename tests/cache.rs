@@ -624,3 +624,25 @@ fn a_304_that_sets_a_cookie_is_not_stored_for_others() {
         );
     }
 }
+
+#[test]
+fn a_purge_during_a_fetch_keeps_its_result_out_of_the_cache() {
+    // The fetch began before the purge: what it brings back may be what the
+    // purge meant to drop, so it is served but not stored.
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/500/purged-in-flight";
+    let addr = p.addr;
+    let first = std::thread::spawn(move || get(addr, path));
+    std::thread::sleep(Duration::from_millis(150));
+    let purge = get_with(&p, path, "PURGE", "");
+    assert!(
+        purge.status == 200 || purge.status == 404,
+        "{}",
+        purge.status
+    );
+    assert_eq!(first.join().unwrap().text(), "purged-in-flight #1 ");
+    let after = get(p.addr, path);
+    assert_eq!(after.text(), "purged-in-flight #2 ");
+    assert_eq!(origin.requests_for(path), 2);
+}

@@ -130,6 +130,12 @@ pub struct ShardCache {
 }
 
 impl ShardCache {
+    /// How many purges the process has seen: a fill that started before a
+    /// purge does not store what it fetched (it may be what was purged).
+    pub fn purge_generation(&self) -> u64 {
+        self.parts.purges.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn new(id: usize, parts: std::sync::Arc<Partitions>, budget_bytes: u64) -> ShardCache {
         let shards = parts.parts.len() as u64;
         ShardCache {

@@ -641,6 +641,7 @@ impl FillJob {
         old: &Object,
         update: &[u8],
         request_time: i64,
+        generation: u64,
     ) -> Result<(), UpstreamFail> {
         let fields = merge_fields(&old.meta.fields, update);
         let mut synthetic = format!("HTTP/1.1 {} X\r\n", old.meta.status).into_bytes();
@@ -685,13 +686,15 @@ impl FillJob {
                 .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
-        if cache.insert(self.key, obj) {
+        // A purge during the revalidation wins over it.
+        if cache.purge_generation() == generation && cache.insert(self.key, obj) {
             ShardCache::bump(&cache.stored);
         }
         Ok(())
     }
 
     async fn fetch(&self, cache: &ShardCache) -> Result<(), UpstreamFail> {
+        let generation = cache.purge_generation();
         let pool = &self.shard.pools[self.pool_idx];
         let request_time = unix_now();
         let mut ubuf = Buf::new(UPSTREAM_BUF);
@@ -791,7 +794,7 @@ impl FillJob {
             if rhead.code == 304 {
                 let update = meta_from_response(ubuf.filled(), &rhead).fields;
                 let reusable = !rhead.close && ubuf.len() == rhead.head_len;
-                self.refresh(cache, old, &update, request_time)?;
+                self.refresh(cache, old, &update, request_time, generation)?;
                 if reusable {
                     pool.checkin(backend, up, Instant::now());
                 }
@@ -866,7 +869,9 @@ impl FillJob {
                     lifetime,
                     vary_values: vary,
                 };
-                if cache.insert(self.key, obj) {
+                // A purge while this was fetched wins: what was fetched
+                // may be what the purge meant to drop. It is still served.
+                if cache.purge_generation() == generation && cache.insert(self.key, obj) {
                     ShardCache::bump(&cache.stored);
                     cache.collapse.forget_uncacheable(self.key);
                 }
