@@ -175,8 +175,15 @@ fn purge_drops_every_variant_of_a_path() {
     let p = Proxy::start(&["--backend", &b, "--shards", "2", "--admin", "127.0.0.1:0"]);
     let a = p.admin_addr();
     let path = "/cache/max-age=60/0/p";
-    for q in ["", "?a=1", "?a=2"] {
-        let r = get(p.addr, &format!("{path}{q}"));
+    // `%70` is `p`: the same path, percent-encoded, is stored apart and
+    // purged with the others.
+    for t in [
+        path,
+        "/cache/max-age=60/0/p?a=1",
+        "/cache/max-age=60/0/p?a=2",
+        "/cache/max-age=60/0/%70",
+    ] {
+        let r = get(p.addr, t);
         assert_eq!(r.status, 200);
         assert!(r.header("cache-status").unwrap().contains("stored"));
     }
@@ -191,7 +198,7 @@ fn purge_drops_every_variant_of_a_path() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["purged"], 3);
+    assert_eq!(v["purged"], 4);
     // Gone from every shard's hot set too: the next ones are misses.
     for q in ["", "?a=1"] {
         let r = get(p.addr, &format!("{path}{q}"));

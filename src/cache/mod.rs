@@ -9,6 +9,22 @@ pub mod policy;
 pub mod shared;
 pub mod store;
 
+/// A stored target's path as a purge compares it: an absolute form's
+/// scheme and authority dropped, the query dropped, percent-decoded, so
+/// `GET http://h/a?x` and `GET /%61` are both reached by a purge of `/a`.
+fn purge_form(target: &[u8]) -> Vec<u8> {
+    let mut t = target;
+    for scheme in [&b"http://"[..], b"https://"] {
+        if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            let rest = &t[scheme.len()..];
+            t = memchr::memchr(b'/', rest).map_or(&b"/"[..], |i| &rest[i..]);
+            break;
+        }
+    }
+    let path = t.split(|&c| c == b'?').next().unwrap_or(t);
+    crate::http::percent_decode(path).0
+}
+
 /// The cache key of a request: its host and target, hashed with SipHash
 /// under keys drawn at random once per process. Lookups match on this
 /// number alone, so it must not be possible to make two URLs collide on
@@ -89,8 +105,7 @@ impl Partitions {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
             p.retain(|_, o| {
                 let t = &o.meta.target;
-                let t_path = t.split(|&c| c == b'?').next().unwrap_or(t);
-                let hit = t.as_slice() == path || t_path == path;
+                let hit = t.as_slice() == path || purge_form(t) == path;
                 n += usize::from(hit);
                 !hit
             });
@@ -226,6 +241,16 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::key_hash;
+
+    #[test]
+    fn purge_compares_decoded_origin_form_paths() {
+        use super::purge_form;
+        assert_eq!(purge_form(b"/a?x=1"), b"/a");
+        assert_eq!(purge_form(b"/%61"), b"/a");
+        assert_eq!(purge_form(b"http://h:80/a?q"), b"/a");
+        assert_eq!(purge_form(b"HTTPS://h"), b"/");
+        assert_eq!(purge_form(b"/a%2Fb"), b"/a/b");
+    }
 
     #[test]
     fn cache_keys_separate_host_and_target() {
