@@ -1252,6 +1252,17 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         Some(_) => {}
     }
 
+    let block_bytes: u64 = stores.iter().map(|s| s.cache_bytes).sum();
+    if cache_size > 0 && block_bytes > cache_size {
+        // They come out of the cache's budget: more than all of it leaves
+        // the response cache nothing, and the process over its budget.
+        err(
+            "store",
+            format!(
+                "the stores' block caches ({block_bytes} bytes) exceed the cache size ({cache_size} bytes) they come out of"
+            ),
+        );
+    }
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
@@ -1601,6 +1612,21 @@ to = "b"
         for k in ["pool[0].backends[1].addr", "route[1]", "route[2].host"] {
             assert!(keys.contains(&k), "missing {k} in {keys:?}");
         }
+    }
+
+    #[test]
+    fn block_caches_must_fit_in_the_cache() {
+        let root = std::env::temp_dir();
+        let text = |store: &str| {
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[cache]\nsize = \"64MiB\"\n[[store]]\nname = \"s\"\nroot = \"{}\"\ncache_size = \"{store}\"\n",
+                root.display()
+            )
+        };
+        let e = cfg(&text("1GiB")).unwrap_err();
+        assert!(e.0.iter().any(|e| e.key == "store"), "{e}");
+        let c = cfg(&text("16MiB")).unwrap();
+        assert_eq!(c.cache.size_bytes, 48 << 20);
     }
 
     #[test]
