@@ -821,13 +821,23 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     // [[pool]]
     let mut pools = Vec::new();
     let mut pool_sections = file.pool;
+    // Which [[pool]] of the file each section is (None: made by --backend),
+    // so that errors name the file's own index.
+    let mut pool_origin: Vec<Option<usize>> = (0..pool_sections.len()).map(Some).collect();
     if !ov.backends.is_empty() {
         let mut p = match pool_sections.iter().position(|p| p.name == "default") {
-            Some(i) => pool_sections.remove(i),
-            None => PoolSection {
-                name: "default".into(),
-                ..Default::default()
-            },
+            Some(i) => {
+                let origin = pool_origin.remove(i);
+                pool_origin.insert(0, origin);
+                pool_sections.remove(i)
+            }
+            None => {
+                pool_origin.insert(0, None);
+                PoolSection {
+                    name: "default".into(),
+                    ..Default::default()
+                }
+            }
         };
         p.backends = ov
             .backends
@@ -869,7 +879,28 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         }
     }
     for (i, p) in pool_sections.iter().enumerate() {
-        let k = |f: &str| format!("pool[{i}].{f}");
+        // The key an error names: the flag a value came from, else the
+        // file's own pool index.
+        let k = |f: &str| {
+            let first = i == 0;
+            if first && !ov.backends.is_empty() && f.starts_with("backends") {
+                "--backend".to_string()
+            } else if first && ov.balance.is_some() && f == "balance" {
+                "--balance".to_string()
+            } else if first && ov.hash_key.is_some() && f == "hash_key" {
+                "--hash-key".to_string()
+            } else if first
+                && (ov.health_path.is_some() || ov.health_interval.is_some())
+                && f.starts_with("health")
+            {
+                "--health-path / --health-interval".to_string()
+            } else {
+                match pool_origin[i] {
+                    Some(j) => format!("pool[{j}].{f}"),
+                    None => format!("--backend (pool default: {f})"),
+                }
+            }
+        };
         if p.name.is_empty() {
             err(&k("name"), "must not be empty".into());
         }
@@ -927,7 +958,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             }
         }
         let health = p.health.as_ref().map(|h| {
-            let hk = |f: &str| format!("pool[{i}].health.{f}");
+            let hk = |f: &str| k(&format!("health.{f}"));
             let path = h.path.clone().unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
                 err(&hk("path"), format!("`{path}` is not an absolute path"));
@@ -959,7 +990,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
         });
         let eject = {
             let e = p.eject.as_ref();
-            let ek = |f: &str| format!("pool[{i}].eject.{f}");
+            let ek = |f: &str| k(&format!("eject.{f}"));
             let none = None;
             let max_percent = e.and_then(|e| e.max_percent).unwrap_or(50);
             if max_percent > 100 {
@@ -1039,7 +1070,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                     let weight = b.weight.unwrap_or(1);
                     if weight == 0 || weight > 1000 {
                         err(
-                            &format!("pool[{i}].backends[{j}].weight"),
+                            &k(&format!("backends[{j}].weight")),
                             "must be between 1 and 1000".into(),
                         );
                     }
@@ -1047,13 +1078,13 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                         // Two entries would be one backend counted twice, with
                         // the same series twice in /metrics: raise the weight.
                         err(
-                            &format!("pool[{i}].backends[{j}].addr"),
+                            &k(&format!("backends[{j}].addr")),
                             format!("{addr} is already a backend of this pool (use weight)"),
                         );
                     }
                     backends.push(Backend { addr, weight });
                 }
-                Err(m) => err(&format!("pool[{i}].backends[{j}].addr"), m),
+                Err(m) => err(&k(&format!("backends[{j}].addr")), m),
             }
         }
         pools.push(PoolConfig {
@@ -1085,7 +1116,12 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
 
     // [[store]] and --origin-dir
     let mut store_sections = file.store;
+    let mut store_origin: Vec<Option<usize>> = (0..store_sections.len()).map(Some).collect();
     if let Some(dir) = &ov.origin_dir {
+        let keep: Vec<bool> = store_sections.iter().map(|s| s.name != "dir").collect();
+        let mut it = keep.iter();
+        store_origin.retain(|_| *it.next().unwrap_or(&true));
+        store_origin.insert(0, None);
         store_sections.retain(|s| s.name != "dir");
         store_sections.insert(
             0,
@@ -1098,12 +1134,9 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     }
     let mut stores = Vec::new();
     for (i, st) in store_sections.iter().enumerate() {
-        let k = |f: &str| {
-            if ov.origin_dir.is_some() && i == 0 {
-                "--origin-dir".to_string()
-            } else {
-                format!("store[{i}].{f}")
-            }
+        let k = |f: &str| match store_origin[i] {
+            Some(j) => format!("store[{j}].{f}"),
+            None => "--origin-dir".to_string(),
         };
         if st.name.is_empty() {
             err(&k("name"), "must not be empty".into());
@@ -1672,6 +1705,38 @@ to = "nope"
         assert_eq!(c.shards, 3);
         assert_eq!(c.pools[0].name, "default");
         assert_eq!(c.pools[0].backends[0].weight, 5);
+    }
+
+    #[test]
+    fn errors_name_the_flag_or_the_files_own_index() {
+        // With -b, the flag's pool goes first: the file's first pool is
+        // still `pool[0]` in messages, and a bad -b value names the flag.
+        let file = parse_file(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[pool]]\nname = \"a\"\nbalance = \"bogus\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n",
+        )
+        .unwrap();
+        let ov = Overrides {
+            backends: vec!["127.0.0.1:9000,weight=0".into()],
+            balance: None,
+            ..Default::default()
+        };
+        let e = build(file, &ov, 2).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"pool[0].balance"), "{keys:?}");
+        assert!(keys.contains(&"--backend"), "{keys:?}");
+        let root = std::env::temp_dir();
+        let file = parse_file(&format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[store]]\nname = \"s\"\nroot = \"{}\"\nblock_size = 1000\n",
+            root.display()
+        ))
+        .unwrap();
+        let ov = Overrides {
+            origin_dir: Some(root.display().to_string()),
+            ..Default::default()
+        };
+        let e = build(file, &ov, 2).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"store[0].block_size"), "{keys:?}");
     }
 
     #[test]
