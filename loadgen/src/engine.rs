@@ -771,7 +771,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                             }
                         }
                         inflight.pop_front();
-                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                        // The timeout is counted; requests behind it on the
+                        // connection are the read errors, not the timeout.
+                        fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
                     }
                     continue 'run;
                 }

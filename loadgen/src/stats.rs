@@ -363,7 +363,7 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
         o,
         "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
         h.buckets(),
-        h.distinct_values()
+        sub_buckets(h.sigfig())
     );
     o
 }
@@ -400,7 +400,7 @@ pub fn svg(h: &Histogram<u64>, title: &str) -> String {
         o,
         "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>",
         w / 2.0,
-        title.replace('<', "&lt;").replace('&', "&amp;")
+        title.replace('&', "&amp;").replace('<', "&lt;")
     );
     for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
         .iter()
@@ -446,6 +446,12 @@ pub fn svg(h: &Histogram<u64>, title: &str) -> String {
     o
 }
 
+/// HdrHistogram's sub-bucket count for `sigfig` significant digits (what
+/// Java's `outputPercentileDistribution` prints: 2048 for 3 digits).
+fn sub_buckets(sigfig: u8) -> u32 {
+    let largest = 2.0 * 10f64.powi(i32::from(sigfig));
+    1 << (largest.log2().ceil() as u32)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +532,8 @@ mod tests {
         assert!(lines[0].contains("Percentile"));
         assert!(text.contains("#[Max     ="));
         assert!(text.contains("Total count    =        10000]"));
+        // Java's footer: 2048 sub-buckets for 3 significant digits.
+        assert!(text.contains("SubBuckets     =         2048]"), "{text}");
         // Values are in ms and increasing.
         let values: Vec<f64> = lines
             .iter()
@@ -579,5 +587,8 @@ mod tests {
         }
         let svg = svg(&r.stats.latency, "t");
         assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+        // The title is escaped once, `&` first.
+        let svg = super::svg(&r.stats.latency, "a<b & c");
+        assert!(svg.contains(">a&lt;b &amp; c<"), "{svg}");
     }
 }

@@ -127,6 +127,9 @@ fn timeouts_and_connect_errors_are_counted_apart() {
     });
     assert!(r.stats.timeouts >= 2, "{:?}", r.stats);
     assert_eq!(r.stats.connect_errors, 0);
+    // A timeout is one error, not also a read error.
+    assert_eq!(r.stats.read_errors, 0, "{:?}", r.stats);
+    assert_eq!(r.stats.errors(), r.stats.timeouts, "{:?}", r.stats);
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
