@@ -624,6 +624,20 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     stats.borrow_mut().connect_errors += 1;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                     if opts.herd {
+                        // One failure in the round that is open, counted
+                        // once it opens (as a sender waits for it): racing
+                        // ahead would open rounds before the previous ended.
+                        loop {
+                            if shared.should_stop() {
+                                break 'run;
+                            }
+                            let r = shared.herd.round.load(Ordering::Acquire);
+                            if r >= herd_round {
+                                herd_round = r;
+                                break;
+                            }
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                        }
                         herd_done(&shared, herd_round, None);
                         herd_round += 1;
                     }
