@@ -627,16 +627,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                         // One failure in the round that is open, counted
                         // once it opens (as a sender waits for it): racing
                         // ahead would open rounds before the previous ended.
-                        loop {
-                            if shared.should_stop() {
-                                break 'run;
-                            }
-                            let r = shared.herd.round.load(Ordering::Acquire);
-                            if r >= herd_round {
-                                herd_round = r;
-                                break;
-                            }
-                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                        match wait_round(&shared, herd_round).await {
+                            Some(r) => herd_round = r,
+                            None => break 'run,
                         }
                         herd_done(&shared, herd_round, None);
                         herd_round += 1;
@@ -653,16 +646,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         if opts.herd {
             if inflight.is_empty() {
                 // Wait for the round to open, then fire at its instant.
-                loop {
-                    if shared.should_stop() {
-                        break 'run;
-                    }
-                    let r = shared.herd.round.load(Ordering::Acquire);
-                    if r >= herd_round {
-                        herd_round = r;
-                        break;
-                    }
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                match wait_round(&shared, herd_round).await {
+                    Some(r) => herd_round = r,
+                    None => break 'run,
                 }
                 let at = shared.herd.start_ns.load(Ordering::Acquire);
                 let now = shared.now_ns();
@@ -852,6 +838,21 @@ fn fail_connection(
         if shared.opts.requests.is_some() {
             shared.issued.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Waits until herd round `round` (or a later one) is open; the open
+/// round, or `None` when the run stops first.
+async fn wait_round(shared: &Shared, round: u64) -> Option<u64> {
+    loop {
+        if shared.should_stop() {
+            return None;
+        }
+        let r = shared.herd.round.load(Ordering::Acquire);
+        if r >= round {
+            return Some(r);
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
     }
 }
 
