@@ -207,6 +207,14 @@ impl ShardCache {
         self.parts.part(key).insert(key, obj, cost)
     }
 
+    /// Stores `obj`, fetched from the origin since purge generation `since`
+    /// ([`Self::purge_generation`]), unless a purge came in between: what
+    /// was fetched may be what the purge meant to drop. Whether it was
+    /// stored.
+    pub fn insert_fetched(&self, since: u64, key: u64, obj: object::Object) -> bool {
+        self.purge_generation() == since && self.insert(key, obj)
+    }
+
     /// Drops `key` process-wide; whether it was stored.
     pub fn remove(&self, key: u64) -> bool {
         self.hot.borrow_mut().remove(key);

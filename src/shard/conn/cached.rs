@@ -686,8 +686,7 @@ impl FillJob {
                 .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
-        // A purge during the revalidation wins over it.
-        if cache.purge_generation() == generation && cache.insert(self.key, obj) {
+        if cache.insert_fetched(generation, self.key, obj) {
             ShardCache::bump(&cache.stored);
         }
         Ok(())
@@ -869,9 +868,8 @@ impl FillJob {
                     lifetime,
                     vary_values: vary,
                 };
-                // A purge while this was fetched wins: what was fetched
-                // may be what the purge meant to drop. It is still served.
-                if cache.purge_generation() == generation && cache.insert(self.key, obj) {
+                // Served either way; not stored if a purge came meanwhile.
+                if cache.insert_fetched(generation, self.key, obj) {
                     ShardCache::bump(&cache.stored);
                     cache.collapse.forget_uncacheable(self.key);
                 }
