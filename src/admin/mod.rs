@@ -143,7 +143,6 @@ pub async fn serve(
         }
     }
     crate::shard::stop_listening(fd);
-    drop(listener);
 }
 
 struct AdminConn {

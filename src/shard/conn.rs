@@ -344,19 +344,18 @@ impl ClientConn {
             flight = pool.begin(backend);
             let started = Instant::now();
             let mut stale_left = 2;
+            let mut fresh = false;
             // The failure of this backend, and whether the request can go
             // to another one: it provably never reached this one (no
             // connection), or it is idempotent, had no body, and no
             // response byte came back.
             let (code, msg, retryable) = loop {
-                // A repeatable request is retried on a fresh connection if a
-                // pooled one turns out stale; any other cannot be, so its
-                // pooled connection is verified first.
-                // After a stale pooled connection, a fresh one: the next
-                // pooled one may be as dead (the backend restarted, or its
-                // idle timeout is shorter than ours), and draining them is
-                // no failure of the backend.
-                let fresh = stale_left < 2;
+                // A repeatable request is retried if a pooled connection
+                // turns out stale, on a fresh one (the next pooled one may
+                // be as dead: the backend restarted, or its idle timeout is
+                // shorter than ours; draining them is no failure of the
+                // backend); any other request cannot be, so its pooled
+                // connection is verified first.
                 let (mut up, reused) = match connection(pool, backend, !repeatable, fresh).await {
                     Ok(c) => c,
                     Err(UpstreamFail::Timeout(m)) => break (504, m, true),
@@ -378,6 +377,7 @@ impl ClientConn {
                     }
                     Err(UpstreamFail::Stale) if repeatable && stale_left > 0 => {
                         stale_left -= 1;
+                        fresh = true;
                         continue;
                     }
                     Err(UpstreamFail::Stale) => {

@@ -566,9 +566,15 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
 fn bind_listener(addr: SocketAddr) -> std::io::Result<(TcpListener, RawFd)> {
     let s = listen_socket(addr, true)?;
     s.listen(BACKLOG)?;
-    let fd = s.into_raw_fd();
+    Ok(into_glommio(s))
+}
+
+/// A listening socket handed to glommio, and its descriptor (kept for
+/// [`stop_listening`]).
+fn into_glommio(listening: socket2::Socket) -> (TcpListener, RawFd) {
+    let fd = listening.into_raw_fd();
     // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
-    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
+    (unsafe { TcpListener::from_raw_fd(fd) }, fd)
 }
 
 /// What every shard shares.
@@ -638,9 +644,7 @@ async fn shard_main(
     let mailbox = common.mailboxes[id].clone();
     background.push(Box::pin(crate::admin::answer_stats(shard.clone(), mailbox)));
     if let Some(sock) = common.admin {
-        let fd = sock.into_raw_fd();
-        // SAFETY: a bound, listening TCP socket whose ownership moves to glommio.
-        let l = unsafe { TcpListener::from_raw_fd(fd) };
+        let (l, fd) = into_glommio(sock);
         background.push(Box::pin(crate::admin::serve(
             shard.clone(),
             hub.clone(),

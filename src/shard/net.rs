@@ -205,10 +205,13 @@ impl Poller {
     /// Whether an edge came this way (or the socket ended) since the
     /// socket was last found empty; unknown sockets count as ready.
     fn is_ready(&self, key: usize, dir: Dir) -> bool {
-        self.slots
-            .borrow_mut()
-            .get_mut(key)
-            .is_none_or(|s| s.way(dir).ready || s.ended)
+        self.slots.borrow().get(key).is_none_or(|s| {
+            s.ended
+                || match dir {
+                    Dir::Read => s.read.ready,
+                    Dir::Write => s.write.ready,
+                }
+        })
     }
 
     fn mark(&self, key: usize, dir: Dir) {
