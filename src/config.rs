@@ -1118,10 +1118,16 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     let mut store_sections = file.store;
     let mut store_origin: Vec<Option<usize>> = (0..store_sections.len()).map(Some).collect();
     if let Some(dir) = &ov.origin_dir {
-        let keep: Vec<bool> = store_sections.iter().map(|s| s.name != "dir").collect();
-        let mut it = keep.iter();
-        store_origin.retain(|_| *it.next().unwrap_or(&true));
-        store_origin.insert(0, None);
+        // --origin-dir's store replaces the file's `dir`, and goes first.
+        store_origin = std::iter::once(None)
+            .chain(
+                store_sections
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.name != "dir")
+                    .map(|(j, _)| Some(j)),
+            )
+            .collect();
         store_sections.retain(|s| s.name != "dir");
         store_sections.insert(
             0,
@@ -1409,6 +1415,14 @@ mod tests {
         build(parse_file(text)?, &Overrides::default(), 4)
     }
 
+    /// Every key of `want` is among the errors' keys.
+    fn assert_keys(e: &ConfigErrors, want: &[&str]) {
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        for k in want {
+            assert!(keys.contains(k), "missing {k} in {keys:?}");
+        }
+    }
+
     #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
@@ -1641,10 +1655,10 @@ host = "example.com:8080"
 to = "b"
 "#)
         .unwrap_err();
-        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
-        for k in ["pool[0].backends[1].addr", "route[1]", "route[2].host"] {
-            assert!(keys.contains(&k), "missing {k} in {keys:?}");
-        }
+        assert_keys(
+            &e,
+            &["pool[0].backends[1].addr", "route[1]", "route[2].host"],
+        );
     }
 
     #[test]
@@ -1678,17 +1692,17 @@ backends = [{ addr = "127.0.0.1:1", weight = 0 }]
 to = "nope"
 "#)
         .unwrap_err();
-        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
-        for k in [
-            "server.listen[0]",
-            "server.shards",
-            "limits.header_timeout",
-            "pool[0].balance",
-            "pool[0].backends[0].weight",
-            "route[0].to",
-        ] {
-            assert!(keys.contains(&k), "missing {k} in {keys:?}");
-        }
+        assert_keys(
+            &e,
+            &[
+                "server.listen[0]",
+                "server.shards",
+                "limits.header_timeout",
+                "pool[0].balance",
+                "pool[0].backends[0].weight",
+                "route[0].to",
+            ],
+        );
     }
 
     #[test]
@@ -1721,9 +1735,7 @@ to = "nope"
             ..Default::default()
         };
         let e = build(file, &ov, 2).unwrap_err();
-        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
-        assert!(keys.contains(&"pool[0].balance"), "{keys:?}");
-        assert!(keys.contains(&"--backend"), "{keys:?}");
+        assert_keys(&e, &["pool[0].balance", "--backend"]);
         let root = std::env::temp_dir();
         let file = parse_file(&format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n[[store]]\nname = \"s\"\nroot = \"{}\"\nblock_size = 1000\n",
@@ -1735,8 +1747,7 @@ to = "nope"
             ..Default::default()
         };
         let e = build(file, &ov, 2).unwrap_err();
-        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
-        assert!(keys.contains(&"store[0].block_size"), "{keys:?}");
+        assert_keys(&e, &["store[0].block_size"]);
     }
 
     #[test]

@@ -452,6 +452,7 @@ fn sub_buckets(sigfig: u8) -> u32 {
     let largest = 2.0 * 10f64.powi(i32::from(sigfig));
     1 << (largest.log2().ceil() as u32)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
