@@ -333,6 +333,24 @@ fn stale_entries_are_revalidated_with_304() {
 }
 
 #[test]
+fn a_slow_fill_counts_its_response_delay_in_age() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    // The origin takes 2.1 s and sends no Age: the response has aged by
+    // the response delay (RFC 9111 §4.2.3) when the first client gets it,
+    // and a hit right after says at least as much.
+    let path = "/cache/max-age=60/2100/aged";
+    let r = get(p.addr, path);
+    assert_eq!(r.text(), "aged #1 ");
+    let first: u64 = r.header("Age").unwrap().parse().unwrap();
+    assert!(first >= 2, "Age {first}");
+    let r = get(p.addr, path);
+    assert!(r.header("Cache-Status").unwrap().contains("hit"));
+    let hit: u64 = r.header("Age").unwrap().parse().unwrap();
+    assert!(hit >= first, "Age {hit} after {first}");
+}
+
+#[test]
 fn stale_if_error_answers_for_a_failing_origin() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");

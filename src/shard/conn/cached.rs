@@ -819,6 +819,12 @@ impl FillJob {
                 .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
         }
         let timing = Timing::new(&meta.facts, request_time, response_time);
+        // The fill's readers send the corrected initial age (RFC 9111
+        // §4.2.3: the origin's Age plus the response delay, or the apparent
+        // age from Date), not the origin's Age alone.
+        if timing.initial_age > 0 {
+            meta.facts.age = Some(timing.initial_age);
+        }
         let vary = vary_values(&self.request, &self.head, &meta.vary);
         meta.request_vary = vary.clone();
         meta.target = self.head.target(&self.request).to_vec();
