@@ -148,13 +148,16 @@ impl ResponseReader {
                                 }
                             }
                             i += n;
-                            if (100..200).contains(&status) {
+                            if (100..200).contains(&status) && status != 101 {
                                 continue; // interim: the final response follows
                             }
+                            // 101: what follows is another protocol, so the
+                            // response ends here and so does the connection.
                             self.status = status;
-                            self.close = close;
+                            self.close = close || status == 101;
                             self.body_bytes = 0;
-                            let no_body = head_request || status == 204 || status == 304;
+                            let no_body =
+                                head_request || status == 204 || status == 304 || status == 101;
                             self.state = if no_body {
                                 return Ok(self.finish(i));
                             } else if chunked {
@@ -320,32 +323,60 @@ mod tests {
         Ok(out)
     }
 
-    #[test]
-    fn framings_at_every_split() {
-        let input: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\nHTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\nHTTP/1.0 200 OK\r\n\r\nuntil close";
+    /// Feeds `input` split at every byte; asserts each split reads `want`
+    /// (status, body bytes, close) in order.
+    fn reads_at_every_split(input: &[u8], want: &[(u16, u64, bool)]) {
         for step in 1..input.len() {
             let got = feed_all(input, step, false).unwrap();
             let summary: Vec<(u16, u64, bool)> = got
                 .iter()
                 .map(|c| (c.status, c.body_bytes, c.close))
                 .collect();
-            assert_eq!(
-                summary,
-                vec![
-                    (200, 5, false),
-                    (201, 19, false),
-                    (204, 0, false),
-                    (404, 0, false),
-                    (200, 11, true)
-                ],
-                "step {step}"
-            );
+            assert_eq!(summary, want, "step {step}");
         }
+    }
+
+    #[test]
+    fn framings_at_every_split() {
+        let input: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\nHTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\nHTTP/1.0 200 OK\r\n\r\nuntil close";
+        reads_at_every_split(
+            input,
+            &[
+                (200, 5, false),
+                (201, 19, false),
+                (204, 0, false),
+                (404, 0, false),
+                (200, 11, true),
+            ],
+        );
     }
 
     #[test]
     fn head_responses_have_no_body() {
         let got = feed_all(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 7, true).unwrap();
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn a_switch_of_protocols_is_final_and_ends_the_connection() {
+        reads_at_every_split(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+            &[(101, 0, true)],
+        );
+    }
+
+    #[test]
+    fn not_modified_and_head_ignore_their_framing_fields() {
+        let input: &[u8] = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let got = feed_all(input, 5, false).unwrap();
+        let summary: Vec<(u16, u64)> = got.iter().map(|c| (c.status, c.body_bytes)).collect();
+        assert_eq!(summary, vec![(304, 0), (200, 2)]);
+        let got = feed_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            3,
+            true,
+        )
+        .unwrap();
         assert_eq!(got.len(), 2);
     }
 

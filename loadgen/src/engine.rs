@@ -32,6 +32,11 @@ const NUDGE: Duration = Duration::from_millis(100);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 /// Gap between herd rounds, so every connection is parked and ready.
 const HERD_GAP: Duration = Duration::from_millis(50);
+/// A connection idle longer than this is checked (one `MSG_PEEK`) before
+/// its next request: servers close idle keep-alive connections (Node after
+/// 5 s, nginx after 75 s), and a request written into such a connection
+/// would fail through no fault of its own.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Where requests go, parsed from `http://host[:port]/path`.
 #[derive(Debug, Clone)]
@@ -147,6 +152,9 @@ impl Options {
         if self.range.is_some() != self.object_size.is_some() {
             return Err("--range and --object-size go together".into());
         }
+        if self.range == Some(0) || self.object_size == Some(0) {
+            return Err("--range and --object-size must be at least 1 byte".into());
+        }
         if self.herd && (self.rate.is_some() || self.pipeline > 1) {
             return Err("--herd is closed loop with one request per connection".into());
         }
@@ -182,9 +190,17 @@ struct Shared {
     keys: Option<Keys>,
     start: Instant,
     stop: AtomicBool,
-    /// Requests handed out (for `--requests`).
+    /// Requests handed out (for `--requests`); never more than asked.
     issued: AtomicU64,
+    /// Responses received.
     completed: AtomicU64,
+    /// Requests that ended, answered or failed: `--requests` stops when
+    /// all have, so a failing server cannot keep the run going.
+    finished: AtomicU64,
+    /// When the last response came, in ns since the start: the run's
+    /// duration for its rate (a response that arrives after `--duration`
+    /// still counts, and so does the time it took).
+    last_response_ns: AtomicU64,
     errors: AtomicU64,
     /// A unique tag so herd keys were never seen before.
     run_tag: u64,
@@ -210,7 +226,7 @@ impl Shared {
             return true;
         }
         match self.opts.requests {
-            Some(n) => self.completed.load(Ordering::Relaxed) >= n,
+            Some(n) => self.finished.load(Ordering::Relaxed) >= n,
             None => self.start.elapsed() >= self.opts.duration,
         }
     }
@@ -218,9 +234,20 @@ impl Shared {
     /// Claims one request slot; false when `--requests` are all handed out.
     fn claim(&self) -> bool {
         match self.opts.requests {
-            Some(n) => self.issued.fetch_add(1, Ordering::Relaxed) < n,
+            Some(n) => self
+                .issued
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
+                    (i < n).then_some(i + 1)
+                })
+                .is_ok(),
             None => true,
         }
+    }
+
+    /// `n` requests ended without a response (their errors are counted
+    /// by the caller).
+    fn failed(&self, n: u64) {
+        self.finished.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -242,6 +269,8 @@ pub fn run(opts: Options) -> Result<Report, String> {
         stop: AtomicBool::new(false),
         issued: AtomicU64::new(0),
         completed: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        last_response_ns: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         run_tag,
         herd: HerdSync {
@@ -300,7 +329,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
     let patience = match opts.requests {
         Some(_) => Duration::from_secs(3600),
         None => opts.duration,
-    } + opts.timeout
+    } + 2 * opts.timeout
         + Duration::from_secs(5);
     let deadline = shared.start + patience;
     let mut stats = Stats::default();
@@ -331,10 +360,18 @@ pub fn run(opts: Options) -> Result<Report, String> {
             }
         }
     }
+    // The rate's time: until the last response for `--requests` (not the
+    // teardown after it); for `--duration`, the duration, or longer when
+    // responses in flight at its end came later (they are counted).
     let elapsed = shared.start.elapsed();
+    let last = Duration::from_nanos(shared.last_response_ns.load(Ordering::Relaxed));
     let duration = match opts.requests {
+        Some(_) if !last.is_zero() => last,
         Some(_) => elapsed,
-        None => elapsed.min(opts.duration.max(Duration::from_millis(1))),
+        None => last
+            .max(opts.duration)
+            .min(elapsed)
+            .max(Duration::from_millis(1)),
     };
     let mut rounds =
         std::mem::take(&mut *shared.herd.rounds.lock().unwrap_or_else(|p| p.into_inner()));
@@ -407,6 +444,8 @@ struct InFlight {
 }
 
 struct Conn {
+    /// When a request last went out on it (ns since the start).
+    sent_ns: u64,
     stream: TcpStream,
     write_timeout: Duration,
     fd: i32,
@@ -424,11 +463,12 @@ enum Io {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, timeout: Duration) -> Option<Conn> {
+    async fn open(addr: SocketAddr, timeout: Duration, now_ns: u64) -> Option<Conn> {
         let stream = TcpStream::connect_timeout(addr, timeout).await.ok()?;
         let _ = stream.set_nodelay(true);
         let fd = stream.as_raw_fd();
         Some(Conn {
+            sent_ns: now_ns,
             write_timeout: timeout,
             stream,
             fd,
@@ -437,6 +477,29 @@ impl Conn {
             start: 0,
             end: 0,
         })
+    }
+
+    /// Whether the server closed the connection while it sat idle since
+    /// its last request for more than [`IDLE_CHECK`] (one `MSG_PEEK`, only
+    /// then); marks a request going out at `now_ns`.
+    fn closed_while_idle(&mut self, now_ns: u64) -> bool {
+        let idle = now_ns.saturating_sub(self.sent_ns) > IDLE_CHECK.as_nanos() as u64;
+        self.sent_ns = now_ns;
+        if !idle || self.start < self.end {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: a valid one-byte buffer and our own open fd.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let e = io::Error::last_os_error().raw_os_error();
+        n == 0 || (n < 0 && e != Some(libc::EAGAIN) && e != Some(libc::EINTR))
     }
 
     async fn write_all(&mut self, mut data: &[u8]) -> bool {
@@ -615,14 +678,41 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut out = Vec::with_capacity(512);
     let mut herd_round = 0u64;
+    // Drops the connection, failing what is in flight on it.
+    macro_rules! fail {
+        ($clean:expr) => {
+            fail_connection(
+                &shared,
+                &stats,
+                &mut conn,
+                &mut inflight,
+                $clean,
+                &mut herd_round,
+            )
+        };
+    }
     'run: while !shared.should_stop() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match Conn::open(opts.target.addr, opts.timeout).await {
-                Some(c) => conn.insert(c),
+            None => match Conn::open(opts.target.addr, opts.timeout, shared.now_ns()).await {
+                Some(c) => {
+                    // The connect may have taken until after the end.
+                    if shared.should_stop() {
+                        break 'run;
+                    }
+                    conn.insert(c)
+                }
                 None => {
                     stats.borrow_mut().connect_errors += 1;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
+                    // With --requests a failed connect uses up a request, so
+                    // a server that refuses cannot keep the run going.
+                    if opts.requests.is_some() {
+                        if !shared.claim() {
+                            break 'run;
+                        }
+                        shared.failed(1);
+                    }
                     if opts.herd {
                         // One failure in the round that is open, counted
                         // once it opens (as a sender waits for it): racing
@@ -668,8 +758,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                 });
             }
         } else if let Some(s) = schedule.as_mut() {
+            let mut exhausted = false;
             while inflight.len() < opts.pipeline && s.peek() <= now {
                 if !shared.claim() {
+                    exhausted = true;
                     break;
                 }
                 let (intended, late) = s.take(now);
@@ -685,7 +777,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     round: None,
                 });
             }
-            if inflight.len() < opts.pipeline {
+            // With every request handed out there is nothing to wait for
+            // but the answers in flight (or the end).
+            if inflight.len() < opts.pipeline && !exhausted {
                 wait_until = Some(s.peek());
             }
         } else {
@@ -701,8 +795,16 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             }
         }
         if !out.is_empty() {
-            if !c.write_all(&out).await {
-                fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+            // A keep-alive connection idle for a while may have been closed
+            // by the server meanwhile (its idle timeout): that is no error
+            // of the request about to go, so the connection is reopened.
+            let open = !c.closed_while_idle(now)
+                || Conn::open(opts.target.addr, opts.timeout, shared.now_ns())
+                    .await
+                    .map(|fresh| *c = fresh)
+                    .is_some();
+            if !open || !c.write_all(&out).await {
+                fail!(false);
                 continue;
             }
             // The answer needs a round trip: let the other connections run
@@ -742,7 +844,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                             }
                             completed_any = true;
                             if done.close {
-                                fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
+                                fail!(true);
                                 continue 'run;
                             }
                         } else {
@@ -750,7 +852,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                         }
                     }
                     Err(_) => {
-                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                        fail!(false);
                         continue 'run;
                     }
                 }
@@ -770,10 +872,12 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                                 herd_round = r + 1;
                             }
                         }
-                        inflight.pop_front();
+                        if inflight.pop_front().is_some() {
+                            shared.failed(1);
+                        }
                         // The timeout is counted; requests behind it on the
                         // connection are the read errors, not the timeout.
-                        fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
+                        fail!(true);
                     }
                     continue 'run;
                 }
@@ -782,14 +886,14 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                         if let Some(next) = complete(&shared, &stats, inflight.pop_front(), done) {
                             herd_round = next;
                         }
-                        fail_connection(&shared, &stats, &mut conn, &mut inflight, true);
+                        fail!(true);
                     } else {
-                        fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                        fail!(false);
                     }
                     continue 'run;
                 }
                 Io::Err => {
-                    fail_connection(&shared, &stats, &mut conn, &mut inflight, false);
+                    fail!(false);
                     continue 'run;
                 }
             }
@@ -806,22 +910,28 @@ fn complete(
     done: crate::client::Completed,
 ) -> Option<u64> {
     let f = f?;
-    let lat = corrected_latency_us(f.from_ns, shared.now_ns());
+    let now = shared.now_ns();
+    let lat = corrected_latency_us(f.from_ns, now);
     stats.borrow_mut().record(done.status, lat, done.body_bytes);
     shared.completed.fetch_add(1, Ordering::Relaxed);
+    shared.finished.fetch_add(1, Ordering::Relaxed);
+    shared.last_response_ns.fetch_max(now, Ordering::Relaxed);
     let round = f.round?;
     herd_done(shared, round, Some(lat));
     Some(round + 1)
 }
 
 /// Drops the connection. Requests still in flight on it are lost: each is a
-/// read error (unless `clean` and none are left).
+/// read error (unless `clean` and none are left), ends (for `--requests`),
+/// and fails its herd round, after which the connection moves on to the
+/// next round (it must not ask again in the one it failed).
 fn fail_connection(
     shared: &Shared,
     stats: &Rc<RefCell<Stats>>,
     conn: &mut Option<Conn>,
     inflight: &mut VecDeque<InFlight>,
     clean: bool,
+    herd_round: &mut u64,
 ) {
     *conn = None;
     let lost = inflight.len() as u64;
@@ -830,13 +940,11 @@ fn fail_connection(
         stats.borrow_mut().read_errors += n;
         shared.errors.fetch_add(n, Ordering::Relaxed);
     }
+    shared.failed(lost);
     for f in inflight.drain(..) {
         if let Some(r) = f.round {
             herd_done(shared, r, None);
-        }
-        // Give the request slot back so `--requests` still completes.
-        if shared.opts.requests.is_some() {
-            shared.issued.fetch_sub(1, Ordering::Relaxed);
+            *herd_round = (*herd_round).max(r + 1);
         }
     }
 }

@@ -94,7 +94,8 @@ pub struct Schedule {
 impl Schedule {
     /// `rate_per_s` for this connection; `offset_ns` staggers connections.
     pub fn new(rate_per_s: f64, offset_ns: u64) -> Schedule {
-        let interval_ns = (1e9 / rate_per_s.max(1e-3)).max(1.0) as u64;
+        // Any positive rate, however small (an interval of years saturates).
+        let interval_ns = (1e9 / rate_per_s.max(1e-9)).max(1.0) as u64;
         Schedule {
             interval_ns,
             next_ns: offset_ns % interval_ns.max(1),
@@ -167,6 +168,22 @@ pub struct Report {
 
 /// Percentiles printed in the summary.
 pub const PERCENTILES: [f64; 6] = [50.0, 75.0, 90.0, 99.0, 99.9, 99.99];
+
+/// `s` as the inside of a JSON string.
+fn json_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o
+}
 
 fn fmt_us(us: f64) -> String {
     if us >= 1_000_000.0 {
@@ -257,7 +274,7 @@ impl Report {
         let _ = write!(
             o,
             "\"url\": \"{}\", \"mode\": \"{}\", \"connections\": {}, \"threads\": {}, ",
-            self.url.replace('"', "%22"),
+            json_escape(&self.url),
             self.mode,
             self.connections,
             self.threads

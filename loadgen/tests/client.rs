@@ -9,7 +9,8 @@ use std::time::Duration;
 
 /// A server answering each request by path: `/len`, `/chunked`, `/close`
 /// (close-delimited), `/every3` (Connection: close on every third response
-/// of a connection), `/slow` (never answers). Counts connections.
+/// of a connection), `/idle` (closes a connection idle for 300 ms), `/slow`
+/// (never answers). Counts connections.
 fn server() -> (String, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
@@ -48,6 +49,12 @@ fn server() -> (String, Arc<AtomicUsize>) {
                                 let _ = w.write_all(b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
                                 return;
                             }
+                            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+                        }
+                        "/idle" => {
+                            // Answers, then closes the connection once it
+                            // has been idle for 300 ms (a keep-alive timeout).
+                            let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(300)));
                             w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
                         }
                         "/slow" => {
@@ -152,6 +159,61 @@ fn open_loop_keeps_its_rate() {
     });
     let n = r.stats.requests();
     assert!((450..=510).contains(&n), "{n} requests at 500/s for 1s");
+}
+
+#[test]
+fn open_loop_with_a_request_count_ends() {
+    // Once every request is handed out a connection has nothing to send:
+    // it waits for its answers instead of spinning on a send time past.
+    let (base, _) = server();
+    let r = run(&format!("{base}/len"), |o| {
+        o.rate = Some(400.0);
+        o.requests = Some(60);
+    });
+    assert_eq!(r.stats.requests(), 60);
+    assert_eq!(r.stats.errors(), 0);
+    // The rate is over the time until the last response: about 400/s.
+    let rps = r.rps();
+    assert!(rps > 200.0 && rps < 600.0, "{rps}");
+}
+
+#[test]
+fn a_request_count_ends_when_every_request_has_failed() {
+    // A refusing server: each failed connect uses up a request.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let r = run(&format!("http://{dead}/"), |o| {
+        o.requests = Some(20);
+        o.connections = 2;
+    });
+    assert_eq!(r.stats.connect_errors, 20, "{:?}", r.stats);
+    assert_eq!(r.stats.requests(), 0);
+    // A server that never answers: each timeout ends one request.
+    let (base, _) = server();
+    let r = run(&format!("{base}/slow"), |o| {
+        o.requests = Some(4);
+        o.connections = 2;
+        o.timeout = Duration::from_millis(200);
+    });
+    assert_eq!(r.stats.timeouts, 4, "{:?}", r.stats);
+    assert_eq!(r.stats.errors(), 4, "{:?}", r.stats);
+}
+
+#[test]
+fn a_connection_the_server_closed_while_idle_is_reopened() {
+    // Two connections at one request per 1.33 s each: every request finds
+    // its connection closed by the server 300 ms after the last answer.
+    let (base, conns) = server();
+    let r = run(&format!("{base}/idle"), |o| {
+        o.rate = Some(1.5);
+        o.connections = 2;
+        o.requests = Some(6);
+    });
+    assert_eq!(r.stats.requests(), 6, "{:?}", r.stats);
+    assert_eq!(r.stats.errors(), 0, "{:?}", r.stats);
+    assert!(conns.load(Ordering::SeqCst) >= 5);
 }
 
 #[test]
