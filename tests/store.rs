@@ -149,6 +149,8 @@ fn whole_files_ranges_and_validators() {
 #[test]
 fn unsafe_paths_and_methods_are_refused() {
     let dir = tree("unsafe");
+    let _ = std::os::unix::fs::symlink(dir.join("loop"), dir.join("loop"));
+    let long_name = format!("/{}", "n".repeat(300));
     let p = store_proxy(&dir, &[]);
     for (path, want) in [
         ("/../etc/passwd", 403),
@@ -159,6 +161,10 @@ fn unsafe_paths_and_methods_are_refused() {
         ("/sub", 403),
         ("/", 403),
         ("/missing", 404),
+        // A path through a file, a name too long, a symlink loop.
+        ("/one/x", 404),
+        (long_name.as_str(), 404),
+        ("/loop", 403),
         ("/a%00b", 400),
         ("/bad%zz", 400),
     ] {

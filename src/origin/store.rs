@@ -162,9 +162,7 @@ impl StoreShard {
         let full = self.cfg.root.join(rel);
         let meta = match std::fs::metadata(&full) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::NotFound,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Lookup::Forbidden,
-            Err(e) => return Lookup::Failed(e.to_string()),
+            Err(e) => return lookup_error(e),
         };
         let now = self.clock.get() + 1;
         self.clock.set(now);
@@ -181,7 +179,7 @@ impl StoreShard {
         let real = match std::fs::canonicalize(&full) {
             Ok(r) if r.starts_with(&self.cfg.root) => r,
             Ok(_) => return Lookup::Forbidden,
-            Err(e) => return Lookup::Failed(e.to_string()),
+            Err(e) => return lookup_error(e),
         };
         let handle = if meta.len() == 0 {
             // Never opened: glommio's first open on a device probes with a
@@ -416,5 +414,19 @@ pub async fn reader(store: Rc<StoreShard>, queue: glommio::TaskQueueHandle) {
                 store.wake(done);
             }
         }
+    }
+}
+
+/// What a failed `stat` of a requested path means for the client: a path
+/// through a file (`ENOTDIR`) or with a name too long names nothing (404),
+/// a symlink loop or a denied directory is forbidden (403); anything else
+/// is the server's failure (500).
+fn lookup_error(e: std::io::Error) -> Lookup {
+    use std::io::ErrorKind;
+    match (e.kind(), e.raw_os_error()) {
+        (ErrorKind::NotFound, _) => Lookup::NotFound,
+        (_, Some(libc::ENOTDIR | libc::ENAMETOOLONG)) => Lookup::NotFound,
+        (ErrorKind::PermissionDenied, _) | (_, Some(libc::ELOOP)) => Lookup::Forbidden,
+        _ => Lookup::Failed(e.to_string()),
     }
 }

@@ -11,6 +11,10 @@ use crate::origin::store::Lookup;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+
+/// What a connection's output buffer keeps after a store response (a
+/// window of blocks may have grown it to `max_merge`).
+const OUT_KEEP: usize = 64 * 1024;
 use std::time::Instant;
 
 /// Why a request path cannot name a file.
@@ -193,34 +197,49 @@ impl ClientConn {
         let bs = store.cfg.block_size;
         let window = (store.cfg.max_merge / bs).max(1);
         let mut pos = range.start;
+        let mut first_window = true;
         while pos < range.end {
             let first = pos / bs;
             let last = ((range.end - 1) / bs).min(first + window - 1);
-            let blocks = match store.blocks(&file, first, last).await {
-                Ok(b) => b,
-                Err(m) => {
-                    let msg = format!("store {}: {m}", store.cfg.name);
-                    return self.cut_short(&msg, timeout).await;
+            let failure = match store.blocks(&file, first, last).await {
+                Ok(blocks) => {
+                    let mut short = false;
+                    for (j, block) in blocks.iter().enumerate() {
+                        let start = (first + j as u64) * bs;
+                        // Every block is whole up to the size the file had:
+                        // a shorter one means it shrank under us, and its
+                        // bytes must not close up over the gap.
+                        if (block.len() as u64) < bs.min(size.saturating_sub(start)) {
+                            short = true;
+                            break;
+                        }
+                        let lo = pos.saturating_sub(start).min(block.len() as u64) as usize;
+                        let hi = (range.end - start).min(block.len() as u64) as usize;
+                        if lo < hi {
+                            self.out.extend_from_slice(&block[lo..hi]);
+                        }
+                        pos = pos.max(start + hi as u64);
+                    }
+                    short.then(|| format!("{} is shorter than it was", file.path.display()))
                 }
+                Err(m) => Some(m),
             };
-            for (j, block) in blocks.iter().enumerate() {
-                let start = (first + j as u64) * bs;
-                let lo = pos.saturating_sub(start).min(block.len() as u64) as usize;
-                let hi = (range.end - start).min(block.len() as u64) as usize;
-                if lo < hi {
-                    self.out.extend_from_slice(&block[lo..hi]);
+            if let Some(m) = failure {
+                let msg = format!("store {}: {m}", store.cfg.name);
+                if first_window {
+                    // Nothing sent yet: an error status, not a cut message.
+                    self.log(&msg);
+                    self.send_error(500, "cannot read the file", close).await;
+                    return if close {
+                        Outcome::Close
+                    } else {
+                        Outcome::KeepAlive
+                    };
                 }
-                pos = pos.max(start + hi as u64);
-            }
-            if pos < ((last + 1) * bs).min(range.end) {
-                // The file shrank under us: its blocks end early.
-                let msg = format!(
-                    "store {}: {} is shorter than it was",
-                    store.cfg.name,
-                    file.path.display()
-                );
+                self.out.clear();
                 return self.cut_short(&msg, timeout).await;
             }
+            first_window = false;
             let r = self
                 .sock
                 .write_all(&self.out, Instant::now() + timeout)
@@ -230,6 +249,9 @@ impl ClientConn {
                 return Outcome::Close;
             }
         }
+        // A window may have grown the buffer to `max_merge`: an idle
+        // keep-alive connection does not keep that.
+        self.out.shrink_to(OUT_KEEP);
         self.keep_or_close()
     }
 
