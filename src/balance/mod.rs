@@ -250,6 +250,9 @@ pub struct PeakEwma {
     value: f64,
     stamp: u64,
     decay: f64,
+    /// Whether any answer came yet (an estimate decayed to nothing after
+    /// a quiet spell is not "unknown").
+    observed: bool,
 }
 
 impl PeakEwma {
@@ -258,6 +261,7 @@ impl PeakEwma {
             value: 0.0,
             stamp: 0,
             decay: decay_ns.max(1) as f64,
+            observed: false,
         }
     }
 
@@ -275,6 +279,7 @@ impl PeakEwma {
             self.value * w + rtt * (1.0 - w)
         };
         self.stamp = now;
+        self.observed = true;
     }
 
     /// The estimate now.
@@ -282,15 +287,16 @@ impl PeakEwma {
         self.decayed(now)
     }
 
-    /// The balancing cost with `pending` requests outstanding: predicted
-    /// latency × (pending + 1). A backend with no estimate yet but requests
-    /// outstanding is avoided (its first answer has not come back).
-    pub fn cost(&self, now: u64, pending: u64) -> f64 {
-        let est = self.decayed(now);
-        if est < 1.0 && pending > 0 {
-            return 1e18 + pending as f64;
+    /// The balancing cost with `inflight` requests outstanding from this
+    /// process and a load of `reported` by the backend itself: predicted
+    /// latency × (load + 1). A backend never heard from but with requests
+    /// of ours outstanding is avoided (its first answer has not come back),
+    /// the more the more are outstanding.
+    pub fn cost(&self, now: u64, inflight: u64, reported: u64) -> f64 {
+        if !self.observed && inflight > 0 {
+            return 1e15 * (inflight + 1) as f64;
         }
-        est * (pending + 1) as f64
+        self.decayed(now) * (inflight.max(reported) + 1) as f64
     }
 }
 
@@ -383,9 +389,17 @@ mod tests {
         assert!(v < 10_000_000.0 && v > 1_000_000.0);
         assert!(e.estimate(10_000_000_000) < 1000.0, "idle estimates decay");
         assert!(
-            PeakEwma::new(1).cost(0, 1) > 1e17,
+            PeakEwma::new(1).cost(0, 1, 0) > 1e14,
             "unknown but busy is avoided"
         );
+        assert!(PeakEwma::new(1).cost(0, 2, 0) > PeakEwma::new(1).cost(0, 1, 0));
+        // A backend heard from long ago, reporting a load of its own, is not
+        // mistaken for an unknown one: its estimate has decayed to nothing
+        // and so has its cost.
+        let mut quiet = PeakEwma::new(10_000_000_000);
+        quiet.observe(1_000_000, 1);
+        assert!(quiet.cost(1_000_000_000_000, 0, 1) < 1.0);
+        assert!(quiet.cost(1_000_000_000_000, 1, 1) < 1.0);
     }
 
     #[test]

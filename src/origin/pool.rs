@@ -354,7 +354,7 @@ impl UpstreamPool {
                             .reported_load
                             .load(Ordering::Relaxed),
                     );
-                    ewma[i].cost(now, inflight(i).max(reported))
+                    ewma[i].cost(now, inflight(i), reported)
                 })
             }
             (Balance::Hash | Balance::Sticky, Some(key), Some(ring)) => {
