@@ -165,7 +165,9 @@ fn status_is_json_with_the_documented_fields() {
     assert!(!html.contains("<script"));
     assert!(html.contains(&b));
     assert_eq!(admin(a, "GET", "/nope").status, 404);
-    assert_eq!(admin(a, "DELETE", "/status").status, 405);
+    let r = admin(a, "DELETE", "/status");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
 }
 
 #[test]
@@ -205,7 +207,24 @@ fn purge_drops_every_variant_of_a_path() {
         assert!(!r.header("cache-status").unwrap().contains("hit"));
     }
     assert_eq!(admin(a, "POST", "/purge").status, 400);
-    assert_eq!(admin(a, "GET", "/purge?path=/x").status, 405);
+    let r = admin(a, "GET", "/purge?path=/x");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+    assert_eq!(r.header("via"), Some("1.1 corral"));
+    // A `+` in the path is a plus, as in the stored target (query-form
+    // decoding would look for a space and purge nothing).
+    let plus = "/cache/max-age=60/0/c++x";
+    assert!(get(p.addr, plus)
+        .header("cache-status")
+        .unwrap()
+        .contains("stored"));
+    let r = admin(
+        a,
+        "POST",
+        &format!("/purge?path={}", plus.replace('=', "%3D")),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["purged"], 1, "{}", r.text());
 }
 
 #[test]

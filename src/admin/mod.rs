@@ -134,7 +134,15 @@ pub async fn serve(
                     hub,
                     head_request: false,
                 };
-                conn.run().await;
+                // A panic must not take shard 0 (and its traffic) down.
+                use futures_lite::FutureExt;
+                if std::panic::AssertUnwindSafe(conn.run())
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    eprintln!("corral: an admin connection task panicked; the shard goes on");
+                }
             },
             glommio::executor().current_task_queue(),
         );
@@ -222,7 +230,12 @@ impl AdminConn {
                         .await
                 }
                 (_, "/metrics" | "/status" | "/" | "/histogram" | "/purge") => {
-                    self.respond(405, "text/plain", b"method not allowed\n", close)
+                    let allow = if path == "/purge" {
+                        "Allow: POST\r\n"
+                    } else {
+                        "Allow: GET, HEAD\r\n"
+                    };
+                    self.respond_with(405, "text/plain", b"method not allowed\n", close, allow)
                         .await
                 }
                 _ => self.respond(404, "text/plain", b"not found\n", close).await,
@@ -240,23 +253,24 @@ impl AdminConn {
         let Some(path) = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("path="))
-            .map(percent_decode)
+            .map(|v| crate::http::percent_decode(v.as_bytes()).0)
         else {
             return (400, "{\"error\":\"give ?path=/some/path\"}\n".into());
         };
-        if !path.starts_with('/') {
+        if !path.starts_with(b"/") {
             return (400, "{\"error\":\"the path must start with /\"}\n".into());
         }
         let Some(parts) = &self.hub.parts else {
             return (404, "{\"error\":\"caching is off\"}\n".into());
         };
-        let n = parts.purge_path(path.as_bytes());
+        let n = parts.purge_path(&path);
+        let path = String::from_utf8_lossy(&path);
         eprintln!("corral: purged {n} stored response(s) for {path}");
         (
             200,
             format!(
                 "{{\"purged\":{n},\"path\":{}}}\n",
-                serde_json::Value::from(path)
+                serde_json::Value::from(path.as_ref())
             ),
         )
     }
@@ -268,8 +282,20 @@ impl AdminConn {
         body: &[u8],
         close: bool,
     ) -> Result<(), NetError> {
+        self.respond_with(code, content_type, body, close, "").await
+    }
+
+    /// [`Self::respond`] with `extra` header lines.
+    async fn respond_with(
+        &mut self,
+        code: u16,
+        content_type: &str,
+        body: &[u8],
+        close: bool,
+        extra: &str,
+    ) -> Result<(), NetError> {
         let mut out = format!(
-            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{}\r\n",
+            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nVia: 1.1 corral\r\n{extra}{}\r\n",
             crate::http::reason_phrase(code),
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
@@ -283,15 +309,6 @@ impl AdminConn {
             .write_all(&out, Instant::now() + ADMIN_TIMEOUT)
             .await
     }
-}
-
-/// A query value: `+` as space, `%XX` decoded, invalid escapes kept.
-fn percent_decode(s: &str) -> String {
-    let spaced: Vec<u8> = s
-        .bytes()
-        .map(|c| if c == b'+' { b' ' } else { c })
-        .collect();
-    String::from_utf8_lossy(&crate::http::percent_decode(&spaced).0).into_owned()
 }
 
 /// The periodic one-line summary (`--stats-interval`), on shard 0.
@@ -356,15 +373,4 @@ pub fn summary_line(before: &Merged, now: &Merged, secs: f64, v: &View) -> Strin
         if h.is_empty() { "-".to_string() } else { format!("{:.2}ms", h.max() as f64 / 1000.0) },
         b.connections,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_query_values() {
-        assert_eq!(percent_decode("/a%20b/%2Fc+d"), "/a b//c d");
-        assert_eq!(percent_decode("/bad%zz%"), "/bad%zz%");
-    }
 }
