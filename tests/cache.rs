@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use std::io::{BufReader, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -351,6 +352,46 @@ fn a_slow_fill_counts_its_response_delay_in_age() {
 }
 
 #[test]
+fn followers_of_an_uncacheable_fill_whose_first_reader_left_go_alone() {
+    // A background refresh (stale-while-revalidate) has no reader of its
+    // own. A request that will not take the stale copy (max-age=0) follows
+    // it; the refresh comes back uncacheable (Set-Cookie), so the follower
+    // is sent to the origin on its own and gets its 200, not an error.
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let origin = scripted_origin(move |_, s| {
+        let i = seen.fetch_add(1, Ordering::SeqCst) + 1;
+        let extra = if i == 2 {
+            std::thread::sleep(Duration::from_millis(500));
+            "Set-Cookie: s=1\r\n"
+        } else {
+            ""
+        };
+        let body = format!("v{i}");
+        s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-while-revalidate=60\r\nETag: \"e{i}\"\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    assert_eq!(get(p.addr, "/swr").text(), "v1");
+    std::thread::sleep(Duration::from_millis(2100));
+    // Stale: served at once, and the refresh (request 2) starts.
+    let r = get(p.addr, "/swr");
+    assert_eq!(r.text(), "v1");
+    assert!(r.header("Cache-Status").unwrap().contains("fwd=stale"));
+    std::thread::sleep(Duration::from_millis(100));
+    let r = get_with(&p, "/swr", "GET", "Cache-Control: max-age=0\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "v3");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+#[test]
 fn stale_if_error_answers_for_a_failing_origin() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");
@@ -663,4 +704,22 @@ fn a_purge_during_a_fetch_keeps_its_result_out_of_the_cache() {
     let after = get(p.addr, path);
     assert_eq!(after.text(), "purged-in-flight #2 ");
     assert_eq!(origin.requests_for(path), 2);
+}
+
+#[test]
+fn a_purge_of_another_key_during_a_fetch_does_not_keep_it_out() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/500/kept";
+    let addr = p.addr;
+    let first = std::thread::spawn(move || get(addr, path));
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        get_with(&p, "/cache/max-age=60/0/other", "PURGE", "").status,
+        404
+    );
+    assert_eq!(first.join().unwrap().text(), "kept #1 ");
+    let after = get(p.addr, path);
+    assert!(after.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(origin.requests_for(path), 1);
 }

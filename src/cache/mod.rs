@@ -71,9 +71,45 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
 /// shard's hot set misses (and uncontended when the shard owns the key).
 pub struct Partitions {
     parts: Vec<std::sync::Mutex<store::Store<object::Object>>>,
-    /// Bumped on every purge: hot-set entries from before are not used.
+    /// Bumped whenever a purge or a removal dropped something: hot-set
+    /// entries from before are not used.
     purges: std::sync::atomic::AtomicU64,
+    /// The recent purges, for fills that were under way meanwhile.
+    purge_log: std::sync::Mutex<PurgeLog>,
 }
+
+/// Purges numbered in order, the last [`PURGE_LOG`] of them with what they
+/// dropped.
+#[derive(Default)]
+struct PurgeLog {
+    /// How many purges the process has seen.
+    count: u64,
+    recent: std::collections::VecDeque<Purged>,
+}
+
+/// What one purge dropped.
+enum Purged {
+    /// Every stored response with this path (`POST /purge?path=`).
+    Path(Vec<u8>),
+    /// One key (the `PURGE` method).
+    Key(u64),
+}
+
+impl PurgeLog {
+    /// Logs a purge; call with the lock held across the removal.
+    fn push(&mut self, what: Purged) {
+        self.count += 1;
+        if self.recent.len() == PURGE_LOG {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(what);
+    }
+}
+
+/// Purges remembered for fills under way: a fill that saw more purges go
+/// by than this does not store what it fetched (it cannot tell whether one
+/// of the forgotten ones was meant for it).
+const PURGE_LOG: usize = 1024;
 
 impl Partitions {
     pub fn new(budget_bytes: u64, shards: usize) -> Partitions {
@@ -83,6 +119,7 @@ impl Partitions {
                 .map(|_| std::sync::Mutex::new(store::Store::new(budget_bytes / shards as u64)))
                 .collect(),
             purges: Default::default(),
+            purge_log: Default::default(),
         }
     }
 
@@ -100,6 +137,10 @@ impl Partitions {
     /// host, any query, any variant), or whose whole target is `path`;
     /// how many. Hot sets drop theirs through the purge generation.
     pub fn purge_path(&self, path: &[u8]) -> usize {
+        // Logged first and held: a fill stores (or not) either wholly before
+        // this purge or after it has seen it.
+        let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.push(Purged::Path(path.to_vec()));
         let mut n = 0;
         for p in &self.parts {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,9 +151,53 @@ impl Partitions {
                 !hit
             });
         }
-        self.purges
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if n > 0 {
+            self.purges
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         n
+    }
+
+    /// Stores `obj` unless a purge since purge number `since` matched its
+    /// target (or the log has forgotten whether one did). When stored, the
+    /// hot-set generation from before it was: a copy in a hot set under
+    /// that generation is dropped by any purge that removes it.
+    fn insert_unless_purged(
+        &self,
+        since: u64,
+        key: u64,
+        obj: object::Object,
+        cost: u64,
+    ) -> Option<u64> {
+        let log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
+        let missed = log.count.saturating_sub(since);
+        if missed > log.recent.len() as u64 {
+            return None;
+        }
+        let t = &obj.meta.target;
+        let skip = log.recent.len() - missed as usize;
+        if log.recent.iter().skip(skip).any(|p| match p {
+            Purged::Path(p) => t.as_slice() == p.as_slice() || purge_form(t) == p.as_slice(),
+            Purged::Key(k) => *k == key,
+        }) {
+            return None;
+        }
+        let generation = self.purges.load(std::sync::atomic::Ordering::Acquire);
+        self.part(key).insert(key, obj, cost).then_some(generation)
+    }
+
+    /// Drops `key` for a purge: logged, so a fetch of it under way is not
+    /// stored either. Whether it was stored.
+    fn purge_key(&self, key: u64) -> bool {
+        let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.push(Purged::Key(key));
+        let removed = self.part(key).remove(key).is_some();
+        if removed {
+            self.purges
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        drop(log);
+        removed
     }
 
     /// Objects and bytes stored, over every partition.
@@ -146,9 +231,14 @@ pub struct ShardCache {
 
 impl ShardCache {
     /// How many purges the process has seen: a fill that started before a
-    /// purge does not store what it fetched (it may be what was purged).
+    /// purge of its path does not store what it fetched (it may be what was
+    /// purged).
     pub fn purge_generation(&self) -> u64 {
-        self.parts.purges.load(std::sync::atomic::Ordering::Acquire)
+        self.parts
+            .purge_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count
     }
 
     pub fn new(id: usize, parts: std::sync::Arc<Partitions>, budget_bytes: u64) -> ShardCache {
@@ -212,7 +302,24 @@ impl ShardCache {
     /// was fetched may be what the purge meant to drop. Whether it was
     /// stored.
     pub fn insert_fetched(&self, since: u64, key: u64, obj: object::Object) -> bool {
-        self.purge_generation() == since && self.insert(key, obj)
+        let cost = obj.cost();
+        let Some(generation) = self
+            .parts
+            .insert_unless_purged(since, key, obj.clone(), cost)
+        else {
+            return false;
+        };
+        if self.parts.owner(key) != self.id {
+            self.hot.borrow_mut().insert(key, (obj, generation), cost);
+        }
+        true
+    }
+
+    /// Purges `key` process-wide (a fetch of it under way is not stored);
+    /// whether it was stored.
+    pub fn purge(&self, key: u64) -> bool {
+        self.hot.borrow_mut().remove(key);
+        self.parts.purge_key(key)
     }
 
     /// Drops `key` process-wide; whether it was stored.
@@ -222,9 +329,11 @@ impl ShardCache {
         // After the removal: a shard that sees the new generation must not
         // find the object still in its partition and copy it back into its
         // hot set.
-        self.parts
-            .purges
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if removed {
+            self.parts
+                .purges
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         removed
     }
 }

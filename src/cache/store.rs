@@ -108,9 +108,28 @@ impl<V> Store<V> {
     /// budget is not stored (returns false).
     pub fn insert(&mut self, key: u64, value: V, size: u64) -> bool {
         if size > self.budget {
+            // The earlier version is outdated all the same.
+            self.remove(key);
             return false;
         }
-        self.remove(key);
+        if let Some(&slot) = self.map.get(&key) {
+            // Replaced in place: same queue position and hits, no second
+            // queue entry (a key replaced over and over, as a hot set's
+            // copy of a refreshed object is, must not grow the queues).
+            let e = &mut self.slab[slot];
+            let old = std::mem::replace(&mut e.size, size);
+            e.value = value;
+            self.used = self.used - old + size;
+            if e.queue == Queue::Small {
+                self.small_bytes = self.small_bytes - old + size;
+            }
+            while self.used > self.budget {
+                if !self.evict_one() {
+                    break;
+                }
+            }
+            return true;
+        }
         let queue = if self.ghost.remove(&key) {
             Queue::Main
         } else {
@@ -151,7 +170,24 @@ impl<V> Store<V> {
         if e.queue == Queue::Small {
             self.small_bytes -= e.size;
         }
+        self.compact();
         Some(e.value)
+    }
+
+    /// Drops the queue entries of removed objects once they outnumber the
+    /// live ones (eviction skips them, but removals under budget would
+    /// otherwise pile them up): amortized O(1) per removal.
+    fn compact(&mut self) {
+        if self.small.len() + self.main.len() <= 2 * self.map.len() + 1024 {
+            return;
+        }
+        let slab = &self.slab;
+        let live = |slot: usize, generation: u64, q: Queue| {
+            slab.get(slot)
+                .is_some_and(|e| e.generation == generation && e.queue == q)
+        };
+        self.small.retain(|&(s, g)| live(s, g, Queue::Small));
+        self.main.retain(|&(s, g)| live(s, g, Queue::Main));
     }
 
     /// Removes every entry for which `f` is true.
@@ -296,6 +332,29 @@ mod tests {
         }
         assert!(!s.insert(9999, 0, 1001));
         assert!(s.evictions > 0);
+    }
+
+    #[test]
+    fn replacing_or_removing_under_budget_does_not_grow_the_queues() {
+        let mut s: Store<u64> = Store::new(1 << 30);
+        for i in 0..100_000u64 {
+            s.insert(i % 10, i, 10 + i % 3);
+        }
+        assert_eq!(s.len(), 10);
+        assert!(s.small.len() + s.main.len() <= 10, "{}", s.small.len());
+        assert_eq!(s.peek(7), Some(&99_997));
+        for i in 0..100_000u64 {
+            s.insert(1000 + i, i, 10);
+            s.remove(1000 + i);
+        }
+        assert!(s.small.len() + s.main.len() <= 2 * s.len() + 1024 + 1);
+        assert_eq!(
+            s.bytes(),
+            (0..10).map(|k| 10 + (99_990 + k) % 3).sum::<u64>()
+        );
+        // A replacement too big for the store drops the outdated version.
+        assert!(!s.insert(3, 0, 1 << 31));
+        assert_eq!(s.peek(3), None);
     }
 
     #[test]

@@ -431,7 +431,13 @@ impl ClientConn {
             .stream_response(&mut up, minor, client_close, body_timeout)
             .await
         {
-            Err(()) => Outcome::Close,
+            Err(StreamFail::Backend) => {
+                // A response head is no success if the body never comes:
+                // a backend failing mid-body counts towards its ejection.
+                pool.failed(backend, FailKind::Reset);
+                Outcome::Close
+            }
+            Err(StreamFail::Client) => Outcome::Close,
             Ok((reusable, close)) => {
                 if reusable {
                     pool.checkin(backend, up, Instant::now());
@@ -510,7 +516,7 @@ impl ClientConn {
             None => (404, "caching is off"),
             Some(c) => {
                 c.collapse.forget_uncacheable(key);
-                if c.remove(key) {
+                if c.purge(key) {
                     (200, "purged")
                 } else {
                     (404, "not in cache")
@@ -719,15 +725,15 @@ impl ClientConn {
     /// Writes the response head and streams the body to the client.
     /// `Ok((reusable, close))`: the client got the whole response; the
     /// upstream connection may go back to the pool if `reusable`; the client
-    /// connection ends if `close`. `Err(())`: the client connection must
-    /// close now (a truncated body, or the client went away).
+    /// connection ends if `close`. `Err`: the client connection must close
+    /// now (a truncated body, or the client went away), and whose fault.
     async fn stream_response(
         &mut self,
         up: &mut Sock,
         minor: u8,
         client_close: bool,
         body_timeout: std::time::Duration,
-    ) -> Result<(bool, bool), ()> {
+    ) -> Result<(bool, bool), StreamFail> {
         let shard = self.shard.clone();
         let send_timeout = shard.cfg.limits.body_timeout;
         let up_body = self.rhead.body();
@@ -790,7 +796,7 @@ impl ClientConn {
                         "backend failed mid-body ({e}); closing the client connection"
                     ));
                     let _ = self.write_client(send_timeout).await;
-                    return Err(());
+                    return Err(StreamFail::Backend);
                 }
             }
         }
@@ -804,5 +810,18 @@ impl ClientConn {
             .await;
         self.out.clear();
         r.map_err(|_| ())
+    }
+}
+/// Why a response could not be streamed to its end.
+enum StreamFail {
+    /// The client went away (or would not read).
+    Client,
+    /// The backend failed or stalled mid-body.
+    Backend,
+}
+
+impl From<()> for StreamFail {
+    fn from(_: ()) -> Self {
+        StreamFail::Client
     }
 }

@@ -101,18 +101,22 @@ impl ClientConn {
                     Use::StaleOk => {
                         ShardCache::bump(&cache.hits);
                         self.class = Class::Hit;
-                        // One background refresh: lead a fill nobody reads.
-                        let (reader, lead) = cache.collapse.join(key);
-                        if lead {
-                            self.spawn_fill(
-                                pool_idx,
-                                key,
-                                reader.fill.clone(),
-                                facts,
-                                Some(obj.clone()),
-                            );
+                        // One background refresh: lead a fill nobody reads;
+                        // none while the last one's answer is remembered as
+                        // uncacheable (no back-to-back refreshes).
+                        if !cache.collapse.is_uncacheable(key, Instant::now()) {
+                            let (reader, lead) = cache.collapse.join(key);
+                            if lead {
+                                self.spawn_fill(
+                                    pool_idx,
+                                    key,
+                                    reader.fill.clone(),
+                                    facts,
+                                    Some(obj.clone()),
+                                );
+                            }
+                            drop(reader);
                         }
-                        drop(reader);
                         return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
                     }
                     Use::Revalidate => stale = Some(obj),
@@ -514,6 +518,22 @@ impl FillJob {
                 })
             }
         }
+        // Another shard's fetch may have stored the response between this
+        // shard's miss and its claim: then it answers, not a second fetch.
+        if self.stale.is_none() {
+            if let Some(o) = cache.lookup(self.key, unix_now()) {
+                let age = o.timing.current_age(unix_now());
+                if o.vary_values == vary_values(&self.request, &self.head, &o.meta.vary)
+                    && usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh
+                {
+                    self.start(with_age(&o.meta, age), true, o.timing, o.lifetime);
+                    self.push(Arc::from(&o.body[..]));
+                    self.finish();
+                    cache.collapse.remove(&self.fill);
+                    return;
+                }
+            }
+        }
         let result = self.fetch(cache).await;
         let origin_error = matches!(
             result,
@@ -522,6 +542,14 @@ impl FillJob {
         if origin_error && self.stale_usable() {
             // stale-if-error: the stored response answers for the origin.
             self.serve_stale();
+        } else if let Err(UpstreamFail::ClientGone) = result {
+            // The one reader of an uncacheable response left (or a
+            // background refresh turned out uncacheable): the origin
+            // answered, so the others go to it on their own, not to an error.
+            self.fill.go_alone();
+            if let Some(p) = &self.publish {
+                p.fill.fail(0);
+            }
         } else if let Err(f) = result {
             let msg = match &f {
                 UpstreamFail::Bad(m) | UpstreamFail::Timeout(m) => m.clone(),
@@ -858,7 +886,11 @@ impl FillJob {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return Err(UpstreamFail::Bad(e.to_string())),
+                Err(e) => {
+                    // Counts towards the backend's ejection, as before a head.
+                    pool.failed(backend, FailKind::Reset);
+                    return Err(UpstreamFail::Bad(e.to_string()));
+                }
             }
         }
         self.finish();
