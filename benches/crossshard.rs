@@ -24,6 +24,7 @@ fn object() -> Object {
         meta: Arc::new(meta),
         body: Arc::new(corral::cache::body::Body::new(vec![b'x'; 1024])),
         vary_values: Vec::new(),
+        variant_of: None,
     }
 }
 

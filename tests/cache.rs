@@ -225,6 +225,68 @@ fn vary_keeps_variants_apart() {
         "v #2 fr",
         "a French request got the English variant"
     );
+    // Variants are kept side by side (secondary keys), on every shard: the
+    // English one was not pushed out by the French one.
+    let p2 = proxy(&origin, "2");
+    let path = "/cache/max-age=60/0/v2";
+    for (lang, nth) in [("en", 1), ("fr", 2), ("de", 3), ("", 4)] {
+        let al = if lang.is_empty() {
+            String::new()
+        } else {
+            format!("Accept-Language: {lang}\r\n")
+        };
+        for _ in 0..3 {
+            let r = get_with(&p2, path, "GET", &format!("{vary}{al}"));
+            assert_eq!(r.text(), format!("v2 #{nth} {lang}"));
+        }
+    }
+    assert_eq!(origin.requests_for(path), 4);
+    for lang in ["en", "fr", "de"] {
+        let r = get_with(
+            &p2,
+            path,
+            "GET",
+            &format!("{vary}Accept-Language: {lang}\r\n"),
+        );
+        assert!(r.header("Cache-Status").unwrap().contains("hit"), "{lang}");
+    }
+    // A purge of the URL drops every variant.
+    assert_eq!(get_with(&p2, path, "PURGE", "").status, 200);
+    let r = get_with(&p2, path, "GET", &format!("{vary}Accept-Language: de\r\n"));
+    assert_eq!(r.text(), "v2 #5 de");
+}
+
+#[test]
+fn variants_are_revalidated_each_in_its_own_place() {
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1/0/rv";
+    let ask = |lang: &str| {
+        get_with(
+            &p,
+            path,
+            "GET",
+            &format!("X-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\n"),
+        )
+    };
+    assert_eq!(ask("en").text(), "rv #1 en");
+    assert_eq!(ask("fr").text(), "rv #2 fr");
+    std::thread::sleep(Duration::from_millis(2100));
+    // Each stale variant is revalidated with its own validator (the origin
+    // answers 304) and stays where it was: neither replaces the other.
+    for (lang, tag) in [("fr", "\"e2\""), ("en", "\"e1\"")] {
+        let r = ask(lang);
+        assert_eq!(r.header("X-Revalidated"), Some("yes"), "{lang}");
+        assert_eq!(origin.last_seen().header("If-None-Match"), Some(tag));
+    }
+    let (en, fr) = (ask("en"), ask("fr"));
+    assert_eq!(
+        (en.text(), fr.text()),
+        ("rv #1 en".into(), "rv #2 fr".into())
+    );
+    assert!(fr.header("Cache-Status").unwrap().contains("hit"));
+    assert!(en.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(origin.requests_for(path), 4);
 }
 
 #[test]

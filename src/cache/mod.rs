@@ -31,17 +31,42 @@ fn purge_form(target: &[u8]) -> Vec<u8> {
 /// purpose (FNV, [`key_hash`], is easy to collide): a collision would serve
 /// one URL's stored response for the other.
 pub fn cache_key(host: &[u8], target: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
-        std::sync::OnceLock::new();
-    let mut h = KEYS
-        .get_or_init(std::collections::hash_map::RandomState::new)
-        .build_hasher();
+    use std::hash::Hasher;
+    let mut h = keyed_hasher();
     // The host's length first: no choice of bytes in host and target makes
     // two different pairs hash the same input.
     h.write_usize(host.len());
     h.write(host);
     h.write(target);
+    h.finish()
+}
+
+/// SipHash under keys drawn at random once per process.
+fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEYS.get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher()
+}
+
+/// The secondary key (RFC 9111 §4.1) of the variant of `primary` chosen by
+/// these request values of its `Vary` fields (a missing field apart from
+/// an empty one).
+pub fn variant_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = keyed_hasher();
+    h.write_u64(primary);
+    for v in values {
+        match v {
+            None => h.write_u8(0),
+            Some(b) => {
+                h.write_u8(1);
+                h.write_usize(b.len());
+                h.write(b);
+            }
+        }
+    }
     h.finish()
 }
 
@@ -178,7 +203,7 @@ impl Partitions {
         let skip = log.recent.len() - missed as usize;
         if log.recent.iter().skip(skip).any(|p| match p {
             Purged::Path(p) => t.as_slice() == p.as_slice() || purge_form(t) == p.as_slice(),
-            Purged::Key(k) => *k == key,
+            Purged::Key(k) => *k == key || obj.variant_of == Some(*k),
         }) {
             return None;
         }
@@ -191,7 +216,16 @@ impl Partitions {
     fn purge_key(&self, key: u64) -> bool {
         let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
         log.push(Purged::Key(key));
-        let removed = self.part(key).remove(key).is_some();
+        let mut removed = self.part(key).remove(key).is_some();
+        // Its variants stored under their secondary keys.
+        for p in &self.parts {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.retain(|_, o| {
+                let variant = o.variant_of == Some(key);
+                removed |= variant;
+                !variant
+            });
+        }
         if removed {
             self.purges
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -283,6 +317,54 @@ impl ShardCache {
             }
         }
         found
+    }
+
+    /// The stored response for a request, given how to read the request's
+    /// values of a stored response's `Vary` fields: the key's own when it
+    /// has no `Vary` or the values match, else the variant stored under
+    /// its secondary key, if any.
+    pub fn find(
+        &self,
+        key: u64,
+        now: i64,
+        values: impl Fn(&[Vec<u8>]) -> Vec<Option<Vec<u8>>>,
+    ) -> Option<object::Object> {
+        let o = self.lookup(key, now)?;
+        if o.meta.vary.is_empty() {
+            return Some(o);
+        }
+        let want = values(&o.meta.vary);
+        if o.vary_values == want {
+            return Some(o);
+        }
+        let v = self.lookup(variant_key(key, &want), now)?;
+        (v.variant_of == Some(key) && v.vary_values == values(&v.meta.vary)).then_some(v)
+    }
+
+    /// Where a fetched response for `key` is stored: under `key`, unless
+    /// that holds another variant of a response with `Vary`; then under
+    /// the secondary key of its own variant, marked as such (so variants
+    /// do not push each other out).
+    pub fn place(&self, key: u64, obj: &mut object::Object) -> u64 {
+        obj.variant_of = None;
+        if obj.meta.vary.is_empty() {
+            return key;
+        }
+        let other = self.parts.part(key).peek(key).is_some_and(|p| {
+            p.variant_of.is_none() && !p.meta.vary.is_empty() && p.vary_values != obj.vary_values
+        });
+        if other {
+            obj.variant_of = Some(key);
+            variant_key(key, &obj.vary_values)
+        } else {
+            key
+        }
+    }
+
+    /// The key `obj`, a response for `key`, is stored under.
+    pub fn slot_of(key: u64, obj: &object::Object) -> u64 {
+        obj.variant_of
+            .map_or(key, |primary| variant_key(primary, &obj.vary_values))
     }
 
     /// Stores `obj` in its owner's partition; false if it does not fit.

@@ -58,6 +58,9 @@ pub struct Object {
     /// The request's values of the `Vary` fields, in `meta.vary` order: a
     /// request matches this object only with the same values.
     pub vary_values: Vec<Option<Vec<u8>>>,
+    /// Stored under a secondary key (`super::variant_key`): the primary
+    /// key it is a variant of.
+    pub variant_of: Option<u64>,
 }
 
 /// A request's values for the named fields (several fields joined by ", ").

@@ -86,7 +86,7 @@ impl ClientConn {
         let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
         let key = cache_key(host, self.head.target(buf));
         let now = unix_now();
-        let found = cache.lookup(key, now);
+        let found = cache.find(key, now, |names| vary_values(buf, &self.head, names));
         let mut stale: Option<Object> = None;
         if let Some(obj) = found {
             if obj.vary_values == vary_values(buf, &self.head, &obj.meta.vary) {
@@ -521,7 +521,8 @@ impl FillJob {
         // Another shard's fetch may have stored the response between this
         // shard's miss and its claim: then it answers, not a second fetch.
         if self.stale.is_none() {
-            if let Some(o) = cache.lookup(self.key, unix_now()) {
+            let values = |names: &[Vec<u8>]| vary_values(&self.request, &self.head, names);
+            if let Some(o) = cache.find(self.key, unix_now(), values) {
                 let age = o.timing.current_age(unix_now());
                 if o.vary_values == vary_values(&self.request, &self.head, &o.meta.vary)
                     && usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh
@@ -692,6 +693,7 @@ impl FillJob {
             meta: Arc::new(meta),
             body: old.body.clone(),
             vary_values: old.vary_values.clone(),
+            variant_of: None,
         };
         // The 304's fields may make the response unstorable (Set-Cookie,
         // private, no-store): then it answers the request that revalidated
@@ -707,14 +709,16 @@ impl FillJob {
         self.push(Arc::from(&obj.body[..]));
         self.finish();
         if !shareable {
-            cache.remove(self.key);
+            cache.remove(ShardCache::slot_of(self.key, old));
             let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
             cache
                 .collapse
                 .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
-        if cache.insert_fetched(generation, self.key, obj) {
+        let mut obj = obj;
+        let slot = cache.place(self.key, &mut obj);
+        if cache.insert_fetched(generation, slot, obj) {
             ShardCache::bump(&cache.stored);
         }
         Ok(())
@@ -899,15 +903,17 @@ impl FillJob {
         }
         if cacheable {
             if let Some(body) = self.fill.body() {
-                let obj = Object {
+                let mut obj = Object {
                     meta,
                     body: Arc::new(body),
                     timing,
                     lifetime,
                     vary_values: vary,
+                    variant_of: None,
                 };
                 // Served either way; not stored if a purge came meanwhile.
-                if cache.insert_fetched(generation, self.key, obj) {
+                let slot = cache.place(self.key, &mut obj);
+                if cache.insert_fetched(generation, slot, obj) {
                     ShardCache::bump(&cache.stored);
                     cache.collapse.forget_uncacheable(self.key);
                 }
