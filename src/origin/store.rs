@@ -107,6 +107,9 @@ pub struct StoreShard {
     files: RefCell<HashMap<PathBuf, Rc<OpenFile>>>,
     by_id: RefCell<HashMap<FileId, Weak<OpenFile>>>,
     next_id: Cell<FileId>,
+    /// File ids have wrapped around: a reused id may still have blocks in
+    /// the block cache from the file that had it before.
+    ids_wrapped: Cell<bool>,
     clock: Cell<u64>,
     /// Blocks are pending and the reader should plan.
     pending: Cell<bool>,
@@ -132,6 +135,7 @@ impl StoreShard {
             files: RefCell::new(HashMap::new()),
             by_id: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
+            ids_wrapped: Cell::new(false),
             clock: Cell::new(0),
             pending: Cell::new(false),
             reader: RefCell::new(None),
@@ -198,8 +202,7 @@ impl StoreShard {
         if let Some(f) = self.open_as(rel, &meta, now) {
             return Lookup::Found(f);
         }
-        let id = self.next_id.get();
-        self.next_id.set(id.wrapping_add(1).max(1));
+        let id = self.new_id();
         let f = Rc::new(OpenFile {
             id,
             handle,
@@ -233,6 +236,27 @@ impl StoreShard {
     }
 
     /// The open file for `rel` if it is still the file `meta` describes.
+    /// A file id no open file has. Ids are 32 bits: after 4 billion opens
+    /// they wrap, skipping those still in use, and a reused id's blocks
+    /// from its earlier file are dropped from the block cache first.
+    fn new_id(&self) -> FileId {
+        let by_id = self.by_id.borrow();
+        let mut id = self.next_id.get();
+        while by_id.get(&id).is_some_and(|w| w.strong_count() > 0) {
+            id = id.wrapping_add(1).max(1);
+        }
+        drop(by_id);
+        let next = id.wrapping_add(1).max(1);
+        if next < id {
+            self.ids_wrapped.set(true);
+        }
+        self.next_id.set(next);
+        if self.ids_wrapped.get() {
+            self.planner.borrow_mut().forget_file(id);
+        }
+        id
+    }
+
     fn open_as(&self, rel: &Path, meta: &std::fs::Metadata, now: u64) -> Option<Rc<OpenFile>> {
         let files = self.files.borrow();
         let f = files.get(rel)?;
@@ -428,5 +452,46 @@ fn lookup_error(e: std::io::Error) -> Lookup {
         (_, Some(libc::ENOTDIR | libc::ENAMETOOLONG)) => Lookup::NotFound,
         (ErrorKind::PermissionDenied, _) | (_, Some(libc::ELOOP)) => Lookup::Forbidden,
         _ => Lookup::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_ids_wrap_around_live_ones() {
+        let cfg = StoreConfig {
+            name: "t".into(),
+            root: std::env::temp_dir(),
+            block_size: 4096,
+            max_merge: 1 << 20,
+            max_gap: 0,
+            max_amplification: 2.0,
+            cache_bytes: 1 << 20,
+            open_files: 4,
+            merge_window: std::time::Duration::from_micros(200),
+        };
+        let s = StoreShard::new(cfg, 1, false);
+        // Id 1 is held by an open file; the counter is about to wrap.
+        let held = Rc::new(OpenFile {
+            id: 1,
+            handle: None,
+            path: PathBuf::from("x"),
+            ino: 0,
+            mtime: 0,
+            mtime_ns: 0,
+            size: 0,
+            used: Cell::new(0),
+        });
+        s.by_id.borrow_mut().insert(1, Rc::downgrade(&held));
+        s.next_id.set(FileId::MAX);
+        assert_eq!(s.new_id(), FileId::MAX);
+        assert!(s.ids_wrapped.get());
+        // 0 is never an id, and 1 is taken: the next is 2.
+        assert_eq!(s.new_id(), 2);
+        drop(held);
+        s.next_id.set(1);
+        assert_eq!(s.new_id(), 1, "a closed file's id is free again");
     }
 }
