@@ -36,6 +36,9 @@ pub struct Hub {
     pub pools: Arc<Vec<Arc<PoolShared>>>,
     pub parts: Option<Arc<crate::cache::Partitions>>,
     pub started: Instant,
+    /// Each shard's last snapshot, standing in for a shard that does not
+    /// answer in time (counters never go backwards).
+    pub last: std::rc::Rc<std::cell::RefCell<Vec<Option<Snapshot>>>>,
 }
 
 /// How long the admin side waits for the other shards' snapshots.
@@ -51,7 +54,8 @@ pub async fn answer_stats(shard: Rc<Shard>, mailbox: Arc<Mailbox<StatsRequest>>)
 
 impl Hub {
     /// Every shard's snapshot, merged. A shard that does not answer within
-    /// [`GATHER_TIMEOUT`] is left out (its figures are missing, not wrong).
+    /// [`GATHER_TIMEOUT`] counts with the last snapshot it gave (its
+    /// figures are late, and counters in `/metrics` never go backwards).
     pub async fn gather(&self, shard: &Shard) -> Merged {
         let n = self.mailboxes.len();
         let reply = Arc::new(Mailbox::new(n.max(1)));
@@ -71,6 +75,19 @@ impl Hub {
             match until(deadline, reply.recv()).await {
                 Some(s) => snaps.push(s),
                 None => break,
+            }
+        }
+        let mut last = self.last.borrow_mut();
+        last.resize(n.max(1), None);
+        for s in &snaps {
+            if let Some(slot) = last.get_mut(s.shard) {
+                *slot = Some(s.clone());
+            }
+        }
+        let answered: Vec<usize> = snaps.iter().map(|s| s.shard).collect();
+        for (i, l) in last.iter().enumerate() {
+            if let Some(l) = l.as_ref().filter(|_| !answered.contains(&i)) {
+                snaps.push(l.clone());
             }
         }
         stats::merge(snaps)

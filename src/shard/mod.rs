@@ -634,6 +634,7 @@ async fn shard_main(
         pools: common.pools.clone(),
         parts: common.parts.clone(),
         started: common.started,
+        last: Default::default(),
     };
     // The shard's background tasks, beside its connections.
     let mut background: Vec<Pin<Box<dyn Future<Output = ()>>>> = Vec::new();
