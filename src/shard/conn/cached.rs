@@ -498,6 +498,24 @@ impl Drop for Published {
     }
 }
 
+impl Drop for FillJob {
+    /// A fill task that never ran (its spawn failed) or was dropped midway
+    /// must not leave readers waiting for it or its key stuck in the
+    /// collapse table: waiting readers go to the origin alone, streaming
+    /// ones are cut.
+    fn drop(&mut self) {
+        match self.fill.phase() {
+            Phase::Waiting => self.fill.go_alone(),
+            Phase::Streaming => self.fill.fail(502),
+            Phase::Uncacheable if !self.fill.alone() => self.fill.fail(502),
+            _ => {}
+        }
+        if let Some(cache) = self.shard.cache.as_ref() {
+            cache.collapse.remove(&self.fill);
+        }
+    }
+}
+
 impl FillJob {
     async fn run(mut self) {
         let shard = self.shard.clone();
