@@ -243,6 +243,9 @@ impl Partitions {
     }
 }
 
+/// One hot-set hit in this many is counted at the owner as well.
+const HOT_HIT_SAMPLE: u64 = 16;
+
 /// Share of the cache budget for the shards' hot sets.
 const HOT_SET_SHARE: u64 = 16;
 
@@ -261,6 +264,8 @@ pub struct ShardCache {
     pub misses: std::cell::Cell<u64>,
     pub collapsed: std::cell::Cell<u64>,
     pub stored: std::cell::Cell<u64>,
+    /// Hot-set hits, for sampling them to the owner.
+    hot_hits: std::cell::Cell<u64>,
 }
 
 impl ShardCache {
@@ -286,6 +291,7 @@ impl ShardCache {
             misses: Default::default(),
             collapsed: Default::default(),
             stored: Default::default(),
+            hot_hits: Default::default(),
         }
     }
 
@@ -304,7 +310,17 @@ impl ShardCache {
         let mut hot = self.hot.borrow_mut();
         if let Some((o, g)) = hot.get(key) {
             if *g == generation && o.timing.current_age(now) < o.lifetime {
-                return Some(o.clone());
+                let o = o.clone();
+                // Every so often the owner hears of a hot-set hit too, so
+                // its eviction does not take the most popular objects
+                // (served from hot sets) for one-hit wonders.
+                let n = self.hot_hits.get().wrapping_add(1);
+                self.hot_hits.set(n);
+                if n % HOT_HIT_SAMPLE == 0 {
+                    drop(hot);
+                    self.parts.part(key).get(key);
+                }
+                return Some(o);
             }
         }
         let found = self.parts.part(key).get(key).cloned();
