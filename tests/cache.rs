@@ -454,6 +454,49 @@ fn followers_of_an_uncacheable_fill_whose_first_reader_left_go_alone() {
 }
 
 #[test]
+fn collapse_timeout_bounds_a_followers_wait_not_the_leaders() {
+    // collapse_timeout 200 ms, origin 700 ms: the follower gives up on the
+    // fill and goes to the origin alone; the leader waits for its own fill
+    // (going alone too would be a third origin request).
+    let origin = Origin::start();
+    let cfg = write_config(
+        "collapse-timeout",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\ncollapse_timeout = \"200ms\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let path = "/cache/max-age=60/700/ct";
+    let addr = p.addr;
+    let leader = std::thread::spawn(move || get(addr, path));
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    let follower = get(p.addr, path);
+    assert_eq!(follower.status, 200);
+    assert!(
+        follower
+            .header("Cache-Status")
+            .unwrap()
+            .contains("collapse-timeout"),
+        "{:?}",
+        follower.header("Cache-Status")
+    );
+    // It left the fill after 200 ms and waited 700 ms for its own answer.
+    assert!(started.elapsed() >= Duration::from_millis(850));
+    let leader = leader.join().unwrap();
+    assert_eq!(leader.text(), "ct #1 ");
+    assert!(!leader.header("Cache-Status").unwrap().contains("timeout"));
+    assert_eq!(origin.requests_for(path), 2);
+    // The leader's fill was stored.
+    assert!(get(p.addr, path)
+        .header("Cache-Status")
+        .unwrap()
+        .contains("hit"));
+}
+
+#[test]
 fn stale_if_error_answers_for_a_failing_origin() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");

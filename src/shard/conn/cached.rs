@@ -151,7 +151,7 @@ impl ClientConn {
         } else {
             ShardCache::bump(&cache.collapsed);
         }
-        self.serve_fill(reader, fwd).await
+        self.serve_fill(reader, fwd, pool_idx).await
     }
 
     pub(super) fn keep_or_close(&self) -> Outcome {
@@ -299,11 +299,29 @@ impl ClientConn {
 
     /// Answers from a fill: the response head as soon as the origin's is
     /// known, then each chunk as it arrives. `None`: go to the origin alone.
-    async fn serve_fill(&mut self, mut reader: Reader, fwd: &str) -> Option<Outcome> {
+    async fn serve_fill(
+        &mut self,
+        mut reader: Reader,
+        fwd: &str,
+        pool_idx: usize,
+    ) -> Option<Outcome> {
         let fill = reader.fill.clone();
         let shard = self.shard.clone();
         let cfg = &shard.cfg;
-        let wait_deadline = Instant::now() + cfg.cache.collapse_timeout;
+        // A follower waits for the head at most collapse_timeout, then goes
+        // alone. The request that leads the fill has nothing better to wait
+        // for (going alone would be a second origin request): it waits as
+        // long as the fill's own fetch may take, every attempt's connect
+        // and response timeouts (a safety bound; the fill ends first).
+        let wait = if reader.first {
+            let p = &cfg.pools[pool_idx];
+            cfg.cache
+                .collapse_timeout
+                .max((p.connect_timeout + p.response_timeout) * (p.retries + 2))
+        } else {
+            cfg.cache.collapse_timeout
+        };
+        let wait_deadline = Instant::now() + wait;
         let body_timeout = cfg.limits.body_timeout;
         let head_only = self.head.method() == Method::Head;
         let minor = self.head.minor;
