@@ -316,7 +316,7 @@ impl ShardCache {
                 // (served from hot sets) for one-hit wonders.
                 let n = self.hot_hits.get().wrapping_add(1);
                 self.hot_hits.set(n);
-                if n % HOT_HIT_SAMPLE == 0 {
+                if n.is_multiple_of(HOT_HIT_SAMPLE) {
                     drop(hot);
                     self.parts.part(key).get(key);
                 }
