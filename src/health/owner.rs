@@ -12,6 +12,7 @@ use crate::origin::upstream::{read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
 use crate::shard::net::{NetError, Sock};
 use crate::shard::Shard;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -36,9 +37,12 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
     let n = cfg.backends.len();
     let mut states: Vec<Health> = (0..n).map(|_| Health::new(params)).collect();
     let mut last_failure: Vec<&'static str> = vec![""; n];
+    // Probes run on this shard and hand their results over directly: a
+    // queue full of other shards' failure reports cannot lose them.
+    let probes: Rc<RefCell<Vec<Report>>> = Rc::default();
     if let Some(h) = &cfg.health {
         for b in 0..n {
-            let task = probe_loop(shard.clone(), pool_idx, b, h.clone());
+            let task = probe_loop(shard.clone(), pool_idx, b, h.clone(), probes.clone());
             match glommio::spawn_local_into(task, shard.queue) {
                 Ok(t) => drop(t.detach()),
                 Err(e) => eprintln!("corral: cannot start health checks: {e}"),
@@ -52,7 +56,11 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
         glommio::timer::sleep(tick).await;
         let now = Instant::now();
         let mut changes: Vec<(usize, Change, String)> = Vec::new();
-        while let Ok(r) = shared.inbox.try_recv() {
+        let probed: Vec<Report> = std::mem::take(&mut *probes.borrow_mut());
+        for r in probed
+            .into_iter()
+            .chain(std::iter::from_fn(|| shared.inbox.try_recv().ok()))
+        {
             busy_at = now;
             match r {
                 Report::Failure { backend, kind } if backend < n => {
@@ -132,7 +140,13 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
 
 /// Probes backend `b` every interval, the first one spread over the first
 /// interval so that a pool's probes do not all go at once.
-async fn probe_loop(shard: Rc<Shard>, pool_idx: usize, b: usize, h: ActiveHealth) {
+async fn probe_loop(
+    shard: Rc<Shard>,
+    pool_idx: usize,
+    b: usize,
+    h: ActiveHealth,
+    results: Rc<RefCell<Vec<Report>>>,
+) {
     let pool = &shard.pools[pool_idx];
     let n = pool.cfg.backends.len() as u32;
     let first = h
@@ -157,7 +171,7 @@ async fn probe_loop(shard: Rc<Shard>, pool_idx: usize, b: usize, h: ActiveHealth
             Ok(code) => (false, format!("check: status {code}")),
             Err(m) => (false, format!("check: {m}")),
         };
-        let _ = pool.shared.reports.try_send(Report::Probe {
+        results.borrow_mut().push(Report::Probe {
             backend: b,
             ok,
             why,

@@ -458,8 +458,18 @@ impl UpstreamPool {
         if let Some(h) = self.held_until.get(b) {
             h.set(None);
         }
-        if self.reported.get(b).is_some_and(|r| r.replace(false)) {
-            let _ = self.shared.reports.try_send(Report::Success { backend: b });
+        // Forgotten only once the owner has it: a success lost to a full
+        // queue would leave the failure streak standing, and the next
+        // failure would eject a healthy backend.
+        if let Some(r) = self.reported.get(b).filter(|r| r.get()) {
+            if self
+                .shared
+                .reports
+                .try_send(Report::Success { backend: b })
+                .is_ok()
+            {
+                r.set(false);
+            }
         }
     }
 
