@@ -279,3 +279,29 @@ fn tmpfs_falls_back_to_buffered_reads_and_says_so() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_client_that_half_closes_and_stops_reading_does_not_stall_its_shard() {
+    // The client asks for 32 MiB, shuts its sending side and never reads:
+    // corral's writes block, with the peer's FIN already seen. The shard
+    // must wait for room (not retry the write at once, forever) and go on
+    // serving others.
+    let dir = tree("halfclose");
+    std::fs::write(dir.join("huge.bin"), vec![7u8; 32 << 20]).unwrap();
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    let mut stuck = TcpStream::connect(p.addr).unwrap();
+    stuck
+        .write_all(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    stuck.shutdown(std::net::Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /one HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut BufReader::new(s), false).expect("the shard answers");
+        assert_eq!(r.status, 200);
+    }
+    drop(stuck);
+}

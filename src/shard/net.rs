@@ -65,16 +65,29 @@ struct Slot {
     generation: u32,
     read: Ready,
     write: Ready,
-    /// The peer closed or the socket failed: it stays ready both ways (the
-    /// edge came once; a read that returns the data before the EOF must not
-    /// then wait for another).
+    /// The socket failed or hung up both ways: it stays ready both ways
+    /// (the edge came once).
     ended: bool,
+    /// The peer shut its side (FIN, `EPOLLRDHUP`), or the socket ended: it
+    /// stays ready to read (a read that returns the data before the EOF
+    /// must not then wait for another edge). Not for writing: a peer that
+    /// half-closed may still read, and a write that would block must wait
+    /// for room, not retry at once forever.
+    read_ended: bool,
     /// When the current wait gives up, and whether it has.
     deadline: Option<Instant>,
     timed_out: bool,
 }
 
 impl Slot {
+    /// Whether this way stays ready for good.
+    fn ended(&self, dir: Dir) -> bool {
+        match dir {
+            Dir::Read => self.read_ended,
+            Dir::Write => self.ended,
+        }
+    }
+
     fn way(&mut self, dir: Dir) -> &mut Ready {
         match dir {
             Dir::Read => &mut self.read,
@@ -165,6 +178,7 @@ impl Poller {
                 waker: None,
             },
             ended: false,
+            read_ended: false,
             deadline: None,
             timed_out: false,
         });
@@ -197,7 +211,7 @@ impl Poller {
     /// that an empty try leaves the socket waiting for its next edge.
     fn take(&self, key: usize, dir: Dir) -> bool {
         match self.slots.borrow_mut().get_mut(key) {
-            Some(s) => std::mem::take(&mut s.way(dir).ready) || s.ended,
+            Some(s) => std::mem::take(&mut s.way(dir).ready) || s.ended(dir),
             None => true,
         }
     }
@@ -206,7 +220,7 @@ impl Poller {
     /// socket was last found empty; unknown sockets count as ready.
     fn is_ready(&self, key: usize, dir: Dir) -> bool {
         self.slots.borrow().get(key).is_none_or(|s| {
-            s.ended
+            s.ended(dir)
                 || match dir {
                     Dir::Read => s.read.ready,
                     Dir::Write => s.write.ready,
@@ -247,7 +261,7 @@ impl Poller {
                     }
                 }
             }
-            let ended = s.ended;
+            let ended = s.ended(dir);
             if s.way(dir).ready || ended {
                 s.deadline = None;
                 return Poll::Ready(Ok(()));
@@ -319,10 +333,11 @@ impl Poller {
                             continue;
                         };
                         let bits = ev.events as libc::c_int;
-                        let broken =
-                            bits & (libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLRDHUP) != 0;
+                        let broken = bits & (libc::EPOLLERR | libc::EPOLLHUP) != 0;
+                        let read_shut = broken || bits & libc::EPOLLRDHUP != 0;
                         s.ended |= broken;
-                        if broken || bits & libc::EPOLLIN != 0 {
+                        s.read_ended |= read_shut;
+                        if read_shut || bits & libc::EPOLLIN != 0 {
                             s.read.ready = true;
                             wake.extend(s.read.waker.take());
                         }
