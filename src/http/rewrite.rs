@@ -119,6 +119,19 @@ const FILL_DROPS: &[&[u8]] = &[
     b"range",
 ];
 
+/// Writes `name: v1, v2, …, last`: the values the client sent, in order,
+/// then this hop's.
+fn write_list(out: &mut Vec<u8>, name: &[u8], values: &[&[u8]], last: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    for v in values.iter().filter(|v| !v.is_empty()) {
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(last);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes the request head of a cache fill: always GET (a HEAD is answered
 /// from the stored GET), without conditional or range fields.
 pub fn write_fill_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwarded) {
@@ -134,8 +147,11 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     out.push(b' ');
     out.extend_from_slice(head.target(buf));
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut xff_done = false;
-    let mut via_done = false;
+    // Every X-Forwarded-For and Via field the client sent goes into one of
+    // each, written after the others with this hop at the end: appending to
+    // the first of several would let a later one pass for the last hop.
+    let mut xff: Vec<&[u8]> = Vec::new();
+    let mut via: Vec<&[u8]> = Vec::new();
     let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
@@ -153,17 +169,17 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
             // Re-written below from the validated framing.
             continue;
         }
+        if name_is(name, b"x-forwarded-for") {
+            xff.push(f.value(buf));
+            continue;
+        }
+        if name_is(name, b"via") {
+            via.push(f.value(buf));
+            continue;
+        }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(f.value(buf));
-        if name_is(name, b"x-forwarded-for") && !xff_done {
-            out.extend_from_slice(b", ");
-            out.extend_from_slice(fwd.client_ip.as_bytes());
-            xff_done = true;
-        } else if name_is(name, b"via") && !via_done {
-            out.extend_from_slice(b", 1.1 corral");
-            via_done = true;
-        }
         out.extend_from_slice(b"\r\n");
     }
     if head.host.is_none() {
@@ -171,17 +187,11 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
         out.extend_from_slice(fwd.backend_host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !xff_done {
-        out.extend_from_slice(b"X-Forwarded-For: ");
-        out.extend_from_slice(fwd.client_ip.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    write_list(out, b"X-Forwarded-For", &xff, fwd.client_ip.as_bytes());
     out.extend_from_slice(b"X-Forwarded-Proto: ");
     out.extend_from_slice(fwd.proto.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if !via_done {
-        out.extend_from_slice(b"Via: 1.1 corral\r\n");
-    }
+    write_list(out, b"Via", &via, b"1.1 corral");
     match head.body() {
         BodyKind::Length(n) => {
             let _ = write!(out, "Content-Length: {n}\r\n");
@@ -339,6 +349,19 @@ mod tests {
             },
         );
         out
+    }
+
+    #[test]
+    fn every_forwarded_for_and_via_merge_into_one_ending_with_this_hop() {
+        let buf = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\nVia: 1.0 a\r\nX-Forwarded-For: 6.6.6.6\r\nVia: 1.1 b\r\n\r\n";
+        let s = String::from_utf8(upstream(buf)).unwrap();
+        assert_eq!(s.matches("X-Forwarded-For").count(), 1, "{s}");
+        assert!(
+            s.contains("X-Forwarded-For: 1.1.1.1, 6.6.6.6, 127.0.0.1\r\n"),
+            "{s}"
+        );
+        assert_eq!(s.matches("Via").count(), 1, "{s}");
+        assert!(s.contains("Via: 1.0 a, 1.1 b, 1.1 corral\r\n"), "{s}");
     }
 
     #[test]
