@@ -767,3 +767,126 @@ fn connection_churn_leaves_no_memory_behind() {
         "RSS grew {grown} bytes over 20k connections"
     );
 }
+
+/// Sends `head` and then `body_len` bytes of body from another thread
+/// (ignoring write errors: the server may stop reading), and reads the
+/// response with `read_to_end`.
+fn post_while_reading(addr: std::net::SocketAddr, head: String, body_len: usize) -> String {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(head.as_bytes());
+        let chunk = vec![b'x'; 16 * 1024];
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if w.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            left -= n;
+        }
+    });
+    let mut out = Vec::new();
+    let mut r = s;
+    let _ = r.read_to_end(&mut out);
+    let _ = writer.join();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn an_error_answered_before_the_body_is_read_is_not_lost_to_a_reset() {
+    // 413 for a declared body too large while the client goes on sending
+    // it: corral reads and drops what comes (lingering close), so the
+    // kernel does not reset the connection under the 413.
+    let origin = Origin::start();
+    let p = one_pool_proxy("linger", &origin, "[limits]\nmax_body_bytes = 1000\n", "");
+    for _ in 0..5 {
+        let out = post_while_reading(
+            p.addr,
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 400000\r\n\r\n".into(),
+            400_000,
+        );
+        assert!(out.starts_with("HTTP/1.1 413"), "{out:?}");
+    }
+}
+
+#[test]
+fn a_backend_answering_before_taking_the_body_is_heard() {
+    // The backend reads the head, answers 413 and closes without reading
+    // the body: the client gets that 413, not a 502.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0
+                    || line == "\r\n"
+                {
+                    break;
+                }
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let b = backend.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    let out = post_while_reading(
+        p.addr,
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n".into(),
+        8_000_000,
+    );
+    assert!(out.starts_with("HTTP/1.1 413"), "{out:?}");
+    assert!(out.ends_with("too big\n"), "{out:?}");
+}
+
+#[test]
+fn an_http10_client_sees_a_backend_dying_mid_body_as_a_reset() {
+    // The client's body is close-delimited (HTTP/1.0, chunked from the
+    // backend): a FIN would look like the end of a complete response, so
+    // a backend dying mid-body ends the client connection with a reset.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0
+                    || line == "\r\n"
+                {
+                    break;
+                }
+            }
+            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".to_vec();
+            out.extend_from_slice(&[b'x'; 4096]);
+            out.extend_from_slice(b"\r\n");
+            let _ = s.write_all(&out);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let b = backend.to_string();
+    // Passed through (cache off), and through a cache fill.
+    for cache in ["0", "64MiB"] {
+        let p = Proxy::start(&["--backend", &b, "--shards", "1", "--cache-size", cache]);
+        let mut s = p.connect();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /cut HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        let r = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            r.is_err(),
+            "cache {cache}: a cut close-delimited body ended with a clean FIN ({} bytes)",
+            out.len()
+        );
+    }
+}

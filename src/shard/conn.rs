@@ -43,6 +43,15 @@ enum Outcome {
     Close,
 }
 
+/// How long a closing connection reads and drops what its client still
+/// sends ([`ClientConn::linger_close`]), and how much at most.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// How long a backend that failed to take a request body may take to show
+/// the answer it sent early.
+const EARLY_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What an upstream attempt sends, the same bytes on a retry.
 struct UpRequest<'a> {
     head: &'a [u8],
@@ -68,6 +77,9 @@ pub struct ClientConn {
     set_cookie: String,
     /// What the balancer may use about the current request.
     hint: Hint,
+    /// The connection ends while the client may still be sending (an
+    /// error answered before its request was read whole): close lingering.
+    linger: bool,
     /// The status of the response to the current request (0: none yet).
     status: u16,
     /// How the cache took part in the current request.
@@ -108,6 +120,7 @@ impl ClientConn {
             cache_status: String::new(),
             set_cookie: String::new(),
             hint: Hint::default(),
+            linger: false,
             status: 0,
             class: Class::Pass,
             req_line: Vec::new(),
@@ -118,6 +131,32 @@ impl ClientConn {
     /// Serves requests until the client leaves, an error closes the
     /// connection, or the shard drains.
     pub async fn run(mut self) {
+        self.serve().await;
+        if self.linger && !self.sock.resets() {
+            self.linger_close().await;
+        }
+    }
+
+    /// Before closing a connection whose client may still be sending (an
+    /// error answered before its request or body was read whole): the
+    /// FIN has gone out after the response; what the client still sends is
+    /// read and dropped for a while, so the kernel does not answer it with
+    /// a reset that would destroy the response on its way (nginx's
+    /// lingering close).
+    async fn linger_close(&mut self) {
+        self.sock.shutdown_write();
+        let until = Instant::now() + LINGER_TIME;
+        let mut left = LINGER_BYTES;
+        let mut scratch = vec![0u8; 16 * 1024];
+        while left > 0 {
+            match self.sock.read(&mut scratch, until).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    }
+
+    async fn serve(&mut self) {
         loop {
             self.status = 0;
             self.class = Class::Pass;
@@ -251,6 +290,7 @@ impl ClientConn {
 
     /// Writes a response corral makes itself.
     async fn send_error(&mut self, code: u16, body: &str, close: bool) {
+        self.linger |= close;
         self.out.clear();
         let extra: &[(&str, &str)] = if code == 503 {
             &[("Retry-After", "1")]
@@ -428,7 +468,12 @@ impl ClientConn {
             self.pin(pool, backend);
         }
         let outcome = match self
-            .stream_response(&mut up, minor, client_close, body_timeout)
+            .stream_response(
+                &mut up,
+                minor,
+                client_close || self.head.close,
+                body_timeout,
+            )
             .await
         {
             Err(StreamFail::Backend) => {
@@ -596,7 +641,28 @@ impl ClientConn {
                     return Err(UpstreamFail::ClientGone);
                 }
             }
-            self.send_body(up, req_body, body_left).await?;
+            if let Err(e) = self.send_body(up, req_body, body_left).await {
+                // The backend may have answered before taking the whole body
+                // (a 413 or 401) and closed or stopped reading: its answer,
+                // if it is here, is the response. The client's connection
+                // closes after it (the rest of its body is unread), and so
+                // does the upstream one.
+                if !matches!(e, UpstreamFail::Bad(_) | UpstreamFail::Timeout(_)) {
+                    return Err(e);
+                }
+                self.ubuf.clear();
+                let grace = Instant::now() + EARLY_ANSWER_GRACE;
+                let head_req = method == Method::Head;
+                match read_head(up, &mut self.ubuf, &mut self.rhead, head_req, grace, false).await {
+                    Ok(Head::Final) => {
+                        self.head.close = true;
+                        self.rhead.close = true;
+                        self.linger = true;
+                        return Ok(());
+                    }
+                    _ => return Err(e),
+                }
+            }
         }
         // The response head, after any interim ones.
         self.ubuf.clear();
@@ -796,6 +862,12 @@ impl ClientConn {
                         "backend failed mid-body ({e}); closing the client connection"
                     ));
                     let _ = self.write_client(send_timeout).await;
+                    // The client must see a truncated message: with a
+                    // close-delimited body (an HTTP/1.0 client) a FIN would
+                    // look like its end, so that one ends with a reset.
+                    if framing == ClientFraming::Close {
+                        self.sock.set_reset_on_close();
+                    }
                     return Err(StreamFail::Backend);
                 }
             }

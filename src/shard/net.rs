@@ -435,6 +435,8 @@ pub struct Sock {
     nonblocking: bool,
     /// The shard's poller and this socket's slot in it.
     poll: Option<(Rc<Poller>, usize)>,
+    /// Closes with a reset ([`Sock::set_reset_on_close`]).
+    resets: std::cell::Cell<bool>,
 }
 
 impl Drop for Sock {
@@ -456,7 +458,13 @@ impl Sock {
             sent: 0,
             nonblocking: false,
             poll,
+            resets: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether the socket closes with a reset.
+    pub fn resets(&self) -> bool {
+        self.resets.get()
     }
 
     /// Connects within `timeout`.
@@ -736,6 +744,7 @@ impl Sock {
     /// Closes with a reset instead of FIN (SO_LINGER 0): for a body that was
     /// cut short, so the client cannot mistake it for a complete message.
     pub fn set_reset_on_close(&self) {
+        self.resets.set(true);
         let linger = libc::linger {
             l_onoff: 1,
             l_linger: 0,

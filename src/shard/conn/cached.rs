@@ -470,6 +470,11 @@ impl ClientConn {
                 Next::Failed(code) => {
                     if consumed {
                         // Mid-body: the client must see a truncated message.
+                        // With a close-delimited body a FIN would look like
+                        // its end: that one ends with a reset.
+                        if !chunked_out && fill.meta().is_some_and(|m| m.content_length.is_none()) {
+                            self.sock.set_reset_on_close();
+                        }
                         return Some(Outcome::Close);
                     }
                     self.out.clear();
