@@ -811,10 +811,11 @@ fn an_error_answered_before_the_body_is_read_is_not_lost_to_a_reset() {
     }
 }
 
-#[test]
-fn a_backend_answering_before_taking_the_body_is_heard() {
-    // The backend reads the head, answers 413 and closes without reading
-    // the body: the client gets that 413, not a 502.
+/// A backend that reads each connection's request head (never its body)
+/// and then runs `answer` on the connection.
+fn head_only_backend(
+    answer: impl Fn(&mut TcpStream) + Send + Sync + 'static,
+) -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -829,11 +830,21 @@ fn a_backend_answering_before_taking_the_body_is_heard() {
                     break;
                 }
             }
-            let _ = s.write_all(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            answer(&mut s);
         }
+    });
+    backend
+}
+
+#[test]
+fn a_backend_answering_before_taking_the_body_is_heard() {
+    // The backend reads the head, answers 413 and closes without reading
+    // the body: the client gets that 413, not a 502.
+    let backend = head_only_backend(|s| {
+        let _ = s.write_all(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
+    );
+        std::thread::sleep(Duration::from_millis(50));
     });
     let b = backend.to_string();
     let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
@@ -851,26 +862,12 @@ fn an_http10_client_sees_a_backend_dying_mid_body_as_a_reset() {
     // The client's body is close-delimited (HTTP/1.0, chunked from the
     // backend): a FIN would look like the end of a complete response, so
     // a backend dying mid-body ends the client connection with a reset.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            loop {
-                let mut line = String::new();
-                if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0
-                    || line == "\r\n"
-                {
-                    break;
-                }
-            }
-            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".to_vec();
-            out.extend_from_slice(&[b'x'; 4096]);
-            out.extend_from_slice(b"\r\n");
-            let _ = s.write_all(&out);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let backend = head_only_backend(|s| {
+        let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".to_vec();
+        out.extend_from_slice(&[b'x'; 4096]);
+        out.extend_from_slice(b"\r\n");
+        let _ = s.write_all(&out);
+        std::thread::sleep(Duration::from_millis(50));
     });
     let b = backend.to_string();
     // Passed through (cache off), and through a cache fill.
