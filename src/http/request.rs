@@ -215,6 +215,7 @@ pub fn parse_request(
     let mut te_chunked_last = false;
     let mut te_chunked_count = 0;
     let mut te_unknown = false;
+    let mut te_other = false;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
     for h in req.headers.iter() {
@@ -243,6 +244,7 @@ pub fn parse_request(
                     te_chunked_last = true;
                 } else {
                     te_chunked_last = false;
+                    te_other = true;
                     if !KNOWN_CODINGS.iter().any(|k| coding.eq_ignore_ascii_case(k)) {
                         te_unknown = true;
                     }
@@ -295,6 +297,13 @@ pub fn parse_request(
                 "Transfer-Encoding does not end in a single chunked",
             ));
         }
+        if te_other {
+            // `gzip, chunked`: corral would forward the decoded chunks
+            // as plain bytes, losing the coding (nginx answers 501 too).
+            return Err(ClientError::NotImplemented(
+                "transfer-codings other than chunked",
+            ));
+        }
         BodyKind::Chunked
     } else {
         match content_length {
@@ -314,7 +323,8 @@ pub fn parse_request(
 }
 
 /// Transfer-codings that are registered but that corral does not decode; a
-/// request ending in one of them is a 400, any other coding a 501.
+/// request ending in one of them is a 400 (its body is not chunked), one
+/// with one of them before `chunked` a 501, any other coding a 501.
 const KNOWN_CODINGS: &[&[u8]] = &[
     b"gzip",
     b"x-gzip",
@@ -383,7 +393,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(h.body(), BodyKind::Length(10));
-        let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Err(ClientError::NotImplemented(_))
+        ));
+        let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(h.body(), BodyKind::Chunked);
