@@ -96,7 +96,12 @@ pub struct RequestHead {
     /// `keep-alive`).
     pub close: bool,
     pub expect_continue: bool,
+    /// The authority the request is for: the target's, for an absolute-form
+    /// target (RFC 9112 §3.2.2: its `Host` field is then ignored), else the
+    /// `Host` field's.
     pub host: Option<Range<usize>>,
+    /// For an absolute-form target, its origin-form part (path and query).
+    pub origin_form: Option<Range<usize>>,
 }
 
 impl RequestHead {
@@ -109,10 +114,18 @@ impl RequestHead {
     pub fn target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         &buf[self.target.clone()]
     }
+    /// The target in origin form, as it is forwarded: an absolute-form
+    /// target's path and query (`/` when it has none).
+    pub fn origin_target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        match &self.origin_form {
+            Some(r) if r.is_empty() => b"/",
+            Some(r) => &buf[r.clone()],
+            None => self.target(buf),
+        }
+    }
     /// The path part of the target, without query.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        let t = self.target(buf);
-        let t = strip_absolute_form(t);
+        let t = self.origin_target(buf);
         match memchr::memchr(b'?', t) {
             Some(i) => &t[..i],
             None => t,
@@ -134,15 +147,19 @@ impl RequestHead {
 }
 
 /// `http://host/path` → `/path` (RFC 9112 §3.2.2 absolute-form).
-fn strip_absolute_form(t: &[u8]) -> &[u8] {
-    if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
-        let rest = &t[7..];
-        return match memchr::memchr(b'/', rest) {
-            Some(i) => &rest[i..],
-            None => b"/",
-        };
-    }
-    t
+/// An absolute-form target's authority and its origin-form rest, as
+/// offsets into the target: `http://a.example:8080/x?y` gives `7..23` and
+/// `23..27`. `None` for any other form.
+fn absolute_form(t: &[u8]) -> Option<(Range<usize>, Range<usize>)> {
+    let start = [&b"http://"[..], b"https://"]
+        .iter()
+        .find(|s| t.len() >= s.len() && t[..s.len()].eq_ignore_ascii_case(s))?
+        .len();
+    let end = t[start..]
+        .iter()
+        .position(|&c| c == b'/' || c == b'?')
+        .map_or(t.len(), |i| start + i);
+    Some((start..end, end..t.len()))
 }
 
 /// Parses the head at the start of `buf` into `head` (whose field table is
@@ -209,6 +226,18 @@ pub fn parse_request(
     head.body = None;
     head.expect_continue = false;
     head.host = None;
+    head.origin_form = None;
+    let mut authority = None;
+    if let Some((a, rest)) = absolute_form(path.as_bytes()) {
+        let base = head.target.start;
+        if a.is_empty() {
+            return Err(ClientError::BadRequest(
+                "absolute-form target without a host",
+            ));
+        }
+        authority = Some(base + a.start..base + a.end);
+        head.origin_form = Some(base + rest.start..base + rest.end);
+    }
 
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
@@ -278,6 +307,10 @@ pub fn parse_request(
     // RFC 9112 §3.2: a 1.1 request without exactly one Host is a 400.
     if minor == 1 && head.host.is_none() {
         return Err(ClientError::BadRequest("missing Host"));
+    }
+    // §3.2.2: an absolute-form target's authority replaces `Host`.
+    if authority.is_some() {
+        head.host = authority;
     }
     // RFC 9112 §6.1 and §6.3: the framing rules.
     head.body = Some(if te_seen {

@@ -145,8 +145,14 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
         out.extend_from_slice(&buf[head.method_range.clone()]);
     }
     out.push(b' ');
-    out.extend_from_slice(head.target(buf));
+    // Origin form: an absolute-form target's authority goes in `Host`.
+    out.extend_from_slice(head.origin_target(buf));
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let (Some(_), Some(h)) = (&head.origin_form, &head.host) {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(&buf[h.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
     // Every X-Forwarded-For and Via field the client sent goes into one of
     // each, written after the others with this hop at the end: appending to
     // the first of several would let a later one pass for the last hop.
@@ -159,6 +165,7 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
         // `Connection`: dropping it would send an HTTP/1.1 request without
         // its authority (found by the fuzz target).
         if (hop.is(name) && !name_is(name, b"host"))
+            || (head.origin_form.is_some() && name_is(name, b"host"))
             || name_is(name, b"expect")
             || name_is(name, b"x-forwarded-proto")
             || (fill && FILL_DROPS.iter().any(|d| name_is(name, d)))
@@ -362,6 +369,33 @@ mod tests {
         );
         assert_eq!(s.matches("Via").count(), 1, "{s}");
         assert!(s.contains("Via: 1.0 a, 1.1 b, 1.1 corral\r\n"), "{s}");
+    }
+
+    #[test]
+    fn an_absolute_form_target_goes_upstream_in_origin_form_with_its_host() {
+        // RFC 9112 §3.2.2: the target's authority wins over `Host`, which
+        // routing and the cache use too.
+        let buf = b"GET http://internal.example/admin?x=1 HTTP/1.1\r\nHost: public.example\r\nX: y\r\n\r\n";
+        let mut head = RequestHead::default();
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        assert_eq!(head.host(buf), Some(&b"internal.example"[..]));
+        assert_eq!(head.path(buf), b"/admin");
+        let s = String::from_utf8(upstream(buf)).unwrap();
+        assert!(
+            s.starts_with("GET /admin?x=1 HTTP/1.1\r\nHost: internal.example\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("public.example"), "{s}");
+        let buf = b"GET HTTPS://h.example:8443 HTTP/1.1\r\nHost: h.example:8443\r\n\r\n";
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        assert_eq!(head.host(buf), Some(&b"h.example"[..]));
+        let s = String::from_utf8(upstream(buf)).unwrap();
+        assert!(
+            s.starts_with("GET / HTTP/1.1\r\nHost: h.example:8443\r\n"),
+            "{s}"
+        );
+        let buf = b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(parse_request(buf, &LIMITS, &mut head).is_err());
     }
 
     #[test]
