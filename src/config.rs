@@ -638,12 +638,22 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     } else {
         vec![("server.listen".into(), "127.0.0.1:8080".into())]
     };
-    let mut listen = Vec::new();
+    let mut listen: Vec<SocketAddr> = Vec::new();
     for (key, a) in &listen_src {
         match resolve(a) {
+            // Port 0 (tests) never collides: the kernel picks one each.
+            Ok(sa) if sa.port() != 0 && listen.contains(&sa) => {
+                err(key, format!("{sa} is listed twice"))
+            }
             Ok(sa) => listen.push(sa),
             Err(m) => err(key, m),
         }
+    }
+    if listen_src.is_empty() {
+        err(
+            "server.listen",
+            "is empty: give at least one address".into(),
+        );
     }
     let (cpus_key, cpus_src) = match (&ov.cpus, &file.server.cpus) {
         (Some(c), _) => ("--cpus", Some(c.clone())),
@@ -694,6 +704,10 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             Ok(port) => format!("127.0.0.1:{port}"),
             Err(_) => a,
         }) {
+            Ok(addr) if addr.port() != 0 && listen.contains(&addr) => {
+                err(admin_key, format!("{addr} is also a client listener"));
+                None
+            }
             Ok(addr) => Some(addr),
             Err(m) => {
                 err(admin_key, m);
@@ -1659,6 +1673,29 @@ to = "b"
             &e,
             &["pool[0].backends[1].addr", "route[1]", "route[2].host"],
         );
+    }
+
+    #[test]
+    fn listeners_are_given_once_each() {
+        let e = cfg(r#"
+[server]
+listen = ["127.0.0.1:8181", "127.0.0.1:8181"]
+admin = "127.0.0.1:8181"
+[[pool]]
+name = "a"
+backends = [{ addr = "127.0.0.1:9001" }]
+"#)
+        .unwrap_err();
+        assert_keys(&e, &["server.listen[1]", "server.admin"]);
+        let e = cfg(r#"
+[server]
+listen = []
+[[pool]]
+name = "a"
+backends = [{ addr = "127.0.0.1:9001" }]
+"#)
+        .unwrap_err();
+        assert_keys(&e, &["server.listen"]);
     }
 
     #[test]
