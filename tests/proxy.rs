@@ -613,6 +613,41 @@ fn startup_errors_exit_2() {
 }
 
 #[test]
+fn a_cpu_outside_the_affinity_mask_is_a_clear_start_error() {
+    // Run on CPU 0 only (as `taskset -c 0` or a container's cpuset would),
+    // corral asked to pin a shard to CPU 1 says so and exits 2.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("one CPU here: nothing to check");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_corral"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:9",
+        "--shards",
+        "1",
+        "--cpus",
+        "1",
+    ]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("CPU 1 is not one this process may run on"), "{err}");
+}
+
+#[test]
 fn a_low_open_file_limit_is_raised_at_start() {
     // Started with a soft limit of 256 descriptors, corral raises it and
     // holds 300 client connections, each with its own upstream connection.

@@ -405,9 +405,38 @@ impl Running {
     }
 }
 
+/// The CPUs `--cpus` names must be ones this process may run on (a
+/// container's cpuset, `taskset`): else the shard's executor fails to pin.
+fn check_affinity(cpus: Option<&[usize]>) -> Result<(), StartError> {
+    let Some(cpus) = cpus else { return Ok(()) };
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the size is that of the set passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Ok(()); // cannot tell: let the executor say
+    }
+    let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: i is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect();
+    match cpus.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(()),
+        Some(bad) => Err(StartError(format!(
+            "--cpus / server.cpus: CPU {bad} is not one this process may run on (allowed: {})",
+            allowed
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))),
+    }
+}
+
 /// Starts every shard and returns once all of them listen.
 pub fn start(cfg: Config) -> Result<Running, StartError> {
     check_io_uring()?;
+    check_affinity(cfg.cpus.as_deref())?;
     if let Some(note) = memlock_note() {
         eprintln!("corral: warning: {note}");
     }
@@ -533,7 +562,18 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             }
             Err(_) => {
                 stop.store(true, Ordering::SeqCst);
-                return Err(StartError("a shard failed to start (see above)".into()));
+                // A shard whose executor could not even start (its CPU
+                // placement, its ring) ended with its error: say it.
+                let why: Vec<String> = handles
+                    .into_iter()
+                    .filter(|h| h.is_finished())
+                    .filter_map(|h| h.join().err().map(|e| e.to_string()))
+                    .collect();
+                return Err(StartError(if why.is_empty() {
+                    "a shard failed to start (see above)".into()
+                } else {
+                    format!("a shard failed to start: {}", why.join("; "))
+                }));
             }
         }
     }
