@@ -278,6 +278,9 @@ impl Reader {
         match st.phase {
             Phase::Waiting => return Next::Pending,
             Phase::Failed(code) => return Next::Failed(code),
+            // Everyone was sent alone after this reader had started (its
+            // fill lost its only other reader): nothing more will come.
+            _ if st.alone && (self.next_chunk > 0 || self.taken > 0) => return Next::Failed(502),
             _ if st.exclusive
                 && (!self.first || st.alone)
                 && self.next_chunk == 0
@@ -453,6 +456,24 @@ mod tests {
         assert!(matches!(a.step(), Next::End));
         // Still not for the others once done.
         assert!(matches!(b.step(), Next::GoAlone));
+    }
+
+    #[test]
+    fn sending_everyone_alone_cuts_readers_already_reading() {
+        let t = CollapseTable::default();
+        let (a, _) = t.join(1);
+        let (mut b, _) = t.join(1);
+        let (mut c, _) = t.join(1);
+        a.fill.start(meta(), true);
+        a.fill.push(Arc::from(&b"x"[..]));
+        assert!(matches!(b.step(), Next::Chunk(_)));
+        // The fill loses its only other reader and sends everyone alone:
+        // one who has not started goes to the origin, one midway is cut
+        // (it would wait for chunks that never come).
+        drop(a);
+        c.fill.go_alone();
+        assert!(matches!(c.step(), Next::GoAlone));
+        assert!(matches!(b.step(), Next::Failed(502)));
     }
 
     #[test]

@@ -96,9 +96,12 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
 /// shard's hot set misses (and uncontended when the shard owns the key).
 pub struct Partitions {
     parts: Vec<std::sync::Mutex<store::Store<object::Object>>>,
-    /// Bumped whenever a purge or a removal dropped something: hot-set
-    /// entries from before are not used.
+    /// Bumped by every purge and removal: hot-set entries from before are
+    /// not used (a hot copy may outlive its owner's, so this is bumped even
+    /// when the owner had nothing left to drop).
     purges: std::sync::atomic::AtomicU64,
+    /// How many purges were logged (read without the log's lock).
+    purge_count: std::sync::atomic::AtomicU64,
     /// The recent purges, for fills that were under way meanwhile.
     purge_log: std::sync::Mutex<PurgeLog>,
 }
@@ -121,7 +124,7 @@ enum Purged {
 }
 
 impl PurgeLog {
-    /// Logs a purge; call with the lock held across the removal.
+    /// Logs a purge (before its removals).
     fn push(&mut self, what: Purged) {
         self.count += 1;
         if self.recent.len() == PURGE_LOG {
@@ -144,8 +147,41 @@ impl Partitions {
                 .map(|_| std::sync::Mutex::new(store::Store::new(budget_bytes / shards as u64)))
                 .collect(),
             purges: Default::default(),
+            purge_count: Default::default(),
             purge_log: Default::default(),
         }
+    }
+
+    /// The secondary key of a variant of `primary` ([`variant_key`]), in
+    /// the same partition as `primary`, so a purge of the primary finds
+    /// its variants there.
+    pub fn variant_key(&self, primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
+        let n = self.parts.len() as u64;
+        ((variant_key(primary, values) >> 1) / n) * n + primary % n
+    }
+
+    /// Logs a purge, before its removals: a fill that stores after this
+    /// sees it ([`Self::insert_unless_purged`]).
+    fn log_purge(&self, what: Purged) {
+        let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.push(what);
+        self.purge_count
+            .store(log.count, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a purge logged since purge number `since` was meant for a
+    /// response for `key` with this target (or the log has forgotten).
+    fn purged_since(&self, since: u64, key: u64, target: &[u8], variant_of: Option<u64>) -> bool {
+        let log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
+        let missed = log.count.saturating_sub(since);
+        if missed > log.recent.len() as u64 {
+            return true;
+        }
+        let skip = log.recent.len() - missed as usize;
+        log.recent.iter().skip(skip).any(|p| match p {
+            Purged::Path(p) => target == p.as_slice() || purge_form(target) == p.as_slice(),
+            Purged::Key(k) => *k == key || variant_of == Some(*k),
+        })
     }
 
     pub fn owner(&self, key: u64) -> usize {
@@ -162,10 +198,7 @@ impl Partitions {
     /// host, any query, any variant), or whose whole target is `path`;
     /// how many. Hot sets drop theirs through the purge generation.
     pub fn purge_path(&self, path: &[u8]) -> usize {
-        // Logged first and held: a fill stores (or not) either wholly before
-        // this purge or after it has seen it.
-        let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
-        log.push(Purged::Path(path.to_vec()));
+        self.log_purge(Purged::Path(path.to_vec()));
         let mut n = 0;
         for p in &self.parts {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,10 +209,8 @@ impl Partitions {
                 !hit
             });
         }
-        if n > 0 {
-            self.purges
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         n
     }
 
@@ -194,43 +225,48 @@ impl Partitions {
         obj: object::Object,
         cost: u64,
     ) -> Option<u64> {
-        let log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
-        let missed = log.count.saturating_sub(since);
-        if missed > log.recent.len() as u64 {
+        use std::sync::atomic::Ordering;
+        let (meta, variant_of) = (obj.meta.clone(), obj.variant_of);
+        let checked = self.purge_count.load(Ordering::Acquire);
+        if self.purged_since(since, key, &meta.target, variant_of) {
             return None;
         }
-        let t = &obj.meta.target;
-        let skip = log.recent.len() - missed as usize;
-        if log.recent.iter().skip(skip).any(|p| match p {
-            Purged::Path(p) => t.as_slice() == p.as_slice() || purge_form(t) == p.as_slice(),
-            Purged::Key(k) => *k == key || obj.variant_of == Some(*k),
-        }) {
+        let generation = self.purges.load(Ordering::Acquire);
+        if !self.part(key).insert(key, obj, cost) {
             return None;
         }
-        let generation = self.purges.load(std::sync::atomic::Ordering::Acquire);
-        self.part(key).insert(key, obj, cost).then_some(generation)
+        // A purge logged between the check and the insert may have swept
+        // this partition before the object was in it: take it out again.
+        if self.purge_count.load(Ordering::Acquire) != checked
+            && self.purged_since(checked, key, &meta.target, variant_of)
+        {
+            let mut p = self.part(key);
+            if p.peek(key)
+                .is_some_and(|o| std::sync::Arc::ptr_eq(&o.meta, &meta))
+            {
+                p.remove(key);
+            }
+            return None;
+        }
+        Some(generation)
     }
 
     /// Drops `key` for a purge: logged, so a fetch of it under way is not
     /// stored either. Whether it was stored.
     fn purge_key(&self, key: u64) -> bool {
-        let mut log = self.purge_log.lock().unwrap_or_else(|e| e.into_inner());
-        log.push(Purged::Key(key));
-        let mut removed = self.part(key).remove(key).is_some();
-        // Its variants stored under their secondary keys.
-        for p in &self.parts {
-            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-            p.retain(|_, o| {
-                let variant = o.variant_of == Some(key);
-                removed |= variant;
-                !variant
-            });
-        }
-        if removed {
-            self.purges
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
-        drop(log);
+        self.log_purge(Purged::Key(key));
+        let mut p = self.part(key);
+        let mut removed = p.remove(key).is_some();
+        // Its variants, stored under their secondary keys in this same
+        // partition.
+        p.retain(|_, o| {
+            let variant = o.variant_of == Some(key);
+            removed |= variant;
+            !variant
+        });
+        drop(p);
+        self.purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         removed
     }
 
@@ -274,10 +310,8 @@ impl ShardCache {
     /// purged).
     pub fn purge_generation(&self) -> u64 {
         self.parts
-            .purge_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .count
+            .purge_count
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn new(id: usize, parts: std::sync::Arc<Partitions>, budget_bytes: u64) -> ShardCache {
@@ -353,7 +387,7 @@ impl ShardCache {
         if o.vary_values == want {
             return Some(o);
         }
-        let v = self.lookup(variant_key(key, &want), now)?;
+        let v = self.lookup(self.parts.variant_key(key, &want), now)?;
         (v.variant_of == Some(key) && v.vary_values == values(&v.meta.vary)).then_some(v)
     }
 
@@ -371,16 +405,17 @@ impl ShardCache {
         });
         if other {
             obj.variant_of = Some(key);
-            variant_key(key, &obj.vary_values)
+            self.parts.variant_key(key, &obj.vary_values)
         } else {
             key
         }
     }
 
     /// The key `obj`, a response for `key`, is stored under.
-    pub fn slot_of(key: u64, obj: &object::Object) -> u64 {
-        obj.variant_of
-            .map_or(key, |primary| variant_key(primary, &obj.vary_values))
+    pub fn slot_of(&self, key: u64, obj: &object::Object) -> u64 {
+        obj.variant_of.map_or(key, |primary| {
+            self.parts.variant_key(primary, &obj.vary_values)
+        })
     }
 
     /// Stores `obj` in its owner's partition; false if it does not fit.
@@ -426,12 +461,11 @@ impl ShardCache {
         let removed = self.parts.part(key).remove(key).is_some();
         // After the removal: a shard that sees the new generation must not
         // find the object still in its partition and copy it back into its
-        // hot set.
-        if removed {
-            self.parts
-                .purges
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
+        // hot set. Bumped even when the owner had nothing: a hot copy may
+        // have outlived the owner's.
+        self.parts
+            .purges
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         removed
     }
 }
