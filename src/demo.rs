@@ -185,13 +185,17 @@ pub fn run(seconds: u64) -> Result<(), String> {
         health_interval: Some("250ms".into()),
         admin: Some("127.0.0.1:0".into()),
         shards: Some(shards),
-        // One shard per CPU, pinned: CPUs 0 and 1 (or 0 alone).
-        cpus: Some(
-            (0..shards)
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
+        // One shard per CPU, pinned to the first CPUs this process may
+        // run on.
+        cpus: crate::shard::allowed_cpus()
+            .filter(|a| a.len() >= shards)
+            .map(|a| {
+                a[..shards]
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         ..Default::default()
     };
     // An origin store: a 16 MiB file under <tmp>/files/, routed by /files/.

@@ -644,7 +644,10 @@ fn a_cpu_outside_the_affinity_mask_is_a_clear_start_error() {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("CPU 1 is not one this process may run on"), "{err}");
+    assert!(
+        err.contains("CPU 1 is not one this process may run on"),
+        "{err}"
+    );
 }
 
 #[test]

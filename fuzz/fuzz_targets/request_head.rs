@@ -51,7 +51,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.method(), head.method());
     // Forwarded in origin form (an absolute-form target's authority goes in
     // Host, RFC 9112 §3.2.2), for the same host.
-    assert_eq!(again.target(&out), head.origin_target(data));
+    let mut want = head.origin_target(data).to_vec();
+    if want.first() == Some(&b'?') {
+        want.insert(0, b'/');
+    }
+    assert_eq!(again.target(&out), &want[..]);
     if head.origin_form.is_some() {
         assert_eq!(again.host(&out), head.host(data));
     }

@@ -731,6 +731,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         };
         // Send what the mode allows.
         out.clear();
+        let older = inflight.len();
         let now = shared.now_ns();
         let mut wait_until: Option<u64> = None;
         if opts.herd {
@@ -798,7 +799,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             // A keep-alive connection idle for a while may have been closed
             // by the server meanwhile (its idle timeout): that is no error
             // of the request about to go, so the connection is reopened.
-            let open = !c.closed_while_idle(now)
+            // Only with nothing older in flight on it: those would be
+            // matched with the new connection's answers.
+            let open = older > 0
+                || !c.closed_while_idle(now)
                 || Conn::open(opts.target.addr, opts.timeout, shared.now_ns())
                     .await
                     .map(|fresh| *c = fresh)

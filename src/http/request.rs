@@ -115,7 +115,9 @@ impl RequestHead {
         &buf[self.target.clone()]
     }
     /// The target in origin form, as it is forwarded: an absolute-form
-    /// target's path and query (`/` when it has none).
+    /// target's path and query (`/` when it has none). An absolute-form
+    /// target with a query but no path (`http://h?q`) gives `?q`: the
+    /// writer puts the `/` before it ([`crate::http::rewrite`]).
     pub fn origin_target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         match &self.origin_form {
             Some(r) if r.is_empty() => b"/",
@@ -127,6 +129,7 @@ impl RequestHead {
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         let t = self.origin_target(buf);
         match memchr::memchr(b'?', t) {
+            Some(0) => b"/",
             Some(i) => &t[..i],
             None => t,
         }

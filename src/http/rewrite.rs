@@ -146,7 +146,11 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     }
     out.push(b' ');
     // Origin form: an absolute-form target's authority goes in `Host`.
-    out.extend_from_slice(head.origin_target(buf));
+    let target = head.origin_target(buf);
+    if target.first() == Some(&b'?') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let (Some(_), Some(h)) = (&head.origin_form, &head.host) {
         out.extend_from_slice(b"Host: ");
@@ -392,6 +396,14 @@ mod tests {
         let s = String::from_utf8(upstream(buf)).unwrap();
         assert!(
             s.starts_with("GET / HTTP/1.1\r\nHost: h.example:8443\r\n"),
+            "{s}"
+        );
+        let buf = b"GET http://h.example?q=1 HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(parse_request(buf, &LIMITS, &mut head).unwrap());
+        assert_eq!(head.path(buf), b"/");
+        let s = String::from_utf8(upstream(buf)).unwrap();
+        assert!(
+            s.starts_with("GET /?q=1 HTTP/1.1\r\nHost: h.example\r\n"),
             "{s}"
         );
         let buf = b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n";

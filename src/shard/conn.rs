@@ -158,6 +158,8 @@ impl ClientConn {
 
     async fn serve(&mut self) {
         loop {
+            // Only an error that ends the connection mid-request lingers.
+            self.linger = false;
             self.status = 0;
             self.class = Class::Pass;
             let r = self.read_head().await;

@@ -409,17 +409,9 @@ impl Running {
 /// container's cpuset, `taskset`): else the shard's executor fails to pin.
 fn check_affinity(cpus: Option<&[usize]>) -> Result<(), StartError> {
     let Some(cpus) = cpus else { return Ok(()) };
-    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the size is that of the set passed.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
-    {
+    let Some(allowed) = allowed_cpus() else {
         return Ok(()); // cannot tell: let the executor say
-    }
-    let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: i is below CPU_SETSIZE.
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect();
+    };
     match cpus.iter().find(|c| !allowed.contains(c)) {
         None => Ok(()),
         Some(bad) => Err(StartError(format!(
@@ -431,6 +423,23 @@ fn check_affinity(cpus: Option<&[usize]>) -> Result<(), StartError> {
                 .join(",")
         ))),
     }
+}
+
+/// The CPUs this process may run on (its affinity mask), in order.
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the size is that of the set passed.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return None;
+    }
+    Some(
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: i is below CPU_SETSIZE.
+            .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+            .collect(),
+    )
 }
 
 /// Starts every shard and returns once all of them listen.

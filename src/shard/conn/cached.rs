@@ -750,7 +750,7 @@ impl FillJob {
         self.push(Arc::from(&obj.body[..]));
         self.finish();
         if !shareable {
-            cache.remove(ShardCache::slot_of(self.key, old));
+            cache.remove(cache.slot_of(self.key, old));
             let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
             cache
                 .collapse

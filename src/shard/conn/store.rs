@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 /// What a connection's output buffer keeps after a store response (a
 /// window of blocks may have grown it to `max_merge`).
-const OUT_KEEP: usize = 64 * 1024;
+const OUT_KEEP: usize = 256 * 1024;
 use std::time::Instant;
 
 /// Why a request path cannot name a file.
@@ -250,8 +250,11 @@ impl ClientConn {
             }
         }
         // A window may have grown the buffer to `max_merge`: an idle
-        // keep-alive connection does not keep that.
-        self.out.shrink_to(OUT_KEEP);
+        // keep-alive connection does not keep more than OUT_KEEP (windows
+        // up to that size keep their buffer from response to response).
+        if self.out.capacity() > OUT_KEEP {
+            self.out.shrink_to(OUT_KEEP);
+        }
         self.keep_or_close()
     }
 
