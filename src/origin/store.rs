@@ -277,6 +277,22 @@ impl StoreShard {
         }
     }
 
+    /// glommio probes a device with a real read on the first O_DIRECT open
+    /// of each thread, and an empty file fools the probe for good (every
+    /// later read on the device fails, GLOMMIO.md). Empty files are never
+    /// opened, but one could become empty between its `stat` and its open:
+    /// so each shard first opens a non-empty file under the root.
+    async fn prime(&self) {
+        if !self.direct {
+            return;
+        }
+        if let Some(path) = find_nonempty(&self.cfg.root, PRIME_SEARCH) {
+            if let Ok(f) = glommio::io::DmaFile::open(&path).await {
+                let _ = f.close().await;
+            }
+        }
+    }
+
     async fn open(&self, path: &Path) -> std::io::Result<Handle> {
         if self.direct {
             match glommio::io::DmaFile::open(path).await {
@@ -418,6 +434,7 @@ impl Future for Pending<'_> {
 
 /// The store's reader task on this shard: plans and issues reads.
 pub async fn reader(store: Rc<StoreShard>, queue: glommio::TaskQueueHandle) {
+    store.prime().await;
     loop {
         Pending(&store).await;
         // The merge window: let requests arriving just after this one queue
@@ -441,6 +458,34 @@ pub async fn reader(store: Rc<StoreShard>, queue: glommio::TaskQueueHandle) {
     }
 }
 
+/// Directory entries looked at, at most, for a file to prime glommio's
+/// device probe with.
+const PRIME_SEARCH: usize = 1024;
+
+/// A non-empty regular file under `root` (not through symlinks), looking
+/// at no more than `budget` directory entries, breadth first.
+fn find_nonempty(root: &Path, budget: usize) -> Option<PathBuf> {
+    let mut dirs = std::collections::VecDeque::from([root.to_path_buf()]);
+    let mut left = budget;
+    while let Some(dir) = dirs.pop_front() {
+        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+            if left == 0 {
+                return None;
+            }
+            left -= 1;
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                dirs.push_back(entry.path());
+            } else if kind.is_file() && entry.metadata().is_ok_and(|m| m.len() > 0) {
+                return Some(entry.path());
+            }
+        }
+    }
+    None
+}
+
 /// What a failed `stat` of a requested path means for the client: a path
 /// through a file (`ENOTDIR`) or with a name too long names nothing (404),
 /// a symlink loop or a denied directory is forbidden (403); anything else
@@ -458,6 +503,21 @@ fn lookup_error(e: std::io::Error) -> Lookup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nonempty_file_is_found_to_prime_the_probe() {
+        let root = std::env::temp_dir().join(format!("corral-prime-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("empty"), b"").unwrap();
+        std::fs::write(root.join("a/empty"), b"").unwrap();
+        assert_eq!(find_nonempty(&root, 100), None);
+        std::fs::write(root.join("a/b/data"), b"x").unwrap();
+        assert_eq!(find_nonempty(&root, 100), Some(root.join("a/b/data")));
+        // Within its budget only.
+        assert_eq!(find_nonempty(&root, 3), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn file_ids_wrap_around_live_ones() {
