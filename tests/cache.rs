@@ -206,6 +206,14 @@ fn storage_rules() {
         "Cache-Control: only-if-cached\r\n",
     );
     assert_eq!(r.status, 504);
+    // Not even with a request the cache would otherwise pass by.
+    let r = get_with(
+        &p,
+        "/cache/max-age=60/0/never",
+        "GET",
+        "Cache-Control: no-store, only-if-cached\r\nAuthorization: Basic eDp5\r\n",
+    );
+    assert_eq!(r.status, 504);
     assert_eq!(origin.requests_for("/cache/max-age=60/0/never"), 0);
 }
 
@@ -494,6 +502,44 @@ fn collapse_timeout_bounds_a_followers_wait_not_the_leaders() {
         .header("Cache-Status")
         .unwrap()
         .contains("hit"));
+}
+
+#[test]
+fn a_successful_unsafe_request_invalidates_the_url() {
+    // RFC 9111 §4.4: after a 2xx to a POST (or PUT, DELETE…) the stored
+    // responses for its URL, every variant included, are not used again.
+    let origin = Origin::start();
+    let p = proxy(&origin, "2");
+    let path = "/cache/max-age=600/0/inv";
+    let vary = "X-Resp-Vary: Accept-Language\r\n";
+    for lang in ["en", "fr"] {
+        let al = format!("{vary}Accept-Language: {lang}\r\n");
+        get_with(&p, path, "GET", &al);
+        let r = get_with(&p, path, "GET", &al);
+        assert!(r.header("Cache-Status").unwrap().contains("hit"), "{lang}");
+    }
+    assert_eq!(origin.requests_for(path), 2);
+    let mut s = p.connect();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        read_response(&mut BufReader::new(s), false).unwrap().status,
+        200
+    );
+    assert_eq!(origin.requests_for(path), 3);
+    for lang in ["en", "fr"] {
+        let r = get_with(
+            &p,
+            path,
+            "GET",
+            &format!("{vary}Accept-Language: {lang}\r\n"),
+        );
+        assert!(!r.header("Cache-Status").unwrap().contains("hit"), "{lang}");
+    }
+    assert_eq!(origin.requests_for(path), 5);
 }
 
 #[test]

@@ -104,6 +104,10 @@ pub struct Partitions {
     purge_count: std::sync::atomic::AtomicU64,
     /// The recent purges, for fills that were under way meanwhile.
     purge_log: std::sync::Mutex<PurgeLog>,
+    /// Per partition, the secondary keys stored for each primary key, so a
+    /// purge or an invalidation drops a URL's variants without sweeping
+    /// the partition. Locked before the partition when both are held.
+    variants: Vec<std::sync::Mutex<std::collections::HashMap<u64, Vec<u64>>>>,
 }
 
 /// Purges numbered in order, the last [`PURGE_LOG`] of them with what they
@@ -149,7 +153,45 @@ impl Partitions {
             purges: Default::default(),
             purge_count: Default::default(),
             purge_log: Default::default(),
+            variants: (0..shards).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Records `vk` as a stored variant of `primary`. Variants evicted
+    /// since linger in the index; it is pruned when it outgrows its
+    /// partition.
+    fn note_variant(&self, primary: u64, vk: u64) {
+        let mut index = self.variants[self.owner(primary)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let list = index.entry(primary).or_default();
+        if !list.contains(&vk) {
+            list.push(vk);
+        }
+        if index.len() > 1024 {
+            let p = self.part(primary);
+            if index.len() > 2 * p.len() {
+                index.retain(|_, l| {
+                    l.retain(|k| p.peek(*k).is_some());
+                    !l.is_empty()
+                });
+            }
+        }
+    }
+
+    /// Drops `primary` and every variant of it; whether anything was stored.
+    fn drop_with_variants(&self, primary: u64) -> bool {
+        let variants = self.variants[self.owner(primary)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&primary)
+            .unwrap_or_default();
+        let mut p = self.part(primary);
+        let mut removed = p.remove(primary).is_some();
+        for vk in variants {
+            removed |= p.remove(vk).is_some();
+        }
+        removed
     }
 
     /// The secondary key of a variant of `primary` ([`variant_key`]), in
@@ -235,6 +277,9 @@ impl Partitions {
         if !self.part(key).insert(key, obj, cost) {
             return None;
         }
+        if let Some(primary) = variant_of {
+            self.note_variant(primary, key);
+        }
         // A purge logged between the check and the insert may have swept
         // this partition before the object was in it: take it out again.
         if self.purge_count.load(Ordering::Acquire) != checked
@@ -255,16 +300,7 @@ impl Partitions {
     /// stored either. Whether it was stored.
     fn purge_key(&self, key: u64) -> bool {
         self.log_purge(Purged::Key(key));
-        let mut p = self.part(key);
-        let mut removed = p.remove(key).is_some();
-        // Its variants, stored under their secondary keys in this same
-        // partition.
-        p.retain(|_, o| {
-            let variant = o.variant_of == Some(key);
-            removed |= variant;
-            !variant
-        });
-        drop(p);
+        let removed = self.drop_with_variants(key);
         self.purges
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         removed
@@ -453,6 +489,22 @@ impl ShardCache {
     pub fn purge(&self, key: u64) -> bool {
         self.hot.borrow_mut().remove(key);
         self.parts.purge_key(key)
+    }
+
+    /// Invalidates `key` and its variants after a successful unsafe request
+    /// to its URL (RFC 9111 §4.4). Not logged as a purge (a fill under way
+    /// may still store what it fetched), and other shards' hot copies are
+    /// invalidated only when the owner still held something: a POST stream
+    /// must not flush every hot set or the purge log.
+    pub fn invalidate(&self, key: u64) -> bool {
+        self.hot.borrow_mut().remove(key);
+        let removed = self.parts.drop_with_variants(key);
+        if removed {
+            self.parts
+                .purges
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        removed
     }
 
     /// Drops `key` process-wide; whether it was stored.

@@ -274,13 +274,16 @@ pub fn usable(resp_cc: &CacheControl, lifetime: u64, age: u64, req: &RequestFact
         return Use::Revalidate;
     }
     let staleness = age - lifetime.min(age);
+    // A stale answer still keeps to the request's own limits: no older than
+    // its max-age, and none at all when it wants some freshness left.
+    let stale_allowed = req.cc.max_age.is_none_or(|m| age <= m) && req.cc.min_fresh.is_none();
     if let Some(ms) = req.cc.max_stale {
-        if staleness <= ms {
+        if staleness <= ms && stale_allowed {
             return Use::StaleOk;
         }
     }
     if let Some(swr) = resp_cc.stale_while_revalidate {
-        if staleness <= swr && req.cc.max_age.is_none() {
+        if staleness <= swr && req.cc.max_age.is_none() && req.cc.min_fresh.is_none() {
             return Use::StaleOk;
         }
     }
@@ -295,7 +298,12 @@ pub fn stale_if_error_ok(
     lifetime: u64,
     age: u64,
 ) -> bool {
-    if resp_cc.must_revalidate || resp_cc.proxy_revalidate || resp_cc.s_maxage.is_some() {
+    // As for any stale answer (§4.2.4), no-cache forbids it too.
+    if resp_cc.must_revalidate
+        || resp_cc.proxy_revalidate
+        || resp_cc.s_maxage.is_some()
+        || resp_cc.no_cache
+    {
         return false;
     }
     let staleness = age.saturating_sub(lifetime);
@@ -593,8 +601,22 @@ mod tests {
             Use::Revalidate
         );
         assert_eq!(usable(&plain, 60, 1000, &req("max-stale")), Use::StaleOk);
+        // max-stale does not lift the request's own max-age or min-fresh.
+        assert_eq!(
+            usable(&plain, 60, 70, &req("max-age=0, max-stale=3600")),
+            Use::Revalidate
+        );
+        assert_eq!(
+            usable(&plain, 60, 70, &req("max-age=100, max-stale=3600")),
+            Use::StaleOk
+        );
+        assert_eq!(
+            usable(&plain, 60, 70, &req("min-fresh=1, max-stale")),
+            Use::Revalidate
+        );
         let swr = cc("max-age=60, stale-while-revalidate=30");
         assert_eq!(usable(&swr, 60, 80, &get()), Use::StaleOk);
+        assert_eq!(usable(&swr, 60, 80, &req("min-fresh=5")), Use::Revalidate);
         assert_eq!(usable(&swr, 60, 100, &get()), Use::Revalidate);
         let strict = cc("max-age=60, must-revalidate, stale-while-revalidate=30");
         assert_eq!(usable(&strict, 60, 70, &req("max-stale")), Use::Revalidate);
@@ -622,6 +644,12 @@ mod tests {
         ));
         assert!(!stale_if_error_ok(
             &cc("max-age=10, must-revalidate, stale-if-error=60"),
+            &CacheControl::default(),
+            10,
+            20
+        ));
+        assert!(!stale_if_error_ok(
+            &cc("no-cache, max-age=10, stale-if-error=60"),
             &CacheControl::default(),
             10,
             20

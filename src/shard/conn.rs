@@ -373,6 +373,15 @@ impl ClientConn {
             &self.forwarded(&pool.backend_names[first]),
         );
         let expect_continue = self.head.expect_continue;
+        // An unsafe method that succeeds invalidates what is stored for its
+        // URL (RFC 9111 §4.4); the key is taken while the head is here.
+        let invalidate = match (&shard.cache, method) {
+            (None, _) | (_, Method::Get | Method::Head | Method::Options | Method::Trace) => None,
+            (Some(_), _) => {
+                let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
+                Some(crate::cache::cache_key(host, self.head.target(buf)))
+            }
+        };
         self.inbuf.consume(self.head.head_len);
 
         let has_body = req_body != BodyKind::Empty;
@@ -466,6 +475,11 @@ impl ClientConn {
                 }
             }
         };
+        if let (Some(key), Some(cache)) = (invalidate, &shard.cache) {
+            if (200..400).contains(&self.rhead.code) {
+                cache.invalidate(key);
+            }
+        }
         if pool.cfg.sticky.is_some() && hint.session != Some(backend) {
             self.pin(pool, backend);
         }

@@ -80,6 +80,13 @@ impl ClientConn {
         let buf = self.inbuf.filled();
         let facts = request_facts(buf, &self.head);
         if facts.has_authorization || facts.cc.no_store {
+            if facts.cc.only_if_cached {
+                // Not answerable from the cache, and not to be forwarded.
+                self.inbuf.consume(self.head.head_len);
+                self.send_error(504, "not in cache (only-if-cached)", self.head.close)
+                    .await;
+                return Some(self.keep_or_close());
+            }
             self.set_cache_status("fwd=bypass");
             return None;
         }
