@@ -543,6 +543,48 @@ fn a_successful_unsafe_request_invalidates_the_url() {
 }
 
 #[test]
+fn a_304_without_date_refreshes_the_stored_copy() {
+    // The first answer carries a Date; the 304 two seconds later does not.
+    // The refreshed copy is dated on the 304's arrival, so it is fresh
+    // again (with the old Date kept it looked two seconds old: stale at
+    // once, revalidated on every request).
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let origin = scripted_origin(move |head, s| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let reply = if head.to_ascii_lowercase().contains("if-none-match") {
+            "HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=2\r\nETag: \"v\"\r\n\r\n"
+                .to_string()
+        } else {
+            let date = httpdate_now();
+            format!("HTTP/1.1 200 OK\r\nDate: {date}\r\nCache-Control: max-age=2\r\nETag: \"v\"\r\nContent-Length: 1\r\n\r\nx")
+        };
+        s.write_all(reply.as_bytes()).is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    assert_eq!(get(p.addr, "/d").text(), "x");
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(get(p.addr, "/d").text(), "x"); // revalidated: 304
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    let r = get(p.addr, "/d");
+    assert!(
+        r.header("Cache-Status").unwrap().contains("hit"),
+        "{:?}",
+        r.header("Cache-Status")
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+/// Now as an HTTP date.
+fn httpdate_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    corral::cache::policy::format_http_date(secs)
+}
+
+#[test]
 fn stale_if_error_answers_for_a_failing_origin() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");

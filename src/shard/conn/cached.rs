@@ -871,7 +871,18 @@ impl FillJob {
         let cfg = &self.shard.cfg.cache;
         if let Some(old) = &self.stale {
             if rhead.code == 304 {
-                let update = meta_from_response(ubuf.filled(), &rhead).fields;
+                let mut update = meta_from_response(ubuf.filled(), &rhead).fields;
+                // A 304 without Date is dated on arrival (RFC 9110 §6.6.1):
+                // else the stored Date, as old as the first fetch, would
+                // make the refreshed copy look that old (apparent age).
+                if !update
+                    .split(|&b| b == b'\n')
+                    .any(|l| l.len() >= 5 && l[..5].eq_ignore_ascii_case(b"date:"))
+                {
+                    update.extend_from_slice(
+                        format!("Date: {}\r\n", format_http_date(response_time)).as_bytes(),
+                    );
+                }
                 let reusable = !rhead.close && ubuf.len() == rhead.head_len;
                 self.refresh(cache, old, &update, request_time, generation)?;
                 if reusable {
