@@ -871,7 +871,23 @@ impl FillJob {
         let cfg = &self.shard.cfg.cache;
         if let Some(old) = &self.stale {
             if rhead.code == 304 {
-                let mut update = meta_from_response(ubuf.filled(), &rhead).fields;
+                let answer = meta_from_response(ubuf.filled(), &rhead);
+                let strong = |t: &Option<Vec<u8>>| t.clone().filter(|t| !t.starts_with(b"W/"));
+                if let Some(tag) = strong(&answer.etag) {
+                    if strong(&old.meta.etag).as_ref() != Some(&tag) {
+                        // The 304 names another representation than the one
+                        // stored (RFC 9111 §4.3.4: it must not update it):
+                        // the stored copy goes, and the waiting requests go
+                        // to the origin on their own.
+                        cache.remove(cache.slot_of(self.key, old));
+                        self.fill.go_alone();
+                        if let Some(p) = &self.publish {
+                            p.fill.fail(0);
+                        }
+                        return Ok(());
+                    }
+                }
+                let mut update = answer.fields;
                 // A 304 without Date is dated on arrival (RFC 9110 §6.6.1):
                 // else the stored Date, as old as the first fetch, would
                 // make the refreshed copy look that old (apparent age).
