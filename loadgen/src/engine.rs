@@ -194,13 +194,10 @@ struct Shared {
     issued: AtomicU64,
     /// Responses received.
     completed: AtomicU64,
-    /// Requests that ended, answered or failed: `--requests` stops when
-    /// all have, so a failing server cannot keep the run going.
-    finished: AtomicU64,
-    /// When the last response came, in ns since the start: the run's
-    /// duration for its rate (a response that arrives after `--duration`
-    /// still counts, and so does the time it took).
-    last_response_ns: AtomicU64,
+    /// Requests that ended without a response: `--requests` stops when
+    /// every request was answered or failed, so a failing server cannot
+    /// keep the run going.
+    unanswered: AtomicU64,
     errors: AtomicU64,
     /// A unique tag so herd keys were never seen before.
     run_tag: u64,
@@ -226,7 +223,10 @@ impl Shared {
             return true;
         }
         match self.opts.requests {
-            Some(n) => self.finished.load(Ordering::Relaxed) >= n,
+            Some(n) => {
+                self.completed.load(Ordering::Relaxed) + self.unanswered.load(Ordering::Relaxed)
+                    >= n
+            }
             None => self.start.elapsed() >= self.opts.duration,
         }
     }
@@ -247,7 +247,7 @@ impl Shared {
     /// `n` requests ended without a response (their errors are counted
     /// by the caller).
     fn failed(&self, n: u64) {
-        self.finished.fetch_add(n, Ordering::Relaxed);
+        self.unanswered.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -269,8 +269,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
         stop: AtomicBool::new(false),
         issued: AtomicU64::new(0),
         completed: AtomicU64::new(0),
-        finished: AtomicU64::new(0),
-        last_response_ns: AtomicU64::new(0),
+        unanswered: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         run_tag,
         herd: HerdSync {
@@ -364,7 +363,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
     // teardown after it); for `--duration`, the duration, or longer when
     // responses in flight at its end came later (they are counted).
     let elapsed = shared.start.elapsed();
-    let last = Duration::from_nanos(shared.last_response_ns.load(Ordering::Relaxed));
+    let last = Duration::from_nanos(stats.last_response_ns);
     let duration = match opts.requests {
         Some(_) if !last.is_zero() => last,
         Some(_) => elapsed,
@@ -916,10 +915,12 @@ fn complete(
     let f = f?;
     let now = shared.now_ns();
     let lat = corrected_latency_us(f.from_ns, now);
-    stats.borrow_mut().record(done.status, lat, done.body_bytes);
+    {
+        let mut s = stats.borrow_mut();
+        s.record(done.status, lat, done.body_bytes);
+        s.last_response_ns = now;
+    }
     shared.completed.fetch_add(1, Ordering::Relaxed);
-    shared.finished.fetch_add(1, Ordering::Relaxed);
-    shared.last_response_ns.fetch_max(now, Ordering::Relaxed);
     let round = f.round?;
     herd_done(shared, round, Some(lat));
     Some(round + 1)

@@ -27,6 +27,10 @@ pub struct Stats {
     /// Open loop: requests sent more than [`LATE_US`] after their intended time.
     pub late: u64,
     pub body_bytes: u64,
+    /// When the last response came, in ns since the run's start: the
+    /// run's duration for its rate (a response that arrives after
+    /// `--duration` still counts, and so does the time it took).
+    pub last_response_ns: u64,
 }
 
 impl Default for Stats {
@@ -39,6 +43,7 @@ impl Default for Stats {
             timeouts: 0,
             late: 0,
             body_bytes: 0,
+            last_response_ns: 0,
         }
     }
 }
@@ -61,6 +66,7 @@ impl Stats {
         self.timeouts += other.timeouts;
         self.late += other.late;
         self.body_bytes += other.body_bytes;
+        self.last_response_ns = self.last_response_ns.max(other.last_response_ns);
     }
 
     pub fn requests(&self) -> u64 {
