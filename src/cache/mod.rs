@@ -13,16 +13,8 @@ pub mod store;
 /// scheme and authority dropped, the query dropped, percent-decoded, so
 /// `GET http://h/a?x` and `GET /%61` are both reached by a purge of `/a`.
 fn purge_form(target: &[u8]) -> Vec<u8> {
-    let mut t = target;
-    for scheme in [&b"http://"[..], b"https://"] {
-        if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
-            let rest = &t[scheme.len()..];
-            t = memchr::memchr(b'/', rest).map_or(&b"/"[..], |i| &rest[i..]);
-            break;
-        }
-    }
-    let path = t.split(|&c| c == b'?').next().unwrap_or(t);
-    crate::http::percent_decode(path).0
+    use crate::http::request::{origin_form, path_of};
+    crate::http::percent_decode(path_of(origin_form(target))).0
 }
 
 /// The cache key of a request: its host and target, hashed with SipHash
@@ -53,7 +45,7 @@ fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
 /// The secondary key (RFC 9111 §4.1) of the variant of `primary` chosen by
 /// these request values of its `Vary` fields (a missing field apart from
 /// an empty one).
-pub fn variant_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
+fn variant_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
     use std::hash::Hasher;
     let mut h = keyed_hasher();
     h.write_u64(primary);
@@ -456,14 +448,7 @@ impl ShardCache {
 
     /// Stores `obj` in its owner's partition; false if it does not fit.
     pub fn insert(&self, key: u64, obj: object::Object) -> bool {
-        let cost = obj.cost();
-        if self.parts.owner(key) != self.id {
-            let generation = self.parts.purges.load(std::sync::atomic::Ordering::Acquire);
-            self.hot
-                .borrow_mut()
-                .insert(key, (obj.clone(), generation), cost);
-        }
-        self.parts.part(key).insert(key, obj, cost)
+        self.insert_fetched(self.purge_generation(), key, obj)
     }
 
     /// Stores `obj`, fetched from the origin since purge generation `since`

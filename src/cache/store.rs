@@ -182,12 +182,11 @@ impl<V> Store<V> {
             return;
         }
         let slab = &self.slab;
-        let live = |slot: usize, generation: u64, q: Queue| {
-            slab.get(slot)
-                .is_some_and(|e| e.generation == generation && e.queue == q)
+        let queued = |slot: usize, generation: u64, q: Queue| {
+            live(slab, slot, generation) && slab[slot].queue == q
         };
-        self.small.retain(|&(s, g)| live(s, g, Queue::Small));
-        self.main.retain(|&(s, g)| live(s, g, Queue::Main));
+        self.small.retain(|&(s, g)| queued(s, g, Queue::Small));
+        self.main.retain(|&(s, g)| queued(s, g, Queue::Main));
     }
 
     /// Removes every entry for which `f` is true.
@@ -204,9 +203,7 @@ impl<V> Store<V> {
     }
 
     fn live(&self, slot: usize, generation: u64) -> bool {
-        self.slab
-            .get(slot)
-            .is_some_and(|e| e.generation == generation)
+        live(&self.slab, slot, generation)
     }
 
     /// Evicts one object; false when nothing is left to evict.
@@ -317,6 +314,12 @@ impl Lru {
         }
         false
     }
+}
+
+/// Whether `slot` still holds the entry a queue reference of `generation`
+/// was made for.
+fn live<V>(slab: &Slab<Entry<V>>, slot: usize, generation: u64) -> bool {
+    slab.get(slot).is_some_and(|e| e.generation == generation)
 }
 
 #[cfg(test)]

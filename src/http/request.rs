@@ -127,12 +127,7 @@ impl RequestHead {
     }
     /// The path part of the target, without query.
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
-        let t = self.origin_target(buf);
-        match memchr::memchr(b'?', t) {
-            Some(0) => b"/",
-            Some(i) => &t[..i],
-            None => t,
-        }
+        path_of(self.origin_target(buf))
     }
     /// The host the request is for, without port, lower-cased by the caller
     /// when needed.
@@ -149,7 +144,25 @@ impl RequestHead {
     }
 }
 
-/// `http://host/path` → `/path` (RFC 9112 §3.2.2 absolute-form).
+/// The path of an origin-form target, without its query (`/` for `?q`).
+pub fn path_of(t: &[u8]) -> &[u8] {
+    match memchr::memchr(b'?', t) {
+        Some(0) => b"/",
+        Some(i) => &t[..i],
+        None => t,
+    }
+}
+
+/// Any target in origin form, as [`RequestHead::origin_target`] gives it
+/// for a parsed request: `http://h/a?q` → `/a?q`, `http://h` → `/`.
+pub fn origin_form(t: &[u8]) -> &[u8] {
+    match absolute_form(t) {
+        Some((_, rest)) if rest.is_empty() => b"/",
+        Some((_, rest)) => &t[rest],
+        None => t,
+    }
+}
+
 /// An absolute-form target's authority and its origin-form rest, as
 /// offsets into the target: `http://a.example:8080/x?y` gives `7..23` and
 /// `23..27`. `None` for any other form.

@@ -322,7 +322,6 @@ impl ClientConn {
         let req_body = self.head.body();
         let method = self.head.method();
         let minor = self.head.minor;
-        let client_close = self.head.close;
         self.cache_status.clear();
         if method == Method::Other && &buf[self.head.method_range.clone()] == b"PURGE" {
             return self.purge().await;
@@ -483,13 +482,10 @@ impl ClientConn {
         if pool.cfg.sticky.is_some() && hint.session != Some(backend) {
             self.pin(pool, backend);
         }
+        // The client's close, or one an early answer forced (its body is
+        // unread).
         let outcome = match self
-            .stream_response(
-                &mut up,
-                minor,
-                client_close || self.head.close,
-                body_timeout,
-            )
+            .stream_response(&mut up, minor, self.head.close, body_timeout)
             .await
         {
             Err(StreamFail::Backend) => {

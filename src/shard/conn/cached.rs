@@ -82,10 +82,7 @@ impl ClientConn {
         if facts.has_authorization || facts.cc.no_store {
             if facts.cc.only_if_cached {
                 // Not answerable from the cache, and not to be forwarded.
-                self.inbuf.consume(self.head.head_len);
-                self.send_error(504, "not in cache (only-if-cached)", self.head.close)
-                    .await;
-                return Some(self.keep_or_close());
+                return Some(self.not_in_cache().await);
             }
             self.set_cache_status("fwd=bypass");
             return None;
@@ -96,47 +93,42 @@ impl ClientConn {
         let found = cache.find(key, now, |names| vary_values(buf, &self.head, names));
         let mut stale: Option<Object> = None;
         if let Some(obj) = found {
-            if obj.vary_values == vary_values(buf, &self.head, &obj.meta.vary) {
-                let age = obj.timing.current_age(now);
-                let ttl = obj.lifetime as i64 - age as i64;
-                match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
-                    Use::Fresh => {
-                        ShardCache::bump(&cache.hits);
-                        self.class = Class::Hit;
-                        return Some(self.serve_object(&obj, age, ttl, "").await);
-                    }
-                    Use::StaleOk => {
-                        ShardCache::bump(&cache.hits);
-                        self.class = Class::Hit;
-                        // One background refresh: lead a fill nobody reads;
-                        // none while the last one's answer is remembered as
-                        // uncacheable (no back-to-back refreshes).
-                        if !cache.collapse.is_uncacheable(key, Instant::now()) {
-                            let (reader, lead) = cache.collapse.join(key);
-                            if lead {
-                                self.spawn_fill(
-                                    pool_idx,
-                                    key,
-                                    reader.fill.clone(),
-                                    facts,
-                                    Some(obj.clone()),
-                                );
-                            }
-                            drop(reader);
-                        }
-                        return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
-                    }
-                    Use::Revalidate => stale = Some(obj),
+            let age = obj.timing.current_age(now);
+            let ttl = obj.lifetime as i64 - age as i64;
+            match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
+                Use::Fresh => {
+                    ShardCache::bump(&cache.hits);
+                    self.class = Class::Hit;
+                    return Some(self.serve_object(&obj, age, ttl, "").await);
                 }
+                Use::StaleOk => {
+                    ShardCache::bump(&cache.hits);
+                    self.class = Class::Hit;
+                    // One background refresh: lead a fill nobody reads;
+                    // none while the last one's answer is remembered as
+                    // uncacheable (no back-to-back refreshes).
+                    if !cache.collapse.is_uncacheable(key, Instant::now()) {
+                        let (reader, lead) = cache.collapse.join(key);
+                        if lead {
+                            self.spawn_fill(
+                                pool_idx,
+                                key,
+                                reader.fill.clone(),
+                                facts,
+                                Some(obj.clone()),
+                            );
+                        }
+                        drop(reader);
+                    }
+                    return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
+                }
+                Use::Revalidate => stale = Some(obj),
             }
         }
         ShardCache::bump(&cache.misses);
         self.class = Class::Miss;
         if facts.cc.only_if_cached {
-            self.inbuf.consume(self.head.head_len);
-            self.send_error(504, "not in cache (only-if-cached)", self.head.close)
-                .await;
-            return Some(self.keep_or_close());
+            return Some(self.not_in_cache().await);
         }
         let fwd = if stale.is_some() {
             "fwd=stale"
@@ -159,6 +151,14 @@ impl ClientConn {
             ShardCache::bump(&cache.collapsed);
         }
         self.serve_fill(reader, fwd, pool_idx).await
+    }
+
+    /// The 504 of `only-if-cached` when the cache cannot answer.
+    async fn not_in_cache(&mut self) -> Outcome {
+        self.inbuf.consume(self.head.head_len);
+        self.send_error(504, "not in cache (only-if-cached)", self.head.close)
+            .await;
+        self.keep_or_close()
     }
 
     pub(super) fn keep_or_close(&self) -> Outcome {
@@ -572,12 +572,8 @@ impl FillJob {
             let values = |names: &[Vec<u8>]| vary_values(&self.request, &self.head, names);
             if let Some(o) = cache.find(self.key, unix_now(), values) {
                 let age = o.timing.current_age(unix_now());
-                if o.vary_values == vary_values(&self.request, &self.head, &o.meta.vary)
-                    && usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh
-                {
-                    self.start(with_age(&o.meta, age), true, o.timing, o.lifetime);
-                    self.push(Arc::from(&o.body[..]));
-                    self.finish();
+                if usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh {
+                    self.serve_stored(&o, true);
                     cache.collapse.remove(&self.fill);
                     return;
                 }
@@ -703,11 +699,17 @@ impl FillJob {
 
     fn serve_stale(&self) {
         if let Some(o) = &self.stale {
-            let age = o.timing.current_age(unix_now());
-            self.start(with_age(&o.meta, age), true, o.timing, o.lifetime);
-            self.push(Arc::from(&o.body[..]));
-            self.finish();
+            self.serve_stored(o, true);
         }
+    }
+
+    /// Answers the fill's readers with a stored response, whole, at its
+    /// current age (`shareable`: every reader may read it).
+    fn serve_stored(&self, o: &Object, shareable: bool) {
+        let age = o.timing.current_age(unix_now());
+        self.start(with_age(&o.meta, age), shareable, o.timing, o.lifetime);
+        self.push(Arc::from(&o.body[..]));
+        self.finish();
     }
 
     /// A 304 answered the revalidation: the stored response with the 304's
@@ -735,7 +737,7 @@ impl FillJob {
         meta.request_vary = old.meta.request_vary.clone();
         meta.target = old.meta.target.clone();
         let now = unix_now();
-        let obj = Object {
+        let mut obj = Object {
             lifetime: freshness_lifetime(&meta.facts, now),
             timing: Timing::new(&meta.facts, request_time, now),
             meta: Arc::new(meta),
@@ -747,15 +749,7 @@ impl FillJob {
         // private, no-store): then it answers the request that revalidated
         // it only, and the stored copy goes.
         let shareable = storable(&self.facts, &obj.meta.facts).is_ok();
-        let age = obj.timing.current_age(now);
-        self.start(
-            with_age(&obj.meta, age),
-            shareable,
-            obj.timing,
-            obj.lifetime,
-        );
-        self.push(Arc::from(&obj.body[..]));
-        self.finish();
+        self.serve_stored(&obj, shareable);
         if !shareable {
             cache.remove(cache.slot_of(self.key, old));
             let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
@@ -764,7 +758,6 @@ impl FillJob {
                 .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
-        let mut obj = obj;
         let slot = cache.place(self.key, &mut obj);
         if cache.insert_fetched(generation, slot, obj) {
             ShardCache::bump(&cache.stored);
@@ -872,9 +865,11 @@ impl FillJob {
         if let Some(old) = &self.stale {
             if rhead.code == 304 {
                 let answer = meta_from_response(ubuf.filled(), &rhead);
-                let strong = |t: &Option<Vec<u8>>| t.clone().filter(|t| !t.starts_with(b"W/"));
+                fn strong(t: &Option<Vec<u8>>) -> Option<&[u8]> {
+                    t.as_deref().filter(|t| !t.starts_with(b"W/"))
+                }
                 if let Some(tag) = strong(&answer.etag) {
-                    if strong(&old.meta.etag).as_ref() != Some(&tag) {
+                    if strong(&old.meta.etag) != Some(tag) {
                         // The 304 names another representation than the one
                         // stored (RFC 9111 §4.3.4: it must not update it):
                         // the stored copy goes, and the waiting requests go
@@ -891,10 +886,7 @@ impl FillJob {
                 // A 304 without Date is dated on arrival (RFC 9110 §6.6.1):
                 // else the stored Date, as old as the first fetch, would
                 // make the refreshed copy look that old (apparent age).
-                if !update
-                    .split(|&b| b == b'\n')
-                    .any(|l| l.len() >= 5 && l[..5].eq_ignore_ascii_case(b"date:"))
-                {
+                if answer.facts.date.is_none() {
                     update.extend_from_slice(
                         format!("Date: {}\r\n", format_http_date(response_time)).as_bytes(),
                     );
