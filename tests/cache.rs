@@ -599,6 +599,48 @@ fn a_304_naming_another_representation_does_not_update_the_stored_one() {
     assert_eq!(r.header("ETag"), Some("\"v2\""));
 }
 
+#[test]
+fn responses_without_date_are_dated_once_when_forwarded_and_stored() {
+    // The origin sends no Date (RFC 9110 §6.6.1: a recipient with a clock
+    // adds one). Passed through: dated. Stored: dated on arrival, and every
+    // hit carries that same Date, from which its Age counts.
+    let origin = scripted_origin(move |head, s| {
+        let cc = if head.contains("/nostore") {
+            "no-store"
+        } else {
+            "max-age=60"
+        };
+        let reply = format!("HTTP/1.1 200 OK\r\nCache-Control: {cc}\r\nContent-Length: 1\r\n\r\nx");
+        s.write_all(reply.as_bytes()).is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    let passed = get(p.addr, "/nostore");
+    let date = passed
+        .header("Date")
+        .expect("a forwarded response is dated");
+    assert!(
+        corral::cache::policy::parse_http_date(date.as_bytes()).is_some(),
+        "{date}"
+    );
+    let first = get(p.addr, "/stored");
+    let stored = first
+        .header("Date")
+        .expect("a filled response is dated")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    let hit = get(p.addr, "/stored");
+    assert!(hit.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(hit.header("Date"), Some(stored.as_str()));
+    assert!(hit.header("Age").unwrap().parse::<u64>().unwrap() >= 1);
+    // corral's own answers are dated too.
+    let bad = raw_exchange(
+        p.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: z\r\n\r\n",
+    );
+    assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+    assert!(bad.contains("\r\nDate: "), "{bad}");
+}
+
 /// Now as an HTTP date.
 fn httpdate_now() -> String {
     let secs = std::time::SystemTime::now()
@@ -626,6 +668,11 @@ fn stale_if_error_answers_for_a_failing_origin() {
     // It says how stale it is: stored more than two seconds ago.
     let age: u64 = r.header("Age").unwrap().parse().unwrap();
     assert!(age >= 2, "Age {age}");
+    // And that it is a stale answer to a failed fetch, not something stored.
+    assert_eq!(
+        r.header("Cache-Status"),
+        Some("corral; fwd=stale; detail=stale-if-error")
+    );
     // Without stale-if-error the origin's 500 goes through.
     assert_eq!(get(p.addr, other).status, 500);
 }
@@ -646,6 +693,45 @@ fn ranges_are_cut_from_the_stored_object() {
     assert_eq!(r.status, 416);
     assert_eq!(r.header("Content-Range"), Some("bytes */16"));
     assert_eq!(origin.requests_for(path), 1);
+    // If-Match is evaluated against the stored response (as nginx does for
+    // its cache hits): a tag it does not have is 412, `*` is the object.
+    let r = get_with(
+        &p,
+        path,
+        "GET",
+        "If-Match: \"other\"\r\nRange: bytes=0-4\r\n",
+    );
+    assert_eq!(r.status, 412);
+    let r = get_with(&p, path, "GET", "If-Match: *\r\nRange: bytes=0-4\r\n");
+    assert_eq!(r.status, 206);
+    let r = get_with(&p, path, "HEAD", "If-Match: \"other\"\r\n");
+    assert_eq!((r.status, r.body.len()), (412, 0));
+    assert_eq!(origin.requests_for(path), 1);
+}
+
+#[test]
+fn a_backend_date_that_does_not_parse_is_replaced_and_via_goes_last() {
+    let origin = scripted_origin(move |_, s| {
+        s.write_all(b"HTTP/1.1 200 OK\r\nDate: Tue, 15 Nov 2024 08:12:31 +0000\r\nVia: 1.1 a\r\nVia: 1.1 b\r\nCache-Control: max-age=60\r\nContent-Length: 1\r\n\r\nx")
+            .is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.write_all(b"GET /d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        let dates: Vec<&str> = text.lines().filter(|l| l.starts_with("Date: ")).collect();
+        assert_eq!(dates.len(), 1, "{text}");
+        assert!(dates[0].ends_with(" GMT"), "{text}");
+        // corral is the last hop in the combined Via list.
+        let via: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("Via: "))
+            .collect();
+        assert_eq!(via.join(", "), "1.1 a, 1.1 b, 1.1 corral", "{text}");
+    }
 }
 
 #[test]

@@ -138,12 +138,63 @@ fn whole_files_ranges_and_validators() {
         ask(&p, "/b4096", &format!("If-Modified-Since: {lm}\r\n")).status,
         304
     );
+    // Preconditions (RFC 9110 §13.2.2): If-Match first, strongly; a
+    // download resumed against a replaced file gets 412, not its bytes.
+    let range = "Range: bytes=0-9\r\n";
+    let r = ask(&p, "/b4096", &format!("If-Match: {etag}\r\n{range}"));
+    assert_eq!(r.status, 206);
+    let r = ask(&p, "/b4096", &format!("If-Match: \"old\"\r\n{range}"));
+    assert_eq!(r.status, 412);
+    assert!(r.header("date").is_some());
+    assert_eq!(
+        ask(&p, "/b4096", &format!("If-Match: W/{etag}\r\n")).status,
+        412
+    );
+    assert_eq!(ask(&p, "/b4096", "If-Match: *\r\n").status, 200);
+    assert_eq!(
+        ask(&p, "/b4096", &format!("If-Unmodified-Since: {lm}\r\n")).status,
+        200
+    );
+    assert_eq!(
+        ask(
+            &p,
+            "/b4096",
+            "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        )
+        .status,
+        412
+    );
+    // Every answer is dated (RFC 9110 §6.6.1).
+    assert!(ask(&p, "/b4096", "").header("date").is_some());
     // HEAD: the same head, no body.
     let mut s = p.connect();
     s.write_all(b"HEAD /b4097 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();
     let r = read_response(&mut BufReader::new(s), true).unwrap();
     assert_eq!((r.status, r.header("content-length")), (200, Some("4097")));
+    // HEAD of a missing file, pipelined with a GET: the 404 has no body
+    // (else the GET's answer would be read as its body).
+    let mut s = p.connect();
+    s.write_all(b"HEAD /missing HTTP/1.1\r\nHost: t\r\n\r\nGET /one HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut rd = BufReader::new(s);
+    let r = read_response(&mut rd, true).unwrap();
+    assert_eq!(r.status, 404);
+    let r = read_response(&mut rd, false).unwrap();
+    assert_eq!((r.status, r.body.clone()), (200, content(1)));
+    // An HTTP/1.0 client asking for keep-alive is told it is kept, for a
+    // file and for an error alike, and the connection serves it again.
+    let mut s = p.connect();
+    s.write_all(b"GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /missing HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /one HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut rd = BufReader::new(s);
+    for status in [200, 404] {
+        let r = read_response(&mut rd, false).unwrap();
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("connection"), Some("keep-alive"), "{status}");
+    }
+    let r = read_response(&mut rd, false).unwrap();
+    assert_eq!(r.status, 200);
 }
 
 #[test]
@@ -181,6 +232,17 @@ fn unsafe_paths_and_methods_are_refused() {
     let r = read_response(&mut BufReader::new(s), false).unwrap();
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    // Targets no route can match, with no pool behind the store: a 400 for
+    // one that is not origin-form, a 404 for `OPTIONS *`, and the
+    // connection (and shard) carry on.
+    let mut s = p.connect();
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\nGET /one HTTP/1.1\r\nHost: t\r\n\r\nGET foo HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut rd = BufReader::new(s);
+    for want in [404, 200, 400] {
+        assert_eq!(read_response(&mut rd, false).unwrap().status, want);
+    }
+    assert_eq!(ask(&p, "/one", "").body, content(1));
 }
 
 #[test]

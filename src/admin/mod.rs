@@ -312,12 +312,14 @@ impl AdminConn {
         extra: &str,
     ) -> Result<(), NetError> {
         let mut out = format!(
-            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nVia: 1.1 corral\r\n{extra}{}\r\n",
+            "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nVia: 1.1 corral\r\n{extra}{}",
             crate::http::reason_phrase(code),
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )
         .into_bytes();
+        crate::http::push_date_now(&mut out);
+        out.extend_from_slice(b"\r\n");
         // HEAD gets the head only (its Content-Length says what GET sends).
         if !self.head_request {
             out.extend_from_slice(body);

@@ -64,7 +64,24 @@ struct State {
     /// No reader may read: everyone goes to the origin alone (a response
     /// another shard found uncacheable).
     alone: bool,
+    /// Where the response came from (for the first reader's Cache-Status).
+    source: Source,
     wakers: Vec<Waker>,
+}
+
+/// Where a fill's response came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// The origin's answer to the fetch.
+    #[default]
+    Origin,
+    /// Already stored (another shard's fetch stored it first).
+    Stored,
+    /// The stored response, refreshed by a 304.
+    Refreshed,
+    /// The stored (stale) response, because the origin failed
+    /// (`stale-if-error`).
+    StaleOnError,
 }
 
 /// What a reader sees at its cursor.
@@ -94,6 +111,7 @@ impl Fill {
                 version: 0,
                 exclusive: false,
                 alone: false,
+                source: Source::Origin,
                 wakers: Vec::new(),
             }),
             readers: Cell::new(0),
@@ -133,6 +151,16 @@ impl Fill {
         for w in st.wakers.drain(..) {
             w.wake();
         }
+    }
+
+    /// Where the response came from: [`Source::Origin`] unless set before
+    /// [`Self::start`].
+    pub fn source(&self) -> Source {
+        self.state.borrow().source
+    }
+
+    pub fn set_source(&self, source: Source) {
+        self.state.borrow_mut().source = source;
     }
 
     /// The head is known; `cacheable` decides whether every reader may read.

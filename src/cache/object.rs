@@ -127,7 +127,13 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
                 }
             }
         } else if name_is(name, b"date") {
-            facts.date = parse_http_date(value);
+            match parse_http_date(value) {
+                Some(t) if facts.date.is_none() => facts.date = Some(t),
+                // Not a date, or a second one: not stored. Without a valid
+                // one the fill dates the response on arrival (RFC 9110
+                // §6.6.1), so what is stored has one Date line.
+                _ => continue,
+            }
         } else if name_is(name, b"age") {
             // Capped at 2^31 like every delta-seconds (§1.2.2): a huge Age
             // must make the response stale, not wrap the arithmetic.
@@ -184,41 +190,129 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
 
 /// How a client request may be answered with 304 from a stored response
 /// (RFC 9110 §13.1.2 and §13.1.3): `If-None-Match` wins over
-/// `If-Modified-Since`.
+/// `If-Modified-Since`, which is compared with the stored Last-Modified,
+/// or without one with the stored Date (RFC 9111 §4.3.2).
 pub fn not_modified(buf: &[u8], req: &RequestHead, meta: &Meta) -> bool {
-    conditional_not_modified(buf, req, meta.etag.as_deref(), meta.facts.last_modified)
+    conditional_not_modified(
+        buf,
+        req,
+        meta.etag.as_deref(),
+        meta.facts.last_modified.or(meta.facts.date),
+    )
 }
 
 /// The same for any representation with these validators (the origin
-/// store's files too).
+/// store's files too). Every `If-None-Match` line counts (a list may be
+/// split over several); `*` matches any representation there is.
 pub fn conditional_not_modified(
     buf: &[u8],
     req: &RequestHead,
     etag: Option<&[u8]>,
     last_modified: Option<i64>,
 ) -> bool {
-    let mut inm: Option<&[u8]> = None;
+    let mut inm = false;
+    let mut inm_match = false;
     let mut ims: Option<&[u8]> = None;
+    let mut ims_lines = 0;
+    // Weak comparison: W/"x" matches "x".
+    let mine = etag.map(|t| t.strip_prefix(b"W/").unwrap_or(t));
     for f in &req.fields {
         if name_is(f.name(buf), b"if-none-match") {
-            inm = Some(f.value(buf));
+            inm = true;
+            inm_match |= entity_tags(f.value(buf))
+                .any(|t| t == b"*" || Some(t.strip_prefix(b"W/").unwrap_or(t)) == mine);
         } else if name_is(f.name(buf), b"if-modified-since") {
             ims = Some(f.value(buf));
+            ims_lines += 1;
         }
     }
-    if let Some(list) = inm {
-        let Some(etag) = etag else {
-            return false;
-        };
-        // Weak comparison: W/"x" matches "x".
-        let strip = |t: &[u8]| -> Vec<u8> { t.strip_prefix(b"W/").unwrap_or(t).to_vec() };
-        let mine = strip(etag);
-        return list_elements(list).any(|t| t == b"*" || strip(t) == mine);
+    if inm {
+        return inm_match;
+    }
+    // More than one If-Modified-Since is not a valid date: ignored
+    // (RFC 9110 §13.1.3), as is one that does not parse.
+    if ims_lines != 1 {
+        return false;
     }
     match (ims.and_then(parse_http_date), last_modified) {
         (Some(since), Some(lm)) => lm <= since,
         _ => false,
     }
+}
+
+/// Whether `If-Match` or `If-Unmodified-Since` fails for a representation
+/// with these validators (RFC 9110 §13.1.1, §13.1.4, evaluated first,
+/// §13.2.2): then the answer is 412, not the representation. `If-Match`
+/// compares strongly (a weak tag never matches; `*` matches whatever is
+/// there); `If-Unmodified-Since` counts only without `If-Match`, when it is
+/// exactly one valid date and the last modification is known.
+pub fn precondition_fails(
+    buf: &[u8],
+    req: &RequestHead,
+    etag: Option<&[u8]>,
+    last_modified: Option<i64>,
+) -> bool {
+    let mut im = false;
+    let mut im_match = false;
+    let mut ius: Option<&[u8]> = None;
+    let mut ius_lines = 0;
+    let strong = etag.filter(|t| !t.starts_with(b"W/"));
+    for f in &req.fields {
+        if name_is(f.name(buf), b"if-match") {
+            im = true;
+            im_match |= entity_tags(f.value(buf)).any(|t| t == b"*" || Some(t) == strong);
+        } else if name_is(f.name(buf), b"if-unmodified-since") {
+            ius = Some(f.value(buf));
+            ius_lines += 1;
+        }
+    }
+    if im {
+        return !im_match;
+    }
+    if ius_lines != 1 {
+        return false;
+    }
+    match (ius.and_then(parse_http_date), last_modified) {
+        (Some(since), Some(lm)) => lm > since,
+        _ => false,
+    }
+}
+
+/// The members of an `If-None-Match` list: `*` or entity-tags, each with
+/// its `W/`. An entity-tag may hold a comma inside its quotes (RFC 9110
+/// §8.8.3), so the list is not split at every comma.
+fn entity_tags(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = value;
+    std::iter::from_fn(move || loop {
+        while let [b' ' | b'\t' | b',', tail @ ..] = rest {
+            rest = tail;
+        }
+        if rest.is_empty() {
+            return None;
+        }
+        let open = if rest.starts_with(b"W/\"") {
+            Some(2)
+        } else if rest.starts_with(b"\"") {
+            Some(0)
+        } else {
+            None
+        };
+        let end = match open {
+            Some(q) => match memchr::memchr(b'"', &rest[q + 1..]) {
+                Some(i) => q + 1 + i + 1,
+                None => rest.len(),
+            },
+            // Not an entity-tag (`*`, or something malformed): up to the
+            // next comma.
+            None => memchr::memchr(b',', rest).unwrap_or(rest.len()),
+        };
+        let (item, tail) = rest.split_at(end);
+        rest = tail;
+        let item = crate::http::trim_ows(item);
+        if !item.is_empty() {
+            return Some(item);
+        }
+    })
 }
 
 /// Merges the fields of a 304 into a stored header block (RFC 9111
@@ -373,11 +467,7 @@ impl HitHead<'_> {
                 None => {}
             }
         }
-        if self.close {
-            out.extend_from_slice(b"Connection: close\r\n");
-        } else if self.client_minor == 0 {
-            out.extend_from_slice(b"Connection: keep-alive\r\n");
-        }
+        crate::http::push_connection(out, self.close, self.client_minor);
         out.extend_from_slice(b"\r\n");
     }
 }
@@ -387,6 +477,18 @@ mod tests {
     use super::*;
     use crate::http::request::{parse_request, HeadLimits};
     use crate::http::response::parse_response;
+
+    /// A parsed request head.
+    fn request(req: &[u8]) -> RequestHead {
+        let lim = HeadLimits {
+            max_header_bytes: 8192,
+            max_headers: 50,
+            max_uri_bytes: 1024,
+        };
+        let mut h = RequestHead::default();
+        assert!(parse_request(req, &lim, &mut h).unwrap());
+        h
+    }
 
     fn meta(resp: &[u8]) -> Meta {
         let mut h = ResponseHead::default();
@@ -435,16 +537,7 @@ mod tests {
     #[test]
     fn conditionals() {
         let m = meta(b"HTTP/1.1 200 OK\r\nETag: W/\"v1\"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n");
-        let lim = HeadLimits {
-            max_header_bytes: 8192,
-            max_headers: 50,
-            max_uri_bytes: 1024,
-        };
-        let check = |req: &[u8]| {
-            let mut h = RequestHead::default();
-            assert!(parse_request(req, &lim, &mut h).unwrap());
-            not_modified(req, &h, &m)
-        };
+        let check = |req: &[u8]| not_modified(req, &request(req), &m);
         assert!(check(
             b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"x\", \"v1\"\r\n\r\n"
         ));
@@ -455,6 +548,69 @@ mod tests {
         assert!(check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
         assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sat, 05 Nov 1994 08:49:37 GMT\r\n\r\n"));
         assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        // A list split over two lines.
+        assert!(check(
+            b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"x\"\r\nIf-None-Match: W/\"v1\"\r\n\r\n"
+        ));
+        // Two If-Modified-Since lines are no valid date: ignored.
+        assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
+    }
+
+    #[test]
+    fn if_match_and_if_unmodified_since() {
+        let m = meta(b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n");
+        let weak = meta(b"HTTP/1.1 200 OK\r\nETag: W/\"v1\"\r\nContent-Length: 0\r\n\r\n");
+        let fails = |m: &Meta, fields: &str| {
+            let req = format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            let h = request(req.as_bytes());
+            precondition_fails(req.as_bytes(), &h, m.etag.as_deref(), m.facts.last_modified)
+        };
+        assert!(!fails(&m, ""));
+        assert!(!fails(&m, "If-Match: \"v0\", \"v1\"\r\n"));
+        assert!(!fails(&m, "If-Match: *\r\n"));
+        assert!(fails(&m, "If-Match: \"v2\"\r\n"));
+        // Strong comparison: weak tags never match.
+        assert!(fails(&m, "If-Match: W/\"v1\"\r\n"));
+        assert!(fails(&weak, "If-Match: W/\"v1\"\r\n"));
+        assert!(!fails(&weak, "If-Match: *\r\n"));
+        // If-Unmodified-Since: modified after it fails; If-Match wins.
+        assert!(!fails(
+            &m,
+            "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+        ));
+        assert!(fails(
+            &m,
+            "If-Unmodified-Since: Sat, 05 Nov 1994 08:49:37 GMT\r\n"
+        ));
+        assert!(!fails(
+            &m,
+            "If-Match: \"v1\"\r\nIf-Unmodified-Since: Sat, 05 Nov 1994 08:49:37 GMT\r\n"
+        ));
+        assert!(!fails(&m, "If-Unmodified-Since: yesterday\r\n"));
+    }
+
+    #[test]
+    fn entity_tag_lists_keep_commas_inside_quotes() {
+        let tags: Vec<&[u8]> = entity_tags(b" \"a,b\" , W/\"c\",*,, \"d").collect();
+        assert_eq!(tags, vec![&b"\"a,b\""[..], b"W/\"c\"", b"*", b"\"d"]);
+        let m = meta(
+            b"HTTP/1.1 200 OK\r\nETag: \"a,b\"\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n",
+        );
+        let check = |req: &[u8]| not_modified(req, &request(req), &m);
+        assert!(check(
+            b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"a,b\"\r\n\r\n"
+        ));
+        assert!(!check(
+            b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"a\", \"b\"\r\n\r\n"
+        ));
+        // Without Last-Modified, If-Modified-Since is compared with Date
+        // (RFC 9111 §4.3.2).
+        assert!(check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
+        assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:36 GMT\r\n\r\n"));
+        // `*` matches whatever the stored response's validators.
+        let bare = meta(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match: *\r\n\r\n";
+        assert!(not_modified(req, &request(req), &bare));
     }
 
     #[test]
@@ -469,16 +625,9 @@ mod tests {
 
     #[test]
     fn ranges() {
-        let lim = HeadLimits {
-            max_header_bytes: 8192,
-            max_headers: 50,
-            max_uri_bytes: 1024,
-        };
         let ask = |r: &str| {
             let req = format!("GET / HTTP/1.1\r\nHost: a\r\n{r}\r\n");
-            let mut h = RequestHead::default();
-            assert!(parse_request(req.as_bytes(), &lim, &mut h).unwrap());
-            range_ask(req.as_bytes(), &h, 100)
+            range_ask(req.as_bytes(), &request(req.as_bytes()), 100)
         };
         assert_eq!(ask(""), RangeAsk::Whole);
         assert_eq!(ask("Range: bytes=0-9\r\n"), RangeAsk::Part(0, 9));

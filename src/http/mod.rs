@@ -86,6 +86,7 @@ pub fn reason_phrase(code: u16) -> &'static str {
         413 => "Content Too Large",
         414 => "URI Too Long",
         416 => "Range Not Satisfiable",
+        412 => "Precondition Failed",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -121,13 +122,35 @@ pub fn percent_decode(s: &[u8]) -> (Vec<u8>, bool) {
     (out, clean)
 }
 
+/// How the request being answered shapes corral's own answer to it.
+#[derive(Debug, Clone, Copy)]
+pub struct Answering {
+    /// The request was HEAD: the head only (its Content-Length says what
+    /// GET would get), else the next response on the connection would be
+    /// read as this one's body.
+    pub head_only: bool,
+    /// The request's HTTP/1.x minor version: an HTTP/1.0 client whose
+    /// connection stays open is told `keep-alive`.
+    pub minor: u8,
+}
+
+impl Answering {
+    /// For a request whose head could not be read (the answer closes).
+    pub const UNKNOWN: Answering = Answering {
+        head_only: false,
+        minor: 1,
+    };
+}
+
 /// Appends a complete response that corral makes itself (an error page) to
-/// `out`: a short text body, `Via`, and `Connection: close` when `close`.
+/// `out`: a short text body, `Via`, `Date`, and `Connection: close` when
+/// `close`.
 pub fn write_simple_response(
     out: &mut Vec<u8>,
     code: u16,
     body: &str,
     close: bool,
+    to: Answering,
     extra: &[(&str, &str)],
 ) {
     use std::io::Write;
@@ -138,15 +161,50 @@ pub fn write_simple_response(
         reason_phrase(code),
         body.len() + 1
     );
+    push_date_now(out);
     for (k, v) in extra {
         let _ = write!(out, "{k}: {v}\r\n");
     }
+    push_connection(out, close, to.minor);
+    out.extend_from_slice(b"\r\n");
+    if !to.head_only {
+        out.extend_from_slice(body.as_bytes());
+        out.push(b'\n');
+    }
+}
+
+/// `Connection: close` when the connection ends after this response, or
+/// `Connection: keep-alive` for an HTTP/1.0 client whose connection stays.
+pub fn push_connection(out: &mut Vec<u8>, close: bool, minor: u8) {
     if close {
         out.extend_from_slice(b"Connection: close\r\n");
+    } else if minor == 0 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    out.push(b'\n');
+}
+
+/// Appends `Date: <now>\r\n` (RFC 9110 §6.6.1: corral dates what it
+/// answers itself, and what it forwards or stores without a Date). The line
+/// is formatted once per second per thread.
+pub fn push_date_now(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static LINE: RefCell<(i64, Vec<u8>)> = const { RefCell::new((i64::MIN, Vec::new())) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    LINE.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.0 != now {
+            l.0 = now;
+            l.1.clear();
+            l.1.extend_from_slice(b"Date: ");
+            l.1.extend_from_slice(crate::cache::policy::format_http_date(now).as_bytes());
+            l.1.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(&l.1);
+    });
 }
 
 /// Appends `n` in decimal: what `write!(out, "{n}")` does, without the
@@ -261,7 +319,7 @@ mod tests {
     #[test]
     fn simple_response_is_framed() {
         let mut out = Vec::new();
-        write_simple_response(&mut out, 502, "bad gateway", false, &[]);
+        write_simple_response(&mut out, 502, "bad gateway", false, Answering::UNKNOWN, &[]);
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
         assert!(s.contains("Content-Length: 12\r\n"));

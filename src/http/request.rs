@@ -368,6 +368,17 @@ pub fn parse_request(
     if matches!(head.method(), Method::Connect) {
         return Err(ClientError::NotImplemented("CONNECT is not supported"));
     }
+    // RFC 9112 §3.2: origin-form (`/...`), absolute-form, or `*` for
+    // OPTIONS; anything else (`foo`, an authority) is no target to route.
+    let target = &buf[head.target.clone()];
+    if head.origin_form.is_none()
+        && !target.starts_with(b"/")
+        && !(target == b"*" && head.method() == Method::Options)
+    {
+        return Err(ClientError::BadRequest(
+            "request target is not in origin form",
+        ));
+    }
     Ok(true)
 }
 
@@ -498,6 +509,11 @@ mod tests {
             (b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n", 400),
             (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+            (b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET a.example:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+            (b"GET http://a.example/x HTTP/1.1\r\nHost: a\r\n\r\n", 200),
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200),
             (b"GET / HTTP/1.1\r\nHost: a\r\n", 0),
         ];

@@ -276,19 +276,27 @@ pub fn write_client_response(
     }
     out.extend_from_slice(b"\r\n");
     let mut via_done = false;
+    let mut dated = false;
     let hop = HopByHop::new(buf, &head.fields);
-    for f in &head.fields {
+    // This hop goes at the end of the Via list (RFC 9110 §7.6.3): on the
+    // backend's last Via line, or on a line of its own.
+    let last_via = head
+        .fields
+        .iter()
+        .rposition(|f| name_is(f.name(buf), b"via"));
+    for (i, f) in head.fields.iter().enumerate() {
         let name = f.name(buf);
         if hop.is(name) {
             continue;
         }
+        dated |= name_is(name, b"date");
         if name_is(name, b"content-length") && framing != ClientFraming::NoBody {
             continue;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(f.value(buf));
-        if name_is(name, b"via") && !via_done {
+        if Some(i) == last_via {
             out.extend_from_slice(b", 1.1 corral");
             via_done = true;
         }
@@ -297,6 +305,11 @@ pub fn write_client_response(
     if !via_done {
         out.extend_from_slice(b"Via: 1.1 corral\r\n");
     }
+    if !dated {
+        // A recipient with a clock dates a response that has no Date
+        // before forwarding it (RFC 9110 §6.6.1).
+        crate::http::push_date_now(out);
+    }
     match framing {
         ClientFraming::Length(n) => {
             let _ = write!(out, "Content-Length: {n}\r\n");
@@ -304,11 +317,7 @@ pub fn write_client_response(
         ClientFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         ClientFraming::NoBody | ClientFraming::Close => {}
     }
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if client_minor == 0 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
+    crate::http::push_connection(out, close, client_minor);
     out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
 }
@@ -503,10 +512,39 @@ mod tests {
         assert_eq!(framing, ClientFraming::Close);
         write_client_response(&mut out, buf, &head, framing, true, 0, b"");
         let s = String::from_utf8(out).unwrap();
+        // No Date from the backend: corral adds one (RFC 9110 §6.6.1).
+        let (before, date) = s.split_once("Date: ").unwrap();
         assert_eq!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nVia: 1.1 corral\r\nConnection: close\r\n\r\n"
+            before,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nVia: 1.1 corral\r\n"
         );
+        assert!(
+            date.ends_with(" GMT\r\nConnection: close\r\n\r\n"),
+            "{date}"
+        );
+        let date = &date[..date.find("\r\n").unwrap()];
+        assert!(crate::cache::policy::parse_http_date(date.as_bytes()).is_some());
+        // A backend's Date is kept, and not doubled.
+        let dated =
+            b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\nContent-Length: 0\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(dated, false, 8192, &mut head).unwrap());
+        let mut out = Vec::new();
+        write_client_response(
+            &mut out,
+            dated,
+            &head,
+            ClientFraming::Length(0),
+            false,
+            1,
+            b"",
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(s.matches("Date: ").count(), 1);
+        assert!(s.contains("Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"));
+        let buf = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: X-Hop\r\nX-Hop: 1\r\nContent-Type: text/plain\r\n\r\n";
+        let mut head = ResponseHead::default();
+        assert!(parse_response(buf, false, 8192, &mut head).unwrap());
         let mut out = Vec::new();
         write_client_response(&mut out, buf, &head, ClientFraming::Chunked, false, 1, b"");
         let s = String::from_utf8(out).unwrap();

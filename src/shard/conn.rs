@@ -174,7 +174,14 @@ impl ClientConn {
                     self.log(&format!("rejected request: {e}"));
                     self.req_line.clear();
                     self.req_method_len = 0;
-                    self.send_error(e.status(), e.reason(), true).await;
+                    // No head to go by (it did not parse).
+                    self.send_answer(
+                        e.status(),
+                        e.reason(),
+                        true,
+                        crate::http::Answering::UNKNOWN,
+                    )
+                    .await;
                     self.record(started, sent);
                     return;
                 }
@@ -290,8 +297,23 @@ impl ClientConn {
         }
     }
 
-    /// Writes a response corral makes itself.
+    /// Writes a response corral makes itself, to the request just read.
     async fn send_error(&mut self, code: u16, body: &str, close: bool) {
+        let to = crate::http::Answering {
+            head_only: self.head.method() == Method::Head,
+            minor: self.head.minor,
+        };
+        self.send_answer(code, body, close, to).await;
+    }
+
+    /// [`Self::send_error`] for any request, read or not.
+    async fn send_answer(
+        &mut self,
+        code: u16,
+        body: &str,
+        close: bool,
+        to: crate::http::Answering,
+    ) {
         self.linger |= close;
         self.out.clear();
         let extra: &[(&str, &str)] = if code == 503 {
@@ -300,7 +322,7 @@ impl ClientConn {
             &[]
         };
         self.status = code;
-        write_simple_response(&mut self.out, code, body, close, extra);
+        write_simple_response(&mut self.out, code, body, close, to, extra);
         let deadline = Instant::now() + self.shard.cfg.limits.body_timeout;
         let _ = self.sock.write_all(&self.out, deadline).await;
         if close {
@@ -316,6 +338,19 @@ impl ClientConn {
         let pool_idx = match cfg.route(self.head.host(buf), self.head.path(buf)) {
             Some(Target::Store(i)) => return self.serve_store(i).await,
             Some(Target::Pool(i)) => i,
+            // No route matched (`OPTIONS *` with only `/...` routes): the
+            // first pool, if there is one.
+            None if shard.pools.is_empty() => {
+                let close = self.head.close || self.head.body() != BodyKind::Empty;
+                self.inbuf.consume(self.head.head_len);
+                self.send_error(404, "no route for this target", close)
+                    .await;
+                return if close {
+                    Outcome::Close
+                } else {
+                    self.keep_or_close()
+                };
+            }
             None => 0,
         };
         let pool = &shard.pools[pool_idx];

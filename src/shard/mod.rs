@@ -811,20 +811,20 @@ pub async fn accept(shard: &Shard, listener: &TcpListener) -> Option<glommio::ne
 
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
     let queue = shard.queue;
-    let refusal = {
-        let mut v = Vec::new();
-        crate::http::write_simple_response(
-            &mut v,
-            503,
-            "too many connections",
-            true,
-            &[("Retry-After", "1")],
-        );
-        v
-    };
+    let mut refusal = Vec::new();
     while let Some(stream) = accept(&shard, &listener).await {
         let sock = net::Sock::new(stream);
         if shard.conns.get() >= shard.cfg.max_connections {
+            // Made for each refusal: it carries the current Date.
+            refusal.clear();
+            crate::http::write_simple_response(
+                &mut refusal,
+                503,
+                "too many connections",
+                true,
+                crate::http::Answering::UNKNOWN,
+                &[("Retry-After", "1")],
+            );
             sock.try_write(&refusal);
             continue;
         }

@@ -6,11 +6,11 @@
 use super::{ClientConn, Outcome};
 use crate::admin::stats::Class;
 use crate::cache::body::FILE_MIN;
-use crate::cache::collapse::{Fill, Next, Phase, Reader};
+use crate::cache::collapse::{Fill, Next, Phase, Reader, Source};
 use crate::cache::object::Meta;
 use crate::cache::object::{
-    merge_fields, meta_from_response, not_modified, range_ask, vary_values, HitHead, Object,
-    RangeAsk,
+    merge_fields, meta_from_response, not_modified, precondition_fails, range_ask, vary_values,
+    HitHead, Object, RangeAsk,
 };
 use crate::cache::policy::{
     format_http_date, freshness_lifetime, stale_if_error_ok, storable, usable, CacheControl,
@@ -182,6 +182,17 @@ impl ClientConn {
     ) -> Outcome {
         let buf = self.inbuf.filled();
         let len = obj.body.len() as u64;
+        let validators = (obj.meta.etag.as_deref(), obj.meta.facts.last_modified);
+        if (200..300).contains(&obj.meta.status)
+            && precondition_fails(buf, &self.head, validators.0, validators.1)
+        {
+            // If-Match / If-Unmodified-Since fail against the stored
+            // response (evaluated as nginx does for its cache hits).
+            self.inbuf.consume(self.head.head_len);
+            self.send_error(412, "precondition failed", self.head.close)
+                .await;
+            return self.keep_or_close();
+        }
         // Preconditions only apply to what would be a 2xx (RFC 9110
         // §13.2.1): a stored 404 with an ETag is not "not modified".
         let mut status =
@@ -374,7 +385,15 @@ impl ClientConn {
                         } else if fill.exclusive() {
                             format!("{fwd}; detail=uncacheable")
                         } else {
-                            format!("{fwd}; stored")
+                            match fill.source() {
+                                Source::Origin => format!("{fwd}; stored"),
+                                // Another shard's fetch stored it meanwhile.
+                                Source::Stored => "hit".to_string(),
+                                Source::Refreshed => format!("{fwd}; fwd-status=304; stored"),
+                                Source::StaleOnError => {
+                                    format!("{fwd}; detail=stale-if-error")
+                                }
+                            }
                         };
                         close |= self.shard.draining();
                         let no_body = head_only || meta.status == 204 || meta.status == 304;
@@ -573,6 +592,7 @@ impl FillJob {
             if let Some(o) = cache.find(self.key, unix_now(), values) {
                 let age = o.timing.current_age(unix_now());
                 if usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh {
+                    self.fill.set_source(Source::Stored);
                     self.serve_stored(&o, true);
                     cache.collapse.remove(&self.fill);
                     return;
@@ -699,6 +719,7 @@ impl FillJob {
 
     fn serve_stale(&self) {
         if let Some(o) = &self.stale {
+            self.fill.set_source(Source::StaleOnError);
             self.serve_stored(o, true);
         }
     }
@@ -749,6 +770,7 @@ impl FillJob {
         // private, no-store): then it answers the request that revalidated
         // it only, and the stored copy goes.
         let shareable = storable(&self.facts, &obj.meta.facts).is_ok();
+        self.fill.set_source(Source::Refreshed);
         self.serve_stored(&obj, shareable);
         if !shareable {
             cache.remove(cache.slot_of(self.key, old));
@@ -904,6 +926,14 @@ impl FillJob {
             }
         }
         let mut meta = meta_from_response(ubuf.filled(), &rhead);
+        if meta.facts.date.is_none() {
+            // Dated on arrival (RFC 9110 §6.6.1), so that every hit carries
+            // the Date its Age is counted from.
+            meta.fields.extend_from_slice(
+                format!("Date: {}\r\n", format_http_date(response_time)).as_bytes(),
+            );
+            meta.facts.date = Some(response_time);
+        }
         let lifetime = freshness_lifetime(&meta.facts, response_time);
         // A response with no freshness at all is not shared with waiting
         // requests either: using it for them would be using a stale response.

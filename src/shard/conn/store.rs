@@ -3,7 +3,7 @@
 
 use super::{ClientConn, Outcome};
 use crate::admin::stats::Class;
-use crate::cache::object::{conditional_not_modified, range_ask, RangeAsk};
+use crate::cache::object::{conditional_not_modified, precondition_fails, range_ask, RangeAsk};
 use crate::cache::policy::format_http_date;
 use crate::http::request::Method;
 use crate::http::BodyKind;
@@ -101,6 +101,10 @@ impl ClientConn {
                 405,
                 "only GET and HEAD",
                 true,
+                crate::http::Answering {
+                    head_only: method == Method::Head,
+                    minor: self.head.minor,
+                },
                 &[("Allow", "GET, HEAD")],
             );
             let d = Instant::now() + shard.cfg.limits.body_timeout;
@@ -128,6 +132,9 @@ impl ClientConn {
         let buf = self.inbuf.filled();
         let etag = file.etag();
         let size = file.size;
+        if precondition_fails(buf, &self.head, Some(etag.as_bytes()), Some(file.mtime)) {
+            return self.store_error(412, "precondition failed").await;
+        }
         let (status, range) =
             if conditional_not_modified(buf, &self.head, Some(etag.as_bytes()), Some(file.mtime)) {
                 (304, 0..0)
@@ -148,6 +155,7 @@ impl ClientConn {
             "HTTP/1.1 {status} {}\r\n",
             crate::http::reason_phrase(status)
         );
+        crate::http::push_date_now(&mut self.out);
         if status != 304 {
             let _ = write!(self.out, "Content-Type: {}\r\n", content_type(&file.path));
         }
@@ -175,10 +183,11 @@ impl ClientConn {
         }
         let _ = write!(
             self.out,
-            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVia: 1.1 corral\r\n{}\r\n",
+            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVia: 1.1 corral\r\n",
             format_http_date(file.mtime),
-            if close { "Connection: close\r\n" } else { "" }
         );
+        crate::http::push_connection(&mut self.out, close, self.head.minor);
+        self.out.extend_from_slice(b"\r\n");
         let timeout = shard.cfg.limits.body_timeout;
         if head_only || range.is_empty() {
             let r = self
