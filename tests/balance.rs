@@ -456,6 +456,34 @@ fn refused_requests_fail_over_and_the_backend_is_ejected() {
 }
 
 #[test]
+fn the_last_usable_backend_is_never_ejected() {
+    // One backend, refusing (a restart): its failures are 502s, and it is
+    // not ejected, so it serves again as soon as it is back instead of
+    // `cooldown` of 503s.
+    let dead = dead_addr();
+    let path = write_config(
+        "last-usable",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = 0\n\
+             [[pool]]\nname = \"app\"\nbackends = [{{ addr = \"{dead}\" }}]\n\
+             eject = {{ failures = 2, cooldown = \"30s\" }}\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let mut c = Client::new(&p);
+    for i in 0..10 {
+        assert_eq!(c.get(&format!("/x{i}"), "").status, 502, "request {i}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.get("/y", "").status, 502);
+    assert!(
+        !p.stderr.lock().unwrap().contains("ejected"),
+        "{}",
+        p.stderr.lock().unwrap()
+    );
+}
+
+#[test]
 fn a_request_without_host_names_the_backend_it_was_retried_on() {
     // HTTP/1.0 without Host: corral adds the backend's address as Host. A
     // request retried after the dead backend refused, and a cache fill

@@ -65,7 +65,15 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
             match r {
                 Report::Failure { backend, kind } if backend < n => {
                     let ejected = states.iter().filter(|s| s.is_ejected()).count();
-                    let may = ejected < max_ejected(n, cfg.eject.max_percent);
+                    // Never the last usable backend (down ones count too):
+                    // an ejection that empties the pool turns a blip into
+                    // cool-down-long 503s (nginx never marks its only
+                    // server unavailable either).
+                    let others_usable = states
+                        .iter()
+                        .enumerate()
+                        .any(|(i, s)| i != backend && s.usable());
+                    let may = others_usable && ejected < max_ejected(n, cfg.eject.max_percent);
                     last_failure[backend] = kind.describe();
                     if let Some(c) = states[backend].passive_failure(now, may) {
                         let why = format!(
