@@ -364,11 +364,26 @@ fn round_robin_follows_weights() {
 
 #[test]
 fn a_killed_backend_is_detected_absorbed_and_readmitted_with_slow_start() {
+    killed_and_readmitted("round-robin");
+}
+
+#[test]
+fn peak_ewma_keeps_slow_start_for_a_returning_backend() {
+    // Its latency estimate decayed to nothing while it was down: without a
+    // reset it won every choice it was offered on return (half the
+    // traffic at once, slow start or not).
+    killed_and_readmitted("peak-ewma");
+}
+
+fn killed_and_readmitted(balance: &str) {
     let ([a, mut b, c], p) = three(
-        "kill",
+        &format!("kill-{balance}"),
         ["a", "b", "c"],
-        "health = { path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", rise = 2, fall = 2 }\n\
-         slow_start = \"3s\"\nretries = 2\n",
+        &format!(
+            "balance = \"{balance}\"\n\
+             health = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", rise = 2, fall = 2 }}\n\
+             slow_start = \"3s\"\nretries = 2\n"
+        ),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(&p, 4, stop.clone());

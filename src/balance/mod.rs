@@ -287,16 +287,35 @@ impl PeakEwma {
         self.decayed(now)
     }
 
+    /// Whether an answer was observed since it was made or reset.
+    pub fn observed(&self) -> bool {
+        self.observed
+    }
+
+    /// Forgets what was observed: for a backend back from down or
+    /// ejection, whose estimate decayed toward zero while it was away (it
+    /// would otherwise win every choice until its first answer, and
+    /// swamp its slow start).
+    pub fn reset(&mut self) {
+        self.value = 0.0;
+        self.stamp = 0;
+        self.observed = false;
+    }
+
     /// The balancing cost with `inflight` requests outstanding from this
     /// process and a load of `reported` by the backend itself: predicted
-    /// latency × (load + 1). A backend never heard from but with requests
-    /// of ours outstanding is avoided (its first answer has not come back),
-    /// the more the more are outstanding.
-    pub fn cost(&self, now: u64, inflight: u64, reported: u64) -> f64 {
-        if !self.observed && inflight > 0 {
-            return 1e15 * (inflight + 1) as f64;
-        }
-        self.decayed(now) * (inflight.max(reported) + 1) as f64
+    /// latency × (load + 1). A backend not heard from yet is predicted
+    /// `unknown`, the pessimistic estimate (the slowest one known to the
+    /// caller; at least 1, so that unknown backends among themselves go by
+    /// load): it is not flooded before its first answer, and not shunned
+    /// either because other shards keep it busy.
+    pub fn cost(&self, now: u64, inflight: u64, reported: u64, unknown: f64) -> f64 {
+        let predicted = if self.observed {
+            self.decayed(now)
+        } else {
+            unknown.max(1.0)
+        };
+        predicted * (inflight.max(reported) + 1) as f64
     }
 }
 
@@ -388,18 +407,26 @@ mod tests {
         let v = e.estimate(500_000_002);
         assert!(v < 10_000_000.0 && v > 1_000_000.0);
         assert!(e.estimate(10_000_000_000) < 1000.0, "idle estimates decay");
-        assert!(
-            PeakEwma::new(1).cost(0, 1, 0) > 1e14,
-            "unknown but busy is avoided"
+        // An unknown backend is predicted the pessimistic estimate it is
+        // given, times its load: busier is dearer.
+        assert_eq!(PeakEwma::new(1).cost(0, 1, 0, 5e6), 1e7);
+        assert!(PeakEwma::new(1).cost(0, 2, 0, 5e6) > PeakEwma::new(1).cost(0, 1, 0, 5e6));
+        assert_eq!(
+            PeakEwma::new(1).cost(0, 3, 0, 0.0),
+            4.0,
+            "nothing known: by load"
         );
-        assert!(PeakEwma::new(1).cost(0, 2, 0) > PeakEwma::new(1).cost(0, 1, 0));
         // A backend heard from long ago, reporting a load of its own, is not
         // mistaken for an unknown one: its estimate has decayed to nothing
         // and so has its cost.
         let mut quiet = PeakEwma::new(10_000_000_000);
         quiet.observe(1_000_000, 1);
-        assert!(quiet.cost(1_000_000_000_000, 0, 1) < 1.0);
-        assert!(quiet.cost(1_000_000_000_000, 1, 1) < 1.0);
+        assert!(quiet.cost(1_000_000_000_000, 0, 1, 5e6) < 1.0);
+        assert!(quiet.cost(1_000_000_000_000, 1, 1, 5e6) < 1.0);
+        // Reset (back from down): unknown again, not the decayed nothing.
+        quiet.reset();
+        assert!(!quiet.observed());
+        assert_eq!(quiet.cost(1_000_000_000_000, 0, 0, 5e6), 5e6);
     }
 
     #[test]

@@ -242,6 +242,9 @@ pub struct UpstreamPool {
     held_until: Vec<Cell<Option<Instant>>>,
     /// Some backend is held.
     any_held: Cell<bool>,
+    /// The backends usable at the last pick (a newly usable one has
+    /// returned).
+    was_usable: Cell<u64>,
     /// Statistics are recorded.
     metrics: bool,
     /// Requests, failures and time to first byte per backend (this shard's).
@@ -286,6 +289,7 @@ impl UpstreamPool {
             weights: RefCell::new(vec![0; n]),
             held_until: (0..n).map(|_| Cell::new(None)).collect(),
             any_held: Cell::new(false),
+            was_usable: Cell::new(!0),
             metrics,
             figures: RefCell::new(PoolFigures {
                 backends: (0..n).map(|_| BackendFigures::new()).collect(),
@@ -316,6 +320,17 @@ impl UpstreamPool {
             w[i] = b.weight * permille;
         }
         let mut usable = eligible(&w, !0);
+        let returned = usable & !self.was_usable.replace(usable);
+        if returned != 0 && self.cfg.balance == Balance::PeakEwma {
+            // Back from down or ejection: its old estimate decayed while it
+            // was away; it starts unknown.
+            let mut ewma = self.ewma.borrow_mut();
+            for (i, e) in ewma.iter_mut().enumerate() {
+                if returned & bit(i) != 0 {
+                    e.reset();
+                }
+            }
+        }
         if usable == 0 {
             return Pick::NoneUp;
         }
@@ -348,13 +363,19 @@ impl UpstreamPool {
             (Balance::PeakEwma, _, _) => {
                 let now = self.nanos(Instant::now());
                 let ewma = self.ewma.borrow();
+                // What an unknown backend is predicted: the slowest known.
+                let unknown = ewma
+                    .iter()
+                    .filter(|e| e.observed())
+                    .map(|e| e.estimate(now))
+                    .fold(0.0, f64::max);
                 two_choices(&w, allowed, &mut rng, |i| {
                     let reported = u64::from(
                         self.shared.backends[i]
                             .reported_load
                             .load(Ordering::Relaxed),
                     );
-                    ewma[i].cost(now, inflight(i), reported)
+                    ewma[i].cost(now, inflight(i), reported, unknown)
                 })
             }
             (Balance::Hash | Balance::Sticky, Some(key), Some(ring)) => {
