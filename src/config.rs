@@ -127,6 +127,8 @@ pub enum HashKey {
 #[derive(Debug, Clone)]
 pub struct ActiveHealth {
     pub path: String,
+    /// The `Host` of each check: this, or the backend as configured.
+    pub host: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     /// Good statuses, inclusive.
@@ -159,6 +161,9 @@ pub struct Sticky {
 #[derive(Debug, Clone)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// As configured (`app.internal:8080`): the `Host` corral sends when
+    /// the client sent none, and of health checks.
+    pub name: String,
     pub weight: u32,
 }
 
@@ -385,6 +390,7 @@ pub struct PoolSection {
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
     pub path: Option<String>,
+    pub host: Option<String>,
     pub interval: Option<String>,
     pub timeout: Option<String>,
     pub status: Option<String>,
@@ -993,8 +999,15 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                     err(&hk(name), "must be between 1 and 100".into());
                 }
             }
+            let host = h.host.clone();
+            if let Some(v) = &host {
+                if v.is_empty() || v.bytes().any(|b| b <= b' ' || b == 0x7f || b == b',') {
+                    err(&hk("host"), format!("`{v}` is not a host name"));
+                }
+            }
             ActiveHealth {
                 path,
+                host,
                 interval,
                 timeout,
                 status,
@@ -1096,7 +1109,11 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                             format!("{addr} is already a backend of this pool (use weight)"),
                         );
                     }
-                    backends.push(Backend { addr, weight });
+                    backends.push(Backend {
+                        addr,
+                        name: b.addr.trim().to_string(),
+                        weight,
+                    });
                 }
                 Err(m) => err(&k(&format!("backends[{j}].addr")), m),
             }
@@ -1517,7 +1534,7 @@ balance = "hash"
 hash_key = "header:X-User"
 hash_balance_factor = 1.5
 backends = [{ addr = "127.0.0.1:1" }, { addr = "127.0.0.1:2", weight = 3 }]
-health = { path = "/healthz", interval = "500ms", timeout = "200ms", status = "200-299", rise = 1, fall = 2 }
+health = { path = "/healthz", host = "app.example", interval = "500ms", timeout = "200ms", status = "200-299", rise = 1, fall = 2 }
 eject = { failures = 3, cooldown = "2s", max_cooldown = "1m", max_percent = 30, on_5xx = true }
 slow_start = "5s"
 retries = 1
@@ -1539,6 +1556,9 @@ backends = [{ addr = "127.0.0.1:3" }]
             ("/healthz", (200, 299), 1, 2)
         );
         assert_eq!(h.interval, Duration::from_millis(500));
+        assert_eq!(h.host.as_deref(), Some("app.example"));
+        // A backend keeps its name as configured (for Host), with its address.
+        assert_eq!(p.backends[1].name, "127.0.0.1:2");
         assert_eq!(p.eject.failures, 3);
         assert!(p.eject.on_5xx);
         assert_eq!(p.slow_start, Duration::from_secs(5));
@@ -1615,7 +1635,7 @@ balance = "round-robin"
 hash_key = "uri"
 load_header = "X-Load"
 sticky = { cookie = "x" }
-health = { status = "600", rise = 0 }
+health = { status = "600", rise = 0, host = "a b" }
 eject = { max_percent = 120 }
 retry_budget = 2.0
 backends = [{ addr = "127.0.0.1:1" }]
@@ -1628,6 +1648,7 @@ backends = [{ addr = "127.0.0.1:1" }]
             "pool[0].sticky",
             "pool[0].health.status",
             "pool[0].health.rise",
+            "pool[0].health.host",
             "pool[0].eject.max_percent",
             "pool[0].retry_budget",
         ] {

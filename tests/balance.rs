@@ -499,6 +499,72 @@ fn the_last_usable_backend_is_never_ejected() {
 }
 
 #[test]
+fn health_checks_send_the_configured_host() {
+    // A name-based virtual host answers its own name only: checks that
+    // sent the resolved address would take it down. `health.host` names
+    // it; without it the backend as configured is the Host.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hosts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = hosts.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(40) {
+            let Ok(mut s) = s else { continue };
+            let mut head = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 2 {
+                head.push_str(&line);
+                line.clear();
+            }
+            let host = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Host: "))
+                .unwrap_or("")
+                .to_string();
+            let ok = host == "app.example";
+            seen.lock().unwrap().push(host);
+            let _ = s.write_all(if ok {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            });
+        }
+    });
+    let path = write_config(
+        "health-host",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = 0\n\
+             [[pool]]\nname = \"named\"\nbackends = [{{ addr = \"{addr}\" }}]\n\
+             health = {{ path = \"/hc\", host = \"app.example\", interval = \"100ms\", fall = 1 }}\n\
+             [[pool]]\nname = \"plain\"\nbackends = [{{ addr = \"{addr}\" }}]\n\
+             health = {{ path = \"/hc\", interval = \"100ms\", fall = 1 }}\n\
+             [[route]]\npath_prefix = \"/plain\"\nto = \"plain\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && hosts.lock().unwrap().len() < 4 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hosts = hosts.lock().unwrap().clone();
+    assert!(hosts.iter().any(|h| h == "app.example"), "{hosts:?}");
+    assert!(hosts.iter().any(|h| *h == addr.to_string()), "{hosts:?}");
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h == "app.example" || *h == addr.to_string()),
+        "{hosts:?}"
+    );
+    // Only the pool that checks with the wrong Host took the backend down.
+    assert!(wait_log(&p, "pool plain: backend", Duration::from_secs(5)).is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let log = p.stderr.lock().unwrap().clone();
+    assert_eq!(log.matches("is DOWN").count(), 1, "{log}");
+    assert!(log.contains("pool plain: backend"), "{log}");
+}
+
+#[test]
 fn a_request_without_host_names_the_backend_it_was_retried_on() {
     // HTTP/1.0 without Host: corral adds the backend's address as Host. A
     // request retried after the dead backend refused, and a cache fill

@@ -162,7 +162,9 @@ async fn probe_loop(
         .mul_f64(f64::from(b as u32) / f64::from(n.max(1)));
     glommio::timer::sleep(first.max(Duration::from_millis(1))).await;
     let addr = pool.cfg.backends[b].addr;
-    let host = &pool.backend_names[b];
+    // The configured host, else the backend as configured (its name, not
+    // the address it resolved to: name-based virtual hosts answer that).
+    let host = h.host.as_deref().unwrap_or(&pool.backend_names[b]);
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: corral-health-check\r\nConnection: close\r\n\r\n",
         h.path

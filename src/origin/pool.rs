@@ -225,7 +225,8 @@ impl Drop for InFlight<'_> {
 
 pub struct UpstreamPool {
     pub cfg: PoolConfig,
-    /// `host:port` of each backend, for a `Host` field when the client sent none.
+    /// Each backend as configured (`host:port`), for a `Host` field when the
+    /// client sent none, and for health checks.
     pub backend_names: Vec<String>,
     pub shared: Arc<PoolShared>,
     rr: RefCell<SmoothRoundRobin>,
@@ -278,7 +279,7 @@ impl UpstreamPool {
             Ring::new(&ids, &weights)
         });
         UpstreamPool {
-            backend_names: cfg.backends.iter().map(|b| b.addr.to_string()).collect(),
+            backend_names: cfg.backends.iter().map(|b| b.name.clone()).collect(),
             idle: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
             rr: RefCell::new(SmoothRoundRobin::new(n)),
             rng: RefCell::new(Rng::new(seed)),
