@@ -887,6 +887,32 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             p.hash_key = Some(h.clone());
         }
     }
+    // Flags for the first pool need one to apply to.
+    if pool_sections.is_empty() {
+        for (given, flag) in [
+            (ov.balance.is_some(), "--balance"),
+            (ov.hash_key.is_some(), "--hash-key"),
+            (ov.health_path.is_some(), "--health-path"),
+            (ov.health_interval.is_some(), "--health-interval"),
+        ] {
+            if given {
+                err(
+                    flag,
+                    "there is no pool to apply it to (give --backend)".into(),
+                );
+            }
+        }
+    }
+    if ov.health_interval.is_some()
+        && ov.health_path.is_none()
+        && pool_sections.first().is_some_and(|p| p.health.is_none())
+    {
+        // Not checks of `/` the backends may not answer with 2xx/3xx.
+        err(
+            "--health-interval",
+            "needs --health-path (or the pool's health section)".into(),
+        );
+    }
     if ov.health_path.is_some() || ov.health_interval.is_some() {
         if let Some(p) = pool_sections.first_mut() {
             let h = p.health.get_or_insert_with(Default::default);
@@ -1806,6 +1832,38 @@ to = "nope"
         };
         let e = build(file, &ov, 2).unwrap_err();
         assert_keys(&e, &["store[0].block_size"]);
+    }
+
+    #[test]
+    fn pool_flags_need_a_pool_and_an_interval_needs_a_path() {
+        let root = std::env::temp_dir().display().to_string();
+        let file = parse_file("[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+        let ov = Overrides {
+            origin_dir: Some(root),
+            balance: Some("random".into()),
+            health_interval: Some("1s".into()),
+            ..Default::default()
+        };
+        let e = build(file, &ov, 2).unwrap_err();
+        assert_keys(&e, &["--balance", "--health-interval"]);
+        let file = parse_file("[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+        let ov = Overrides {
+            backends: vec!["127.0.0.1:9000".into()],
+            health_interval: Some("1s".into()),
+            ..Default::default()
+        };
+        let e = build(file, &ov, 2).unwrap_err();
+        assert_keys(&e, &["--health-interval"]);
+        // With a path, or a health section to retime, it is fine.
+        let file = parse_file("[server]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
+        let ov = Overrides {
+            backends: vec!["127.0.0.1:9000".into()],
+            health_path: Some("/hc".into()),
+            health_interval: Some("1s".into()),
+            ..Default::default()
+        };
+        let c = build(file, &ov, 2).unwrap();
+        assert_eq!(c.pools[0].health.as_ref().unwrap().path, "/hc");
     }
 
     #[test]

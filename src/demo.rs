@@ -164,7 +164,7 @@ fn describe(r: &loadgen::Report) -> String {
     )
 }
 
-/// Runs the tour; `seconds` is its rough length.
+/// Runs the tour; `seconds` is its rough length (10 to 120).
 pub fn run(seconds: u64) -> Result<(), String> {
     let phase = Duration::from_millis((seconds.clamp(10, 120) * 1000) / 10);
     println!("corral demo: a shard-per-core reverse proxy on io_uring, on loopback only.\n");
@@ -210,8 +210,7 @@ pub fn run(seconds: u64) -> Result<(), String> {
         store_root.display()
     ))
     .map_err(|e| e.to_string())?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cfg = config::build(file, &ov, cpus).map_err(|e| e.to_string())?;
+    let cfg = config::build(file, &ov, crate::shard::online_cpus()).map_err(|e| e.to_string())?;
     let running = crate::shard::start(cfg).map_err(|e| e.to_string())?;
     let proxy = running.addrs[0];
     println!(

@@ -27,8 +27,9 @@ struct Cli {
 enum Cmd {
     /// A self-contained tour: built-in origins, the proxy and load on loopback.
     Demo {
-        /// Rough length of the tour.
-        #[arg(long, default_value_t = 20)]
+        /// Rough length of the tour, 10 to 120 (each of its phases needs
+        /// about a second of load to say anything).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(10..=120))]
         seconds: u64,
     },
     /// Validate a config file; exit 0, or 2 with every error named by its key.
@@ -105,24 +106,15 @@ impl RunArgs {
     }
 }
 
-/// CPUs online on the machine. Not `available_parallelism`, which is the
-/// caller's affinity mask: under `taskset -c 1`, `--cpus 1` must still be
-/// valid.
-fn online_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if n > 0 {
-        n as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::CheckConfig { file }) => {
-            match config::load(Some(&file), &Overrides::default(), online_cpus()) {
+            match config::load(
+                Some(&file),
+                &Overrides::default(),
+                corral::shard::online_cpus(),
+            ) {
                 Ok(c) => {
                     println!(
                         "{file}: ok ({} listeners, {} shards, {} pools, {} routes)",
@@ -153,7 +145,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> ExitCode {
-    let cfg = match config::load(args.config.as_deref(), &args.overrides(), online_cpus()) {
+    let cfg = match config::load(
+        args.config.as_deref(),
+        &args.overrides(),
+        corral::shard::online_cpus(),
+    ) {
         Ok(c) => c,
         Err(errs) => {
             for e in &errs.0 {

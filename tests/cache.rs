@@ -864,6 +864,53 @@ fn scripted_origin(
 }
 
 #[test]
+fn a_fill_that_outgrows_the_size_limit_does_not_fail_other_shards() {
+    // A chunked 256 KiB body over about 1.6 s against a 64 KiB object
+    // limit: the fetch stops being shareable a quarter of the way in. The
+    // requests that come after, on either shard, fetch on their own and
+    // get the whole body (they got 502 on the other shard, following a
+    // shared fill that had given up but still held its claim).
+    let origin = scripted_origin(|_, s| {
+        let head =
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(head).is_err() {
+            return false;
+        }
+        let chunk = vec![b'x'; 16384];
+        for _ in 0..16 {
+            let mut piece = b"4000\r\n".to_vec();
+            piece.extend_from_slice(&chunk);
+            piece.extend_from_slice(b"\r\n");
+            if s.write_all(&piece).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s.write_all(b"0\r\n\r\n").is_ok()
+    });
+    let path = write_config(
+        "outgrown-shards",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\
+             [cache]\nmax_object_size = \"64KiB\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let addr = p.addr;
+    let first = std::thread::spawn(move || get(addr, "/big"));
+    std::thread::sleep(Duration::from_millis(700));
+    let later: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || get(addr, "/big")))
+        .collect();
+    for h in std::iter::once(first).chain(later) {
+        let r = h.join().unwrap();
+        let status = r.header("cache-status").unwrap_or("").to_string();
+        assert_eq!((r.status, r.body.len()), (200, 16 * 16384), "{status}");
+    }
+}
+
+#[test]
 fn a_stored_error_is_not_answered_304() {
     // Preconditions apply only where the answer would be 2xx (RFC 9110
     // §13.2.1): a cached 404 with an ETag stays a 404.

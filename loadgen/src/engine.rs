@@ -646,12 +646,18 @@ fn build_request(
             }
         }
     };
-    let _ = write!(
-        out,
-        "{} {} HTTP/1.1\r\nHost: {}\r\n",
-        opts.method, path, opts.target.host
-    );
-    if let Some((a, b)) = range {
+    let _ = write!(out, "{} {} HTTP/1.1\r\n", opts.method, path);
+    // A `-H Host:` or `-H Range:` replaces loadgen's own (as in wrk): two
+    // Host fields would be a 400.
+    let given = |name: &str| {
+        opts.headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+    };
+    if !given("host") {
+        let _ = write!(out, "Host: {}\r\n", opts.target.host);
+    }
+    if let Some((a, b)) = range.filter(|_| !given("range")) {
         let _ = write!(out, "Range: bytes={a}-{b}\r\n");
     }
     for (k, v) in &opts.headers {
@@ -1037,5 +1043,15 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .starts_with("GET /x?a=1&k=7 HTTP/1.1"));
+        // -H Host (any case) and -H Range replace loadgen's own.
+        let mut o = Options::new("http://127.0.0.1:1/").unwrap();
+        o.headers.push(("host".into(), "app.example".into()));
+        o.headers.push(("Range".into(), "bytes=5-6".into()));
+        let mut out = Vec::new();
+        build_request(&mut out, &o, None, Some((0, 99)));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: app.example\r\nRange: bytes=5-6\r\n\r\n"
+        );
     }
 }

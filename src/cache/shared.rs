@@ -128,6 +128,16 @@ impl SharedFill {
         });
     }
 
+    /// Ends it for its followers with status 0 ("go to the origin on your
+    /// own") and lets go of its chunks: the fetch goes on for its own shard
+    /// only (it outgrew the object size limit).
+    pub fn abandon(&self) {
+        self.update(|st| {
+            st.end.get_or_insert(End::Failed(0));
+            st.chunks = Vec::new();
+        });
+    }
+
     /// Everything after chunk `from`, and the state.
     pub fn read(&self, from: usize) -> Update {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -425,6 +425,19 @@ fn check_affinity(cpus: Option<&[usize]>) -> Result<(), StartError> {
     }
 }
 
+/// CPUs online on the machine. Not `available_parallelism`, which is the
+/// caller's affinity mask: under `taskset -c 1`, `--cpus 1` must still be
+/// valid.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn allowed_cpus() -> Option<Vec<usize>> {
     // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.

@@ -29,6 +29,8 @@ use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use crate::shard::buf::Buf;
 use crate::shard::net::{round_now, until};
 use crate::shard::Shard;
+use futures_lite::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,8 +149,6 @@ impl ClientConn {
         let (reader, lead) = cache.collapse.join(key);
         if lead {
             self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale);
-        } else {
-            ShardCache::bump(&cache.collapsed);
         }
         self.serve_fill(reader, fwd, pool_idx).await
     }
@@ -308,7 +308,16 @@ impl ClientConn {
             head: self.head.clone(),
             hint: self.hint,
         };
-        let spawned = glommio::spawn_local_into(job.run(), self.shard.queue);
+        // A panic in the fill (origin bytes are parsed there) ends this
+        // task only: its Drop guards release the readers and the claim.
+        let spawned = glommio::spawn_local_into(
+            async move {
+                if AssertUnwindSafe(job.run()).catch_unwind().await.is_err() {
+                    eprintln!("corral: a cache fill task panicked; the shard goes on");
+                }
+            },
+            self.shard.queue,
+        );
         match spawned {
             Ok(t) => drop(t.detach()),
             Err(e) => self.log(&format!("cannot spawn a cache fill: {e}")),
@@ -381,6 +390,12 @@ impl ClientConn {
                             return None;
                         }
                         let status_text = if !reader.first {
+                            // Counted here, where another request's fetch
+                            // answers it (not at joining: a follower may
+                            // still be sent to the origin on its own).
+                            if let Some(cache) = &self.shard.cache {
+                                ShardCache::bump(&cache.collapsed);
+                            }
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
                             format!("{fwd}; detail=uncacheable")
@@ -666,7 +681,20 @@ impl FillJob {
     fn demote(&self) {
         self.fill.demote();
         if let Some(p) = &self.publish {
-            p.fill.fail(0);
+            // Ended for other shards now, not when this download ends (a
+            // slow client can make that minutes): their misses for the key
+            // find it still claimed, learn that it is not shareable and
+            // fetch on their own (hit-for-miss there too). Its chunks go.
+            p.fill.abandon();
+        }
+    }
+
+    /// This shard's requests for the key go to the origin on their own for
+    /// a while (`hit_for_miss`): another shard found it uncacheable.
+    fn remember_uncacheable(&self) {
+        if let Some(cache) = self.shard.cache.as_ref() {
+            let until = Instant::now() + self.shard.cfg.cache.hit_for_miss;
+            cache.collapse.mark_uncacheable(self.key, until);
         }
     }
 
@@ -675,11 +703,20 @@ impl FillJob {
     async fn relay(&self, shared: Arc<SharedFill>) {
         let mut pos = 0;
         let mut started = false;
+        // The longest the fetching shard may leave its fill unchanged
+        // (every attempt's connect and head, or a body read), with room:
+        // past it that shard is gone (its thread died), and waiting on
+        // would hold this shard's readers and collapse entry forever.
+        let pool = &self.shard.pools[self.pool_idx].cfg;
+        let quiet = (pool.connect_timeout + pool.response_timeout) * (pool.retries + 1)
+            + pool.body_timeout
+            + std::time::Duration::from_secs(1);
         loop {
             let u = shared.read(pos);
             if !started {
                 if let Some((meta, cacheable, _, _)) = u.head.clone() {
                     if !cacheable {
+                        self.remember_uncacheable();
                         self.fill.go_alone();
                         return;
                     }
@@ -694,10 +731,23 @@ impl FillJob {
                 }
             }
             match u.end {
-                End::Open => shared.changed(u.version).await,
+                End::Open => {
+                    if until(Instant::now() + quiet, shared.changed(u.version))
+                        .await
+                        .is_none()
+                    {
+                        return self.fill.fail(504);
+                    }
+                }
                 // The fetching shard stored it in its owner's partition.
                 End::Done if started => return self.fill.finish(),
-                End::Failed(0) if !started => return self.fill.go_alone(),
+                // Outgrew the object size limit (or turned out not to be
+                // shareable): readers that have not started go to the
+                // origin alone, the others are cut (`Reader::step`).
+                End::Failed(0) => {
+                    self.remember_uncacheable();
+                    return self.fill.go_alone();
+                }
                 End::Failed(code) if code != 0 => return self.fill.fail(code),
                 End::Done | End::Failed(_) => return self.fill.fail(502),
             }
