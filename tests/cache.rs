@@ -911,6 +911,40 @@ fn a_fill_that_outgrows_the_size_limit_does_not_fail_other_shards() {
 }
 
 #[test]
+fn a_request_after_a_purge_does_not_join_a_fetch_from_before_it() {
+    // The first fetch is slow; a purge of the URL comes while it is in
+    // flight: a request after the purge gets a fetch of its own (the one
+    // in flight may be bringing what was purged), on either shard.
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let origin = scripted_origin(move |_, s| {
+        let v = seen.fetch_add(1, Ordering::SeqCst) + 1;
+        if v == 1 {
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nv{v}"
+        );
+        s.write_all(reply.as_bytes()).is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "2"]);
+    let addr = p.addr;
+    let first = std::thread::spawn(move || get(addr, "/p").text());
+    std::thread::sleep(Duration::from_millis(200));
+    // Nothing is stored yet (404), but the purge is logged all the same.
+    assert_eq!(get_with(&p, "/p", "PURGE", "").status, 404);
+    let after: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || get(addr, "/p").text()))
+        .collect();
+    for h in after {
+        assert_eq!(h.join().unwrap(), "v2");
+    }
+    assert_eq!(first.join().unwrap(), "v1");
+    // The purged fetch did not store: v2 is what is stored now.
+    assert_eq!(get(addr, "/p").text(), "v2");
+}
+
+#[test]
 fn a_stored_error_is_not_answered_304() {
     // Preconditions apply only where the answer would be 2xx (RFC 9110
     // §13.2.1): a cached 404 with an ETag stays a 404.

@@ -38,6 +38,9 @@ pub enum Phase {
 /// One origin fetch shared by every reader of its key.
 pub struct Fill {
     pub key: u64,
+    /// The purge count when it started: a request after a purge of its key
+    /// does not join a fetch begun before it.
+    generation: u64,
     state: RefCell<State>,
     /// Readers that joined, the first included.
     readers: Cell<usize>,
@@ -99,9 +102,10 @@ pub enum Next {
 }
 
 impl Fill {
-    fn new(key: u64) -> Fill {
+    fn new(key: u64, generation: u64) -> Fill {
         Fill {
             key,
+            generation,
             state: RefCell::new(State {
                 phase: Phase::Waiting,
                 meta: None,
@@ -365,12 +369,31 @@ impl CollapseTable {
     /// Joins the fill for `key`, creating it if none is in flight. The
     /// second value is true for the reader that created it: that reader
     /// must start the fetch.
+    #[cfg(test)]
     pub fn join(&self, key: u64) -> (Reader, bool) {
+        self.join_since(key, 0, |_| false)
+    }
+
+    /// [`Self::join`] at purge count `generation`: a fill for the key that
+    /// began before a purge that `purged` (given the fill's count) says was
+    /// meant for it is not joined; a new one replaces it in the table (the
+    /// old one finishes for the readers it has).
+    pub fn join_since(
+        &self,
+        key: u64,
+        generation: u64,
+        purged: impl Fn(u64) -> bool,
+    ) -> (Reader, bool) {
         let mut fills = self.fills.borrow_mut();
         let (fill, created) = match fills.get(&key) {
-            Some(f) if !matches!(f.phase(), Phase::Done | Phase::Failed(_)) => (f.clone(), false),
+            Some(f)
+                if !matches!(f.phase(), Phase::Done | Phase::Failed(_))
+                    && (f.generation == generation || !purged(f.generation)) =>
+            {
+                (f.clone(), false)
+            }
             _ => {
-                let f = Rc::new(Fill::new(key));
+                let f = Rc::new(Fill::new(key, generation));
                 fills.insert(key, f.clone());
                 (f, true)
             }
@@ -467,6 +490,26 @@ mod tests {
         // After the fill ended a new request leads a new fetch.
         let (_d, lead_d) = t.join(7);
         assert!(lead_d);
+    }
+
+    #[test]
+    fn a_fill_from_before_a_purge_is_not_joined() {
+        let t = CollapseTable::default();
+        let (a, lead) = t.join_since(1, 5, |_| false);
+        assert!(lead);
+        // Same purge count: joined.
+        let (b, lead) = t.join_since(1, 5, |_| true);
+        assert!(!lead && Rc::ptr_eq(&a.fill, &b.fill));
+        // A later count, but no purge meant for it: joined.
+        let (c, lead) = t.join_since(1, 6, |g| g != 5);
+        assert!(!lead && Rc::ptr_eq(&a.fill, &c.fill));
+        // A purge of it since: a new fill replaces it in the table, and
+        // the old one can no longer remove the new one.
+        let (d, lead) = t.join_since(1, 7, |g| g == 5);
+        assert!(lead && !Rc::ptr_eq(&a.fill, &d.fill));
+        t.remove(&a.fill);
+        let (e, lead) = t.join_since(1, 7, |_| false);
+        assert!(!lead && Rc::ptr_eq(&d.fill, &e.fill));
     }
 
     #[test]

@@ -342,6 +342,12 @@ impl ShardCache {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether a purge since purge count `since` was meant for `key` (or
+    /// the request target `target`).
+    pub fn purged_since(&self, since: u64, key: u64, target: &[u8]) -> bool {
+        since != self.purge_generation() && self.parts.purged_since(since, key, target, None)
+    }
+
     pub fn new(id: usize, parts: std::sync::Arc<Partitions>, budget_bytes: u64) -> ShardCache {
         let shards = parts.parts.len() as u64;
         ShardCache {

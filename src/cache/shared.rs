@@ -37,12 +37,25 @@ impl SharedFills {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
     pub fn claim(&self, key: u64) -> Claim {
+        self.claim_since(key, 0, |_| false)
+    }
+
+    /// Claims the fetch of `key` at purge count `generation`, or follows
+    /// the one in flight, unless `purged` (given its count) says a purge
+    /// since it began was meant for it: then this fetch replaces it.
+    pub fn claim_since(&self, key: u64, generation: u64, purged: impl Fn(u64) -> bool) -> Claim {
         let mut map = self.lock();
         if let Some(f) = map.get(&key) {
-            return Claim::Follow(f.clone());
+            if f.generation == generation || !purged(f.generation) {
+                return Claim::Follow(f.clone());
+            }
         }
-        let f = Arc::new(SharedFill::default());
+        let f = Arc::new(SharedFill {
+            state: Mutex::default(),
+            generation,
+        });
         map.insert(key, f.clone());
         Claim::Fetch(f)
     }
@@ -82,6 +95,8 @@ pub struct Update {
 #[derive(Default)]
 pub struct SharedFill {
     state: Mutex<State>,
+    /// The purge count when the fetch was claimed.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -191,6 +206,14 @@ mod tests {
         };
         assert!(matches!(t.claim(1), Claim::Follow(_)));
         assert!(matches!(t.claim(2), Claim::Fetch(_)));
+        // A fetch claimed before a purge meant for it is not followed.
+        assert!(matches!(t.claim_since(2, 3, |_| false), Claim::Follow(_)));
+        let Claim::Fetch(newer) = t.claim_since(2, 3, |g| g == 0) else {
+            panic!("a purged fetch was followed");
+        };
+        assert!(
+            matches!(t.claim_since(2, 3, |_| true), Claim::Follow(f) if Arc::ptr_eq(&f, &newer))
+        );
         t.release(1, &f);
         assert!(matches!(t.claim(1), Claim::Fetch(_)));
     }

@@ -110,7 +110,7 @@ impl ClientConn {
                     // none while the last one's answer is remembered as
                     // uncacheable (no back-to-back refreshes).
                     if !cache.collapse.is_uncacheable(key, Instant::now()) {
-                        let (reader, lead) = cache.collapse.join(key);
+                        let (reader, lead) = self.join(cache, key);
                         if lead {
                             self.spawn_fill(
                                 pool_idx,
@@ -146,11 +146,22 @@ impl ClientConn {
             self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
             return None;
         }
-        let (reader, lead) = cache.collapse.join(key);
+        let (reader, lead) = self.join(cache, key);
         if lead {
             self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale);
         }
         self.serve_fill(reader, fwd, pool_idx).await
+    }
+
+    /// Joins the shard's fill for `key`, unless it began before a purge
+    /// of this key or target (it may be fetching what was purged).
+    fn join(&self, cache: &ShardCache, key: u64) -> (Reader, bool) {
+        let target = self.head.target(self.inbuf.filled());
+        cache
+            .collapse
+            .join_since(key, cache.purge_generation(), |g| {
+                cache.purged_since(g, key, target)
+            })
     }
 
     /// The 504 of `only-if-cached` when the cache cannot answer.
@@ -586,7 +597,13 @@ impl FillJob {
         let Some(cache) = shard.cache.as_ref() else {
             return;
         };
-        match shard.shared_fills.claim(self.key) {
+        let target = self.head.target(&self.request);
+        let claim = shard
+            .shared_fills
+            .claim_since(self.key, cache.purge_generation(), |g| {
+                cache.purged_since(g, self.key, target)
+            });
+        match claim {
             Claim::Follow(shared) => {
                 self.relay(shared).await;
                 cache.collapse.remove(&self.fill);
