@@ -208,14 +208,37 @@ struct Shared {
 /// to finish opens the next round.
 struct HerdSync {
     round: AtomicU64,
+    /// `u64::MAX` until every connection checked in for round 0.
     start_ns: AtomicU64,
     remaining: AtomicUsize,
+    /// Connections that have connected (or failed to) once: round 0 opens
+    /// when all have, so a slow connect does not spread it out.
+    checked_in: AtomicUsize,
     rounds: Mutex<Vec<Round>>,
 }
 
 impl Shared {
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+
+    /// A connection's first connect, made or failed: the last one sets
+    /// round 0's instant.
+    fn herd_check_in(&self) {
+        let all = self.opts.connections;
+        if self.herd.checked_in.fetch_add(1, Ordering::AcqRel) + 1 == all {
+            let at = self.now_ns() + HERD_GAP.as_nanos() as u64;
+            self.herd.start_ns.store(at, Ordering::Release);
+        }
+    }
+
+    /// When the run's sends end: `--duration` after the start, or never
+    /// (`--requests`).
+    fn end_ns(&self) -> u64 {
+        match self.opts.requests {
+            Some(_) => u64::MAX,
+            None => self.opts.duration.as_nanos() as u64,
+        }
     }
 
     fn should_stop(&self) -> bool {
@@ -274,8 +297,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
         run_tag,
         herd: HerdSync {
             round: AtomicU64::new(0),
-            start_ns: AtomicU64::new(HERD_GAP.as_nanos() as u64),
+            start_ns: AtomicU64::new(u64::MAX),
             remaining: AtomicUsize::new(opts.connections),
+            checked_in: AtomicUsize::new(0),
             rounds: Mutex::new(vec![Round::default()]),
         },
         opts,
@@ -360,17 +384,15 @@ pub fn run(opts: Options) -> Result<Report, String> {
         }
     }
     // The rate's time: until the last response for `--requests` (not the
-    // teardown after it); for `--duration`, the duration, or longer when
-    // responses in flight at its end came later (they are counted).
+    // teardown after it); for `--duration`, the duration, over which only
+    // the responses that came within it count (as wrk): one slow response
+    // after the end must not stretch the time every connection is charged.
     let elapsed = shared.start.elapsed();
     let last = Duration::from_nanos(stats.last_response_ns);
     let duration = match opts.requests {
         Some(_) if !last.is_zero() => last,
         Some(_) => elapsed,
-        None => last
-            .max(opts.duration)
-            .min(elapsed)
-            .max(Duration::from_millis(1)),
+        None => opts.duration.min(elapsed).max(Duration::from_millis(1)),
     };
     let mut rounds =
         std::mem::take(&mut *shared.herd.rounds.lock().unwrap_or_else(|p| p.into_inner()));
@@ -683,6 +705,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
     let mut out = Vec::with_capacity(512);
     let mut herd_round = 0u64;
+    let mut checked_in = false;
     // Drops the connection, failing what is in flight on it.
     macro_rules! fail {
         ($clean:expr) => {
@@ -700,6 +723,14 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match Conn::open(opts.target.addr, opts.timeout, shared.now_ns()).await {
+                Some(c) if opts.herd && !checked_in => {
+                    checked_in = true;
+                    shared.herd_check_in();
+                    if shared.should_stop() {
+                        break 'run;
+                    }
+                    conn.insert(c)
+                }
                 Some(c) => {
                     // The connect may have taken until after the end.
                     if shared.should_stop() {
@@ -708,6 +739,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     conn.insert(c)
                 }
                 None => {
+                    if opts.herd && !checked_in {
+                        checked_in = true;
+                        shared.herd_check_in();
+                    }
                     stats.borrow_mut().connect_errors += 1;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                     // With --requests a failed connect uses up a request, so
@@ -746,7 +781,15 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     Some(r) => herd_round = r,
                     None => break 'run,
                 }
-                let at = shared.herd.start_ns.load(Ordering::Acquire);
+                let mut at = shared.herd.start_ns.load(Ordering::Acquire);
+                while at == u64::MAX {
+                    // Round 0, before every connection checked in.
+                    if shared.should_stop() {
+                        break 'run;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    at = shared.herd.start_ns.load(Ordering::Acquire);
+                }
                 let now = shared.now_ns();
                 if at > now {
                     glommio::timer::sleep(Duration::from_nanos(at - now)).await;
@@ -825,6 +868,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         if inflight.is_empty() {
             match wait_until {
                 Some(t) => {
+                    // Not past the run's end: a slow rate's next slot may
+                    // lie far beyond it.
+                    let t = t.min(shared.end_ns());
                     let now = shared.now_ns();
                     if t > now {
                         glommio::timer::sleep(Duration::from_nanos(t - now)).await;
@@ -925,6 +971,9 @@ fn complete(
         let mut s = stats.borrow_mut();
         s.record(done.status, lat, done.body_bytes);
         s.last_response_ns = now;
+        if now > shared.end_ns() {
+            s.after_end += 1;
+        }
     }
     shared.completed.fetch_add(1, Ordering::Relaxed);
     let round = f.round?;

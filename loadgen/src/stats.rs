@@ -28,9 +28,11 @@ pub struct Stats {
     pub late: u64,
     pub body_bytes: u64,
     /// When the last response came, in ns since the run's start: the
-    /// run's duration for its rate (a response that arrives after
-    /// `--duration` still counts, and so does the time it took).
+    /// run's duration for the rate of a `--requests` run.
     pub last_response_ns: u64,
+    /// Responses that came after `--duration` ended: in the histogram and
+    /// the request count, not in the rate.
+    pub after_end: u64,
 }
 
 impl Default for Stats {
@@ -44,6 +46,7 @@ impl Default for Stats {
             late: 0,
             body_bytes: 0,
             last_response_ns: 0,
+            after_end: 0,
         }
     }
 }
@@ -67,6 +70,7 @@ impl Stats {
         self.late += other.late;
         self.body_bytes += other.body_bytes;
         self.last_response_ns = self.last_response_ns.max(other.last_response_ns);
+        self.after_end += other.after_end;
     }
 
     pub fn requests(&self) -> u64 {
@@ -202,8 +206,11 @@ fn fmt_us(us: f64) -> String {
 }
 
 impl Report {
+    /// Responses within the run's time over that time (for `--duration`,
+    /// those that came after its end are left out).
     pub fn rps(&self) -> f64 {
-        self.stats.requests() as f64 / self.duration.as_secs_f64().max(1e-9)
+        let n = self.stats.requests().saturating_sub(self.stats.after_end);
+        n as f64 / self.duration.as_secs_f64().max(1e-9)
     }
 
     /// The wrk-like text summary.
@@ -267,6 +274,23 @@ impl Report {
                 fmt_us(quantile(&maxes, 0.5) as f64),
                 fmt_us(*maxes.iter().max().unwrap_or(&0) as f64)
             );
+            // Per-round figures are over the answered requests: say how many
+            // were not.
+            let failed: u64 = self.rounds.iter().map(|r| r.failed).sum();
+            if failed > 0 {
+                let in_rounds = self.rounds.iter().filter(|r| r.failed > 0).count();
+                let _ = writeln!(
+                    o,
+                    "  Herd: {failed} requests failed, in {in_rounds} rounds (not in the round figures)"
+                );
+            }
+        }
+        if s.after_end > 0 {
+            let _ = writeln!(
+                o,
+                "  Responses after the end: {} (counted, not in Requests/sec)",
+                s.after_end
+            );
         }
         let _ = writeln!(o, "Requests/sec: {:.2}", self.rps());
         o
@@ -295,8 +319,8 @@ impl Report {
         );
         let _ = write!(
             o,
-            "\"connect_errors\": {}, \"read_errors\": {}, \"timeouts\": {}, \"late\": {}, \"body_bytes\": {}, ",
-            s.connect_errors, s.read_errors, s.timeouts, s.late, s.body_bytes
+            "\"connect_errors\": {}, \"read_errors\": {}, \"timeouts\": {}, \"late\": {}, \"after_end\": {}, \"body_bytes\": {}, ",
+            s.connect_errors, s.read_errors, s.timeouts, s.late, s.after_end, s.body_bytes
         );
         let codes: Vec<String> = s
             .status
@@ -326,11 +350,12 @@ impl Report {
             };
             let _ = write!(
                 o,
-                ", \"herd\": {{\"rounds\": {}, \"round_p50_us\": [{}], \"round_p99_us\": [{}], \"round_max_us\": [{}]}}",
+                ", \"herd\": {{\"rounds\": {}, \"round_p50_us\": [{}], \"round_p99_us\": [{}], \"round_max_us\": [{}], \"round_failed\": [{}]}}",
                 self.rounds.len(),
                 list(Round::p50_us),
                 list(Round::p99_us),
-                list(Round::max_us)
+                list(Round::max_us),
+                list(|r| r.failed)
             );
         }
         o.push('}');

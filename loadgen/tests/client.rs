@@ -57,6 +57,10 @@ fn server() -> (String, Arc<AtomicUsize>) {
                             let _ = r.get_ref().set_read_timeout(Some(Duration::from_millis(300)));
                             w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
                         }
+                        "/late" => {
+                            std::thread::sleep(Duration::from_millis(700));
+                            w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+                        }
                         "/slow" => {
                             std::thread::sleep(Duration::from_secs(3));
                             return;
@@ -228,6 +232,49 @@ fn herd_rounds_fire_together() {
     for round in &r.rounds {
         assert_eq!(round.latencies_us.len(), 10);
     }
+    // Per-round failures are reported beside the per-round figures.
+    assert!(r.json().contains("\"round_failed\": [0"), "{}", r.json());
+}
+
+#[test]
+fn a_response_after_the_duration_is_counted_but_not_in_the_rate() {
+    // One connection, one request answered 700 ms in, a 500 ms run: the
+    // rate is over 500 ms and leaves that late response out (it used to
+    // stretch the run's time to its arrival).
+    let (base, _) = server();
+    let r = run(&format!("{base}/late"), |o| {
+        o.connections = 1;
+        o.duration = Duration::from_millis(500);
+    });
+    assert_eq!(r.stats.requests(), 1, "{:?}", r.stats);
+    assert_eq!(r.stats.after_end, 1);
+    assert_eq!(r.duration, Duration::from_millis(500));
+    assert_eq!(r.rps(), 0.0);
+    assert!(
+        r.summary().contains("Responses after the end: 1"),
+        "{}",
+        r.summary()
+    );
+    assert!(r.json().contains("\"after_end\": 1,"), "{}", r.json());
+}
+
+#[test]
+fn a_slow_open_loop_rate_ends_with_its_duration() {
+    // 1 request/s over 4 connections: each connection's slots are 4 s
+    // apart, the last one's first at 3 s. The run still ends at 500 ms.
+    let (base, _) = server();
+    let t = std::time::Instant::now();
+    let r = run(&format!("{base}/len"), |o| {
+        o.rate = Some(1.0);
+        o.duration = Duration::from_millis(500);
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(r.stats.requests() >= 1, "{:?}", r.stats);
+    assert_eq!(r.stats.errors(), 0);
 }
 
 #[test]
