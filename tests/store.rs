@@ -198,6 +198,26 @@ fn whole_files_ranges_and_validators() {
 }
 
 #[test]
+fn a_deleted_file_is_let_go() {
+    // Its descriptor was kept open for later requests; once a request finds
+    // it gone (404), the descriptor goes too, so its space is freed.
+    let dir = tree("deleted");
+    std::fs::write(dir.join("victim"), content(10_000)).unwrap();
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    assert_eq!(ask(&p, "/victim", "").body, content(10_000));
+    let held = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|t| t.to_string_lossy().contains("victim"))
+    };
+    assert!(held(), "the file is kept open between requests");
+    std::fs::remove_file(dir.join("victim")).unwrap();
+    assert_eq!(ask(&p, "/victim", "").status, 404);
+    assert!(!held(), "a deleted file's descriptor is still open");
+}
+
+#[test]
 fn unsafe_paths_and_methods_are_refused() {
     let dir = tree("unsafe");
     let _ = std::os::unix::fs::symlink(dir.join("loop"), dir.join("loop"));

@@ -32,6 +32,27 @@ pub enum Handle {
 }
 
 impl Handle {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Handle::Dma(f) => f.as_raw_fd(),
+            Handle::Buffered(f) => f.as_raw_fd(),
+        }
+    }
+
+    /// The opened file's own identity and path: what is served is what was
+    /// opened, even if the path changed between its `stat` and the open.
+    fn identity(&self) -> std::io::Result<(libc::stat, PathBuf)> {
+        let fd = self.fd();
+        // SAFETY: a zeroed stat for fstat to fill; fd is open while self is.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+        Ok((st, path))
+    }
+
     async fn read(&self, pos: u64, len: usize) -> std::io::Result<glommio::io::ReadResult> {
         match self {
             Handle::Dma(f) => {
@@ -166,13 +187,21 @@ impl StoreShard {
         let full = self.cfg.root.join(rel);
         let meta = match std::fs::metadata(&full) {
             Ok(m) => m,
-            Err(e) => return lookup_error(e),
+            Err(e) => {
+                // Gone (or unreadable): its descriptor, if kept, goes too,
+                // so a deleted file's space is freed.
+                self.files.borrow_mut().remove(rel);
+                return lookup_error(e);
+            }
         };
         let now = self.clock.get() + 1;
         self.clock.set(now);
         if let Some(f) = self.open_as(rel, &meta, now) {
             return Lookup::Found(f);
         }
+        // Whatever was kept for this path is another file now: let go of
+        // its descriptor (requests still reading it hold their own).
+        self.files.borrow_mut().remove(rel);
         if meta.is_dir() {
             return Lookup::Directory;
         }
@@ -185,18 +214,44 @@ impl StoreShard {
             Ok(_) => return Lookup::Forbidden,
             Err(e) => return lookup_error(e),
         };
-        let handle = if meta.len() == 0 {
+        let (handle, ino, mtime, mtime_ns, size) = if meta.len() == 0 {
             // Never opened: glommio's first open on a device probes with a
             // read, and an empty file would fool the probe (GLOMMIO.md).
-            None
+            (None, meta.ino(), meta.mtime(), mtime_ns(&meta), 0)
         } else {
-            match self.open(&real).await {
-                Ok(h) => Some(Rc::new(h)),
+            let h = match self.open(&real).await {
+                Ok(h) => h,
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     return Lookup::Forbidden
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::NotFound,
                 Err(e) => return Lookup::Failed(format!("cannot open {}: {e}", real.display())),
+            };
+            // The path may have changed between the checks and the open (a
+            // rename over it, a component swapped for a symlink): validators
+            // and size come from what was opened, which must be a regular
+            // file under the root.
+            let (st, opened) = match h.identity() {
+                Ok(i) => i,
+                Err(e) => return Lookup::Failed(format!("cannot stat {}: {e}", real.display())),
+            };
+            if !opened.starts_with(&self.cfg.root) {
+                return Lookup::Forbidden;
             }
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Lookup::Forbidden;
+            }
+            let ns = st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec);
+            (
+                Some(Rc::new(h)),
+                st.st_ino,
+                st.st_mtime,
+                ns,
+                st.st_size.max(0) as u64,
+            )
         };
         // Another request may have opened it while this one waited.
         if let Some(f) = self.open_as(rel, &meta, now) {
@@ -207,10 +262,10 @@ impl StoreShard {
             id,
             handle,
             path: real,
-            ino: meta.ino(),
-            mtime: meta.mtime(),
-            mtime_ns: mtime_ns(&meta),
-            size: meta.len(),
+            ino,
+            mtime,
+            mtime_ns,
+            size,
             used: Cell::new(now),
         });
         let mut files = self.files.borrow_mut();
@@ -299,7 +354,10 @@ impl StoreShard {
                 Ok(f) => return Ok(Handle::Dma(f)),
                 Err(e) => {
                     let e: std::io::Error = e.into();
-                    if e.raw_os_error() != Some(libc::EINVAL) {
+                    // glommio's error keeps the kind, not the errno.
+                    if e.raw_os_error() != Some(libc::EINVAL)
+                        && e.kind() != std::io::ErrorKind::InvalidInput
+                    {
                         return Err(e);
                     }
                     // This filesystem refuses O_DIRECT after all.
@@ -348,11 +406,26 @@ impl StoreShard {
         let done = match (file, handle) {
             (Some(f), Some(h)) => {
                 let (pos, len) = r.bytes(self.cfg.block_size);
+                let expected = len.min(f.size.saturating_sub(pos) as usize);
                 match h.read(pos, len).await {
+                    // Less than the file held at its stat (it shrank, or a
+                    // short read): not cached, and the requests fail (a
+                    // short block kept in the cache would fail every later
+                    // request for it).
+                    Ok(data) if data.len() < expected => {
+                        eprintln!(
+                            "corral: store {}: reading {} came back short ({} of {expected} bytes at {pos})",
+                            self.cfg.name,
+                            f.path.display(),
+                            data.len()
+                        );
+                        self.figures.borrow_mut().read_errors += 1;
+                        self.planner.borrow_mut().fail(&r)
+                    }
                     Ok(data) => {
                         // glommio may hand back more than the file holds
                         // near its end (GLOMMIO.md): clamp to the size.
-                        let n = data.len().min(f.size.saturating_sub(pos) as usize);
+                        let n = data.len().min(expected);
                         let mut fig = self.figures.borrow_mut();
                         fig.reads += 1;
                         fig.read_bytes += n as u64;
