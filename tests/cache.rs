@@ -870,7 +870,9 @@ fn a_fill_that_outgrows_the_size_limit_does_not_fail_other_shards() {
     // requests that come after, on either shard, fetch on their own and
     // get the whole body (they got 502 on the other shard, following a
     // shared fill that had given up but still held its claim).
-    let origin = scripted_origin(|_, s| {
+    let written = Arc::new(AtomicUsize::new(0));
+    let pieces = written.clone();
+    let origin = scripted_origin(move |_, s| {
         let head =
             b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
         if s.write_all(head).is_err() {
@@ -884,6 +886,7 @@ fn a_fill_that_outgrows_the_size_limit_does_not_fail_other_shards() {
             if s.write_all(&piece).is_err() {
                 return false;
             }
+            pieces.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(100));
         }
         s.write_all(b"0\r\n\r\n").is_ok()
@@ -899,7 +902,12 @@ fn a_fill_that_outgrows_the_size_limit_does_not_fail_other_shards() {
     let p = Proxy::start(&["-c", &path]);
     let addr = p.addr;
     let first = std::thread::spawn(move || get(addr, "/big"));
-    std::thread::sleep(Duration::from_millis(700));
+    // Past the limit: the first fetch has stopped being shared (it has 64
+    // KiB after four pieces; wait for six).
+    let t = Instant::now();
+    while written.load(Ordering::SeqCst) < 6 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let later: Vec<_> = (0..8)
         .map(|_| std::thread::spawn(move || get(addr, "/big")))
         .collect();
@@ -920,7 +928,7 @@ fn a_request_after_a_purge_does_not_join_a_fetch_from_before_it() {
     let origin = scripted_origin(move |_, s| {
         let v = seen.fetch_add(1, Ordering::SeqCst) + 1;
         if v == 1 {
-            std::thread::sleep(Duration::from_millis(800));
+            std::thread::sleep(Duration::from_millis(1500));
         }
         let reply = format!(
             "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nv{v}"
@@ -930,7 +938,11 @@ fn a_request_after_a_purge_does_not_join_a_fetch_from_before_it() {
     let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "2"]);
     let addr = p.addr;
     let first = std::thread::spawn(move || get(addr, "/p").text());
-    std::thread::sleep(Duration::from_millis(200));
+    // The first fetch is under way (at the origin) before the purge.
+    let t = Instant::now();
+    while n.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Nothing is stored yet (404), but the purge is logged all the same.
     assert_eq!(get_with(&p, "/p", "PURGE", "").status, 404);
     let after: Vec<_> = (0..4)

@@ -212,8 +212,13 @@ impl Partitions {
             return true;
         }
         let skip = log.recent.len() - missed as usize;
+        // The target's purge form is computed at most once (it allocates).
+        let mut form: Option<Vec<u8>> = None;
         log.recent.iter().skip(skip).any(|p| match p {
-            Purged::Path(p) => target == p.as_slice() || purge_form(target) == p.as_slice(),
+            Purged::Path(p) => {
+                target == p.as_slice()
+                    || form.get_or_insert_with(|| purge_form(target)).as_slice() == p.as_slice()
+            }
             Purged::Key(k) => *k == key || variant_of == Some(*k),
         })
     }

@@ -364,18 +364,24 @@ impl UpstreamPool {
             (Balance::PeakEwma, _, _) => {
                 let now = self.nanos(Instant::now());
                 let ewma = self.ewma.borrow();
-                // What an unknown backend is predicted: the slowest known.
-                let unknown = ewma
-                    .iter()
-                    .filter(|e| e.observed())
-                    .map(|e| e.estimate(now))
-                    .fold(0.0, f64::max);
+                // What an unknown backend is predicted: the slowest known
+                // (worked out only when a candidate is unknown).
+                let slowest = std::cell::OnceCell::new();
+                let unknown = || {
+                    *slowest.get_or_init(|| {
+                        ewma.iter()
+                            .filter(|e| e.observed())
+                            .map(|e| e.estimate(now))
+                            .fold(0.0, f64::max)
+                    })
+                };
                 two_choices(&w, allowed, &mut rng, |i| {
                     let reported = u64::from(
                         self.shared.backends[i]
                             .reported_load
                             .load(Ordering::Relaxed),
                     );
+                    let unknown = if ewma[i].observed() { 0.0 } else { unknown() };
                     ewma[i].cost(now, inflight(i), reported, unknown)
                 })
             }

@@ -42,15 +42,15 @@ impl Handle {
 
     /// The opened file's own identity and path: what is served is what was
     /// opened, even if the path changed between its `stat` and the open.
-    fn identity(&self) -> std::io::Result<(libc::stat, PathBuf)> {
+    /// The path is `None` without `/proc`.
+    fn identity(&self) -> std::io::Result<(libc::stat, Option<PathBuf>)> {
         let fd = self.fd();
         // SAFETY: a zeroed stat for fstat to fill; fd is open while self is.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
-        Ok((st, path))
+        Ok((st, std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()))
     }
 
     async fn read(&self, pos: u64, len: usize) -> std::io::Result<glommio::io::ReadResult> {
@@ -235,7 +235,14 @@ impl StoreShard {
                 Ok(i) => i,
                 Err(e) => return Lookup::Failed(format!("cannot stat {}: {e}", real.display())),
             };
-            if !opened.starts_with(&self.cfg.root) {
+            let inside = match opened {
+                Some(p) => p.starts_with(&self.cfg.root),
+                // No /proc: what was opened must be the file at the checked
+                // real path (same device and inode).
+                None => std::fs::metadata(&real)
+                    .is_ok_and(|m| m.dev() == st.st_dev && m.ino() == st.st_ino),
+            };
+            if !inside {
                 return Lookup::Forbidden;
             }
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {

@@ -401,12 +401,6 @@ impl ClientConn {
                             return None;
                         }
                         let status_text = if !reader.first {
-                            // Counted here, where another request's fetch
-                            // answers it (not at joining: a follower may
-                            // still be sent to the origin on its own).
-                            if let Some(cache) = &self.shard.cache {
-                                ShardCache::bump(&cache.collapsed);
-                            }
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
                             format!("{fwd}; detail=uncacheable")
@@ -461,6 +455,14 @@ impl ClientConn {
             if head_sent && !consumed && matches!(step, Next::Chunk(_) | Next::End) {
                 self.inbuf.consume(self.head.head_len);
                 consumed = true;
+                // Counted here, where another request's fetch answers it
+                // (not at joining, nor at its head: a follower may still be
+                // sent to the origin on its own until its first bytes).
+                if !reader.first {
+                    if let Some(cache) = &self.shard.cache {
+                        ShardCache::bump(&cache.collapsed);
+                    }
+                }
             }
             match step {
                 Next::Chunk(c) => {
@@ -753,6 +755,9 @@ impl FillJob {
                         .await
                         .is_none()
                     {
+                        // Its fetcher is gone: later misses claim afresh.
+                        shared.fail(504);
+                        self.shard.shared_fills.release(self.key, &shared);
                         return self.fill.fail(504);
                     }
                 }
@@ -762,7 +767,13 @@ impl FillJob {
                 // shareable): readers that have not started go to the
                 // origin alone, the others are cut (`Reader::step`).
                 End::Failed(0) => {
-                    self.remember_uncacheable();
+                    // A head that was published, then given up (too large,
+                    // or not shareable after all); without a head it is a
+                    // 304 naming another representation, which says
+                    // nothing about cacheability.
+                    if started {
+                        self.remember_uncacheable();
+                    }
                     return self.fill.go_alone();
                 }
                 End::Failed(code) if code != 0 => return self.fill.fail(code),
