@@ -954,6 +954,15 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             }
         }
     }
+    // Open loop: slots that came due before the end but never went out
+    // (behind a stalled connection) are exactly the slow ones; say how many.
+    if let Some(sch) = &schedule {
+        let end = shared.end_ns();
+        if end != u64::MAX && sch.peek() < end {
+            let due = (end - sch.peek()).div_ceil(sch.interval_ns().max(1));
+            stats.borrow_mut().unsent += due;
+        }
+    }
 }
 
 /// Records the response that completed request `f`; for a herd request,

@@ -33,6 +33,9 @@ pub struct Stats {
     /// Responses that came after `--duration` ended: in the histogram and
     /// the request count, not in the rate.
     pub after_end: u64,
+    /// Open loop: requests due before the end that were never sent (their
+    /// connection was stalled); not in the histogram.
+    pub unsent: u64,
 }
 
 impl Default for Stats {
@@ -47,6 +50,7 @@ impl Default for Stats {
             body_bytes: 0,
             last_response_ns: 0,
             after_end: 0,
+            unsent: 0,
         }
     }
 }
@@ -71,6 +75,7 @@ impl Stats {
         self.body_bytes += other.body_bytes;
         self.last_response_ns = self.last_response_ns.max(other.last_response_ns);
         self.after_end += other.after_end;
+        self.unsent += other.unsent;
     }
 
     pub fn requests(&self) -> u64 {
@@ -285,6 +290,13 @@ impl Report {
                 );
             }
         }
+        if s.unsent > 0 {
+            let _ = writeln!(
+                o,
+                "  Unsent (open loop, due before the end, never sent): {}",
+                s.unsent
+            );
+        }
         if s.after_end > 0 {
             let _ = writeln!(
                 o,
@@ -319,8 +331,8 @@ impl Report {
         );
         let _ = write!(
             o,
-            "\"connect_errors\": {}, \"read_errors\": {}, \"timeouts\": {}, \"late\": {}, \"after_end\": {}, \"body_bytes\": {}, ",
-            s.connect_errors, s.read_errors, s.timeouts, s.late, s.after_end, s.body_bytes
+            "\"connect_errors\": {}, \"read_errors\": {}, \"timeouts\": {}, \"late\": {}, \"after_end\": {}, \"unsent\": {}, \"body_bytes\": {}, ",
+            s.connect_errors, s.read_errors, s.timeouts, s.late, s.after_end, s.unsent, s.body_bytes
         );
         let codes: Vec<String> = s
             .status

@@ -259,6 +259,22 @@ fn a_response_after_the_duration_is_counted_but_not_in_the_rate() {
 }
 
 #[test]
+fn open_loop_reports_what_a_stall_kept_from_being_sent() {
+    // 100/s on one connection whose first request is never answered: the
+    // 99 or so slots due behind it in the second are reported unsent.
+    let (base, _) = server();
+    let r = run(&format!("{base}/slow"), |o| {
+        o.connections = 1;
+        o.rate = Some(100.0);
+        o.duration = Duration::from_secs(1);
+        o.timeout = Duration::from_secs(5);
+    });
+    assert!((90..=100).contains(&r.stats.unsent), "{:?}", r.stats);
+    assert!(r.json().contains("\"unsent\": "), "{}", r.json());
+    assert!(r.summary().contains("Unsent"), "{}", r.summary());
+}
+
+#[test]
 fn a_slow_open_loop_rate_ends_with_its_duration() {
     // 1 request/s over 4 connections: each connection's slots are 4 s
     // apart, the last one's first at 3 s. The run still ends at 500 ms.
