@@ -925,3 +925,71 @@ fn an_http10_client_sees_a_backend_dying_mid_body_as_a_reset() {
         );
     }
 }
+
+#[test]
+fn a_slowly_produced_response_streams_as_it_comes() {
+    // Server-sent events through the plain proxy (a POST: never cached):
+    // the head and the first event must reach the client while the backend
+    // still holds the rest back, not once 16 KiB have piled up.
+    let backend = head_only_backend(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\nc\r\ndata: tok1\n\n\r\n",
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = s.write_all(b"c\r\ndata: tok2\n\n\r\n0\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let b = backend.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    s.write_all(
+        b"POST /events HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("tok1") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let first = t.elapsed();
+    assert!(
+        first < Duration::from_millis(1000),
+        "the first event took {first:?}"
+    );
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    s.read_to_end(&mut got).unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).contains("tok2"),
+        "{}\n{}",
+        String::from_utf8_lossy(&got),
+        p.stderr.lock().unwrap()
+    );
+}
+
+#[test]
+fn interim_responses_restart_the_wait_for_the_final_head() {
+    // 102 Processing every 300 ms for 1.2 s against an 800 ms response
+    // timeout: the backend is working, and the client gets its 200.
+    let backend = head_only_backend(|s| {
+        for _ in 0..4 {
+            let _ = s.write_all(b"HTTP/1.1 102 Processing\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let cfg = write_config(
+        "interim",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = 0\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\nresponse_timeout = \"800ms\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let r = get(p.addr, "/copy");
+    assert_eq!((r.status, r.text().as_str()), (200, "done"));
+}

@@ -64,11 +64,23 @@ pub struct Object {
 }
 
 /// A request's values for the named fields (several fields joined by ", ").
+/// A field the request's `Connection` names counts as absent: it is not
+/// forwarded (hop-by-hop), so the response fetched is the one for its
+/// absence, and must not be stored as the answer to its value.
 pub fn vary_values(buf: &[u8], req: &RequestHead, names: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+    let hop: Vec<&[u8]> = req
+        .fields
+        .iter()
+        .filter(|f| name_is(f.name(buf), b"connection"))
+        .flat_map(|f| list_elements(f.value(buf)))
+        .collect();
     names
         .iter()
         .map(|n| {
             let mut v: Option<Vec<u8>> = None;
+            if hop.iter().any(|h| h.eq_ignore_ascii_case(n)) {
+                return v;
+            }
             for f in req.fields.iter().filter(|f| name_is(f.name(buf), n)) {
                 let out = v.get_or_insert_with(Vec::new);
                 if !out.is_empty() {
@@ -554,6 +566,22 @@ mod tests {
         ));
         // Two If-Modified-Since lines are no valid date: ignored.
         assert!(!check(b"GET / HTTP/1.1\r\nHost: a\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_field_named_in_connection_is_absent_for_vary() {
+        // It is not forwarded, so the response is the one for its absence.
+        let names = vec![b"origin".to_vec(), b"accept-language".to_vec()];
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\nOrigin: https://app\r\nAccept-Language: fr\r\nConnection: keep-alive, Origin\r\n\r\n";
+        assert_eq!(
+            vary_values(req, &request(req), &names),
+            vec![None, Some(b"fr".to_vec())]
+        );
+        let req = b"GET / HTTP/1.1\r\nHost: a\r\nOrigin: https://app\r\n\r\n";
+        assert_eq!(
+            vary_values(req, &request(req), &names),
+            vec![Some(b"https://app".to_vec()), None]
+        );
     }
 
     #[test]

@@ -34,6 +34,17 @@ impl std::fmt::Display for BodyError {
     }
 }
 
+/// What the bytes at hand give ([`BodyReader::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `buf.filled()[..n]` is body data.
+    Data(usize),
+    /// The body is complete.
+    End,
+    /// More bytes must be read first.
+    NeedRead,
+}
+
 pub struct BodyReader {
     kind: BodyKind,
     /// Bytes still to come of a length-delimited body.
@@ -71,52 +82,102 @@ impl BodyReader {
         idle: Duration,
     ) -> Result<Option<usize>, BodyError> {
         loop {
-            if self.done {
-                return Ok(None);
+            match self.step(buf)? {
+                Step::Data(n) => return Ok(Some(n)),
+                Step::End => return Ok(None),
+                Step::NeedRead => self.fill(up, buf, idle).await?,
             }
-            if !buf.is_empty() {
-                match self.kind {
-                    BodyKind::Empty => {
-                        self.done = true;
-                        return Ok(None);
-                    }
-                    BodyKind::Length(_) => {
-                        let n = (self.left as usize).min(buf.len());
-                        self.left -= n as u64;
-                        self.done = self.left == 0;
-                        return Ok(Some(n));
-                    }
-                    BodyKind::Close => return Ok(Some(buf.len())),
-                    BodyKind::Chunked => match self.dec.decode(buf.filled()) {
-                        Ok(Decoded::NeedMore { consumed }) => buf.consume(consumed),
-                        Ok(Decoded::Data { start, len, .. }) => {
-                            buf.consume(start);
-                            return Ok(Some(len));
-                        }
-                        Ok(Decoded::Done { consumed }) => {
-                            buf.consume(consumed);
-                            self.done = true;
-                            return Ok(None);
-                        }
-                        Err(e) => return Err(BodyError::Bad(e.reason())),
-                    },
+        }
+    }
+
+    /// What the bytes already in `buf` give, without reading.
+    pub fn step(&mut self, buf: &mut Buf) -> Result<Step, BodyError> {
+        if self.done {
+            return Ok(Step::End);
+        }
+        if buf.is_empty() {
+            return Ok(Step::NeedRead);
+        }
+        Ok(match self.kind {
+            BodyKind::Empty => {
+                self.done = true;
+                Step::End
+            }
+            BodyKind::Length(_) => {
+                let n = (self.left as usize).min(buf.len());
+                self.left -= n as u64;
+                self.done = self.left == 0;
+                Step::Data(n)
+            }
+            BodyKind::Close => Step::Data(buf.len()),
+            BodyKind::Chunked => match self.dec.decode(buf.filled()) {
+                Ok(Decoded::NeedMore { consumed }) => {
+                    buf.consume(consumed);
+                    Step::NeedRead
                 }
-            }
-            let space = buf.space(16 * 1024, UPSTREAM_BUF);
-            // Never read past a length-delimited body.
-            let cap = match self.kind {
-                BodyKind::Length(_) => (self.left as usize).min(space.len()),
-                _ => space.len(),
-            };
-            match up.read(&mut space[..cap], Instant::now() + idle).await {
-                Ok(0) if self.kind == BodyKind::Close => {
+                Ok(Decoded::Data { start, len, .. }) => {
+                    buf.consume(start);
+                    Step::Data(len)
+                }
+                Ok(Decoded::Done { consumed }) => {
+                    buf.consume(consumed);
                     self.done = true;
-                    return Ok(None);
+                    Step::End
                 }
-                Ok(0) => return Err(BodyError::Truncated),
-                Ok(n) => buf.advance(n),
-                Err(NetError::TimedOut) => return Err(BodyError::TimedOut),
-                Err(NetError::Io(e)) => return Err(BodyError::Io(e)),
+                Err(e) => return Err(BodyError::Bad(e.reason())),
+            },
+        })
+    }
+
+    /// Reads more of the body into `buf`, waiting at most `idle`.
+    pub async fn fill(
+        &mut self,
+        up: &mut Sock,
+        buf: &mut Buf,
+        idle: Duration,
+    ) -> Result<(), BodyError> {
+        let cap = self.cap();
+        let space = buf.space(16 * 1024, UPSTREAM_BUF);
+        let cap = cap.min(space.len());
+        match up.read(&mut space[..cap], Instant::now() + idle).await {
+            Ok(n) => self.got(buf, n),
+            Err(NetError::TimedOut) => Err(BodyError::TimedOut),
+            Err(NetError::Io(e)) => Err(BodyError::Io(e)),
+        }
+    }
+
+    /// [`Self::fill`] if bytes (or the end) are there already: whether it
+    /// read; never waits.
+    pub fn try_fill(&mut self, up: &mut Sock, buf: &mut Buf) -> Result<bool, BodyError> {
+        let cap = self.cap();
+        let space = buf.space(16 * 1024, UPSTREAM_BUF);
+        let cap = cap.min(space.len());
+        match up.try_read_now(&mut space[..cap]) {
+            Ok(Some(n)) => self.got(buf, n).map(|()| true),
+            Ok(None) => Ok(false),
+            Err(NetError::TimedOut) => Err(BodyError::TimedOut),
+            Err(NetError::Io(e)) => Err(BodyError::Io(e)),
+        }
+    }
+
+    /// How much one read may take: never past a length-delimited body.
+    fn cap(&self) -> usize {
+        match self.kind {
+            BodyKind::Length(_) => self.left as usize,
+            _ => usize::MAX,
+        }
+    }
+
+    fn got(&mut self, buf: &mut Buf, n: usize) -> Result<(), BodyError> {
+        match n {
+            0 if self.kind == BodyKind::Close => {
+                self.done = true;
+                Ok(())
+            }
+            0 => Err(BodyError::Truncated),
+            n => {
+                buf.advance(n);
+                Ok(())
             }
         }
     }

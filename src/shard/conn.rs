@@ -24,7 +24,7 @@ use crate::http::rewrite::{
     Forwarded,
 };
 use crate::http::{write_simple_response, BodyKind, ClientError};
-use crate::origin::body::{BodyReader, UPSTREAM_BUF};
+use crate::origin::body::{BodyReader, Step, UPSTREAM_BUF};
 use crate::origin::pool::{Attempts, FailKind, Hint, Pick, UpstreamPool};
 use crate::origin::upstream::{connection, read_head, Head, UpstreamFail};
 use std::rc::Rc;
@@ -713,7 +713,7 @@ impl ClientConn {
         }
         // The response head, after any interim ones.
         self.ubuf.clear();
-        let deadline = Instant::now() + req.response_timeout;
+        let mut deadline = Instant::now() + req.response_timeout;
         loop {
             let head_req = method == Method::Head;
             match read_head(
@@ -739,6 +739,10 @@ impl ClientConn {
                         }
                     }
                     self.ubuf.consume(self.rhead.head_len);
+                    // An interim answer is progress (102 Processing during a
+                    // long WebDAV COPY): the wait for the final head starts
+                    // again, as nginx's and HAProxy's inactivity timeouts do.
+                    deadline = Instant::now() + req.response_timeout;
                 }
             }
         }
@@ -870,7 +874,31 @@ impl ClientConn {
         let up_close = self.rhead.close;
         let mut body = BodyReader::new(up_body);
         loop {
-            match body.next(up, &mut self.ubuf, body_timeout).await {
+            let piece = match body.step(&mut self.ubuf) {
+                Ok(Step::Data(n)) => Ok(Some(n)),
+                Ok(Step::End) => Ok(None),
+                Ok(Step::NeedRead) => {
+                    match body.try_fill(up, &mut self.ubuf) {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            // Nothing more has come yet: what is at hand (the
+                            // head, the pieces so far) goes out before waiting,
+                            // so a response the backend produces slowly (server-
+                            // sent events, a long poll) streams as it comes.
+                            if !self.out.is_empty() {
+                                self.write_client(send_timeout).await?;
+                            }
+                            match body.fill(up, &mut self.ubuf, body_timeout).await {
+                                Ok(()) => continue,
+                                Err(e) => Err(e),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match piece {
                 Ok(Some(n)) => {
                     let data = &self.ubuf.filled()[..n];
                     match framing {

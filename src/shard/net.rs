@@ -510,6 +510,26 @@ impl Sock {
         }
     }
 
+    /// One read that never waits: `Ok(None)` when nothing has arrived
+    /// (with a poller, without a system call when it saw no edge).
+    pub fn try_read_now(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if let Some((p, key)) = &self.poll {
+            if !p.take(*key, Dir::Read) {
+                return Ok(None);
+            }
+            let r = self.try_recv(buf, 0)?;
+            if r == Some(buf.len()) {
+                // There may be more: the next read tries at once.
+                p.mark(*key, Dir::Read);
+            }
+            return Ok(r);
+        }
+        Ok(self.try_recv(buf, 0)?)
+    }
+
     /// Reads at least one byte (or 0 at EOF), waiting until `deadline`.
     pub async fn read(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, NetError> {
         if buf.is_empty() {

@@ -490,6 +490,13 @@ impl ClientConn {
                     };
                     if until(deadline, fill.changed(seen)).await.is_none() {
                         if consumed {
+                            // As for a failed fill below: a close-delimited
+                            // body must not look complete.
+                            if !chunked_out
+                                && fill.meta().is_some_and(|m| m.content_length.is_none())
+                            {
+                                self.sock.set_reset_on_close();
+                            }
                             return Some(Outcome::Close);
                         }
                         if head_sent {

@@ -110,6 +110,9 @@ impl ClientConn {
             let d = Instant::now() + shard.cfg.limits.body_timeout;
             let _ = self.sock.write_all(&self.out, d).await;
             self.sock.shutdown_write();
+            // The body left unread must not turn the close into a reset
+            // that loses the 405: lingering close, as for other errors.
+            self.linger |= body_unread;
             return Outcome::Close;
         }
         let buf = self.inbuf.filled();
