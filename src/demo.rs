@@ -151,7 +151,9 @@ fn describe(r: &loadgen::Report) -> String {
         .collect();
     format!(
         "    {} requests in {:.1}s = {:.0} req/s ({}; {} errors)\n    latency p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-        r.stats.requests(),
+        // Those within the duration, as the rate counts them (the status
+        // counts include the few answered after its end).
+        r.stats.requests().saturating_sub(r.stats.after_end),
         r.duration.as_secs_f64(),
         r.rps(),
         codes.join(", "),
@@ -201,6 +203,8 @@ pub fn run(seconds: u64) -> Result<(), String> {
     // An origin store: a 16 MiB file under <tmp>/files/, routed by /files/.
     let store_root = std::env::temp_dir().join(format!("corral-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store_root);
+    // Removed however the tour ends (a step that fails returns early).
+    let _cleanup = RemoveOnDrop(store_root.clone());
     std::fs::create_dir_all(store_root.join("files")).map_err(|e| format!("demo store: {e}"))?;
     let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(store_root.join("files/data.bin"), &data)
@@ -371,7 +375,6 @@ pub fn run(seconds: u64) -> Result<(), String> {
             r.stats.requests() as f64 * 16.0 / 1024.0
         );
     }
-    let _ = std::fs::remove_dir_all(&store_root);
 
     if let Some(admin) = running.admin {
         println!("10. Observability: every shard counts on its own; the admin listener at http://{admin}/");
@@ -396,4 +399,13 @@ pub fn run(seconds: u64) -> Result<(), String> {
     running.join();
     println!("    all shards drained and stopped.\n");
     Ok(())
+}
+
+/// A folder removed when this goes out of scope.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
