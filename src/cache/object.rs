@@ -222,33 +222,13 @@ pub fn conditional_not_modified(
     etag: Option<&[u8]>,
     last_modified: Option<i64>,
 ) -> bool {
-    let mut inm = false;
-    let mut inm_match = false;
-    let mut ims: Option<&[u8]> = None;
-    let mut ims_lines = 0;
     // Weak comparison: W/"x" matches "x".
     let mine = etag.map(|t| t.strip_prefix(b"W/").unwrap_or(t));
-    for f in &req.fields {
-        if name_is(f.name(buf), b"if-none-match") {
-            inm = true;
-            inm_match |= entity_tags(f.value(buf))
-                .any(|t| t == b"*" || Some(t.strip_prefix(b"W/").unwrap_or(t)) == mine);
-        } else if name_is(f.name(buf), b"if-modified-since") {
-            ims = Some(f.value(buf));
-            ims_lines += 1;
-        }
-    }
-    if inm {
-        return inm_match;
-    }
-    // More than one If-Modified-Since is not a valid date: ignored
-    // (RFC 9110 §13.1.3), as is one that does not parse.
-    if ims_lines != 1 {
-        return false;
-    }
-    match (ims.and_then(parse_http_date), last_modified) {
-        (Some(since), Some(lm)) => lm <= since,
-        _ => false,
+    let weak_match = |t: &[u8]| t == b"*" || Some(t.strip_prefix(b"W/").unwrap_or(t)) == mine;
+    match condition(buf, req, b"if-none-match", b"if-modified-since", weak_match) {
+        Condition::Tags(matched) => matched,
+        Condition::Date(since) => last_modified.is_some_and(|lm| lm <= since),
+        Condition::Absent => false,
     }
 }
 
@@ -264,29 +244,52 @@ pub fn precondition_fails(
     etag: Option<&[u8]>,
     last_modified: Option<i64>,
 ) -> bool {
-    let mut im = false;
-    let mut im_match = false;
-    let mut ius: Option<&[u8]> = None;
-    let mut ius_lines = 0;
     let strong = etag.filter(|t| !t.starts_with(b"W/"));
+    let strong_match = |t: &[u8]| t == b"*" || Some(t) == strong;
+    match condition(buf, req, b"if-match", b"if-unmodified-since", strong_match) {
+        Condition::Tags(matched) => !matched,
+        Condition::Date(since) => last_modified.is_some_and(|lm| lm > since),
+        Condition::Absent => false,
+    }
+}
+
+/// What a pair of preconditions asks (RFC 9110 §13.1: a tag list, and a
+/// date that counts only without it).
+enum Condition {
+    /// Some line of the tag list was given; whether a member matched.
+    Tags(bool),
+    /// No tag list; exactly one line of the date field, a valid date (more
+    /// than one line, or not a date, is ignored: §13.1.3, §13.1.4).
+    Date(i64),
+    Absent,
+}
+
+fn condition(
+    buf: &[u8],
+    req: &RequestHead,
+    tags: &[u8],
+    date: &[u8],
+    matches: impl Fn(&[u8]) -> bool,
+) -> Condition {
+    let mut listed = false;
+    let mut matched = false;
+    let mut dates: Option<&[u8]> = None;
+    let mut date_lines = 0;
     for f in &req.fields {
-        if name_is(f.name(buf), b"if-match") {
-            im = true;
-            im_match |= entity_tags(f.value(buf)).any(|t| t == b"*" || Some(t) == strong);
-        } else if name_is(f.name(buf), b"if-unmodified-since") {
-            ius = Some(f.value(buf));
-            ius_lines += 1;
+        if name_is(f.name(buf), tags) {
+            listed = true;
+            matched |= entity_tags(f.value(buf)).any(&matches);
+        } else if name_is(f.name(buf), date) {
+            dates = Some(f.value(buf));
+            date_lines += 1;
         }
     }
-    if im {
-        return !im_match;
+    if listed {
+        return Condition::Tags(matched);
     }
-    if ius_lines != 1 {
-        return false;
-    }
-    match (ius.and_then(parse_http_date), last_modified) {
-        (Some(since), Some(lm)) => lm > since,
-        _ => false,
+    match dates.filter(|_| date_lines == 1).and_then(parse_http_date) {
+        Some(since) => Condition::Date(since),
+        None => Condition::Absent,
     }
 }
 

@@ -183,6 +183,13 @@ pub fn push_connection(out: &mut Vec<u8>, close: bool, minor: u8) {
     }
 }
 
+/// Appends `Date: <t>\r\n` (`t` in seconds since the epoch).
+pub fn push_date(out: &mut Vec<u8>, t: i64) {
+    out.extend_from_slice(b"Date: ");
+    out.extend_from_slice(crate::cache::policy::format_http_date(t).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends `Date: <now>\r\n` (RFC 9110 §6.6.1: corral dates what it
 /// answers itself, and what it forwards or stores without a Date). The line
 /// is formatted once per second per thread.
@@ -199,9 +206,7 @@ pub fn push_date_now(out: &mut Vec<u8>) {
         if l.0 != now {
             l.0 = now;
             l.1.clear();
-            l.1.extend_from_slice(b"Date: ");
-            l.1.extend_from_slice(crate::cache::policy::format_http_date(now).as_bytes());
-            l.1.extend_from_slice(b"\r\n");
+            push_date(&mut l.1, now);
         }
         out.extend_from_slice(&l.1);
     });

@@ -43,14 +43,14 @@ impl Handle {
     /// The opened file's own identity and path: what is served is what was
     /// opened, even if the path changed between its `stat` and the open.
     /// The path is `None` without `/proc`.
-    fn identity(&self) -> std::io::Result<(libc::stat, Option<PathBuf>)> {
+    fn identity(&self) -> std::io::Result<(std::fs::Metadata, Option<PathBuf>)> {
+        use std::os::fd::FromRawFd;
         let fd = self.fd();
-        // SAFETY: a zeroed stat for fstat to fill; fd is open while self is.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(fd, &mut st) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((st, std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()))
+        // SAFETY: the descriptor is open while self is; the borrowed File
+        // is never dropped, so it does not close it.
+        let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let meta = file.metadata()?; // fstat
+        Ok((meta, std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()))
     }
 
     async fn read(&self, pos: u64, len: usize) -> std::io::Result<glommio::io::ReadResult> {
@@ -214,7 +214,7 @@ impl StoreShard {
             Ok(_) => return Lookup::Forbidden,
             Err(e) => return lookup_error(e),
         };
-        let (handle, ino, mtime, mtime_ns, size) = if meta.len() == 0 {
+        let (handle, ino, mtime, mtime_nanos, size) = if meta.len() == 0 {
             // Never opened: glommio's first open on a device probes with a
             // read, and an empty file would fool the probe (GLOMMIO.md).
             (None, meta.ino(), meta.mtime(), mtime_ns(&meta), 0)
@@ -240,24 +240,17 @@ impl StoreShard {
                 // No /proc: what was opened must be the file at the checked
                 // real path (same device and inode).
                 None => std::fs::metadata(&real)
-                    .is_ok_and(|m| m.dev() == st.st_dev && m.ino() == st.st_ino),
+                    .is_ok_and(|m| m.dev() == st.dev() && m.ino() == st.ino()),
             };
-            if !inside {
+            if !inside || !st.is_file() {
                 return Lookup::Forbidden;
             }
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Lookup::Forbidden;
-            }
-            let ns = st
-                .st_mtime
-                .saturating_mul(1_000_000_000)
-                .saturating_add(st.st_mtime_nsec);
             (
                 Some(Rc::new(h)),
-                st.st_ino,
-                st.st_mtime,
-                ns,
-                st.st_size.max(0) as u64,
+                st.ino(),
+                st.mtime(),
+                mtime_ns(&st),
+                st.len(),
             )
         };
         // Another request may have opened it while this one waited.
@@ -271,7 +264,7 @@ impl StoreShard {
             path: real,
             ino,
             mtime,
-            mtime_ns,
+            mtime_ns: mtime_nanos,
             size,
             used: Cell::new(now),
         });

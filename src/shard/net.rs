@@ -512,7 +512,7 @@ impl Sock {
 
     /// One read that never waits: `Ok(None)` when nothing has arrived
     /// (with a poller, without a system call when it saw no edge).
-    pub fn try_read_now(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+    pub fn try_read_now(&self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
         if buf.is_empty() {
             return Ok(None);
         }
@@ -537,14 +537,8 @@ impl Sock {
         }
         if let Some((p, key)) = &self.poll {
             loop {
-                if p.take(*key, Dir::Read) {
-                    if let Some(n) = self.try_recv(buf, 0)? {
-                        if n == buf.len() {
-                            // There may be more: the next read tries at once.
-                            p.mark(*key, Dir::Read);
-                        }
-                        return Ok(n);
-                    }
+                if let Some(n) = self.try_read_now(buf)? {
+                    return Ok(n);
                 }
                 p.wait(*key, Dir::Read, deadline).await?;
             }

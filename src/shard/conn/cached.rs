@@ -164,6 +164,16 @@ impl ClientConn {
             })
     }
 
+    /// A fill's reader stopped mid-body (failed or stalled): the client
+    /// must see a truncated message. With a close-delimited body (neither
+    /// chunked nor a length) a FIN would look like its end: that one ends
+    /// with a reset.
+    fn cut_mid_body(&self, chunked_out: bool, fill: &Fill) {
+        if !chunked_out && fill.meta().is_some_and(|m| m.content_length.is_none()) {
+            self.sock.set_reset_on_close();
+        }
+    }
+
     /// The 504 of `only-if-cached` when the cache cannot answer.
     async fn not_in_cache(&mut self) -> Outcome {
         self.inbuf.consume(self.head.head_len);
@@ -490,13 +500,7 @@ impl ClientConn {
                     };
                     if until(deadline, fill.changed(seen)).await.is_none() {
                         if consumed {
-                            // As for a failed fill below: a close-delimited
-                            // body must not look complete.
-                            if !chunked_out
-                                && fill.meta().is_some_and(|m| m.content_length.is_none())
-                            {
-                                self.sock.set_reset_on_close();
-                            }
+                            self.cut_mid_body(chunked_out, &fill);
                             return Some(Outcome::Close);
                         }
                         if head_sent {
@@ -530,12 +534,7 @@ impl ClientConn {
                 }
                 Next::Failed(code) => {
                     if consumed {
-                        // Mid-body: the client must see a truncated message.
-                        // With a close-delimited body a FIN would look like
-                        // its end: that one ends with a reset.
-                        if !chunked_out && fill.meta().is_some_and(|m| m.content_length.is_none()) {
-                            self.sock.set_reset_on_close();
-                        }
+                        self.cut_mid_body(chunked_out, &fill);
                         return Some(Outcome::Close);
                     }
                     self.out.clear();
@@ -994,9 +993,7 @@ impl FillJob {
                 // else the stored Date, as old as the first fetch, would
                 // make the refreshed copy look that old (apparent age).
                 if answer.facts.date.is_none() {
-                    update.extend_from_slice(
-                        format!("Date: {}\r\n", format_http_date(response_time)).as_bytes(),
-                    );
+                    crate::http::push_date(&mut update, response_time);
                 }
                 let reusable = !rhead.close && ubuf.len() == rhead.head_len;
                 self.refresh(cache, old, &update, request_time, generation)?;
@@ -1014,9 +1011,7 @@ impl FillJob {
         if meta.facts.date.is_none() {
             // Dated on arrival (RFC 9110 §6.6.1), so that every hit carries
             // the Date its Age is counted from.
-            meta.fields.extend_from_slice(
-                format!("Date: {}\r\n", format_http_date(response_time)).as_bytes(),
-            );
+            crate::http::push_date(&mut meta.fields, response_time);
             meta.facts.date = Some(response_time);
         }
         let lifetime = freshness_lifetime(&meta.facts, response_time);
