@@ -993,3 +993,33 @@ fn interim_responses_restart_the_wait_for_the_final_head() {
     let r = get(p.addr, "/copy");
     assert_eq!((r.status, r.text().as_str()), (200, "done"));
 }
+
+#[test]
+fn endless_interim_responses_end_in_a_502() {
+    // A backend that only ever says 102 Processing: every one restarts the
+    // response-head timeout, so a cap on their number ends the wait.
+    let backend = head_only_backend(|s| {
+        for _ in 0..1000 {
+            if s.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let cfg = write_config(
+        "interim-cap",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = 0\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\nresponse_timeout = \"5s\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let got = raw_exchange(
+        p.addr,
+        b"GET /copy HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    );
+    // The 102s up to the cap reach the client, then the 502.
+    assert_eq!(got.matches("HTTP/1.1 102 Processing").count(), 128, "{got}");
+    let last = got.rsplit("HTTP/1.1 ").next().unwrap_or("");
+    assert!(last.starts_with("502"), "{got}");
+}

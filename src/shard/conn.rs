@@ -51,6 +51,10 @@ const LINGER_BYTES: usize = 1 << 20;
 /// How long a backend that failed to take a request body may take to show
 /// the answer it sent early.
 const EARLY_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+/// Interim (1xx) responses accepted before the final one: each restarts the
+/// response-head timeout, so without a cap a backend repeating them would
+/// hold the request forever. Past the cap the answer is a 502.
+const MAX_INTERIM: u32 = 128;
 
 /// What an upstream attempt sends, the same bytes on a retry.
 struct UpRequest<'a> {
@@ -714,6 +718,7 @@ impl ClientConn {
         // The response head, after any interim ones.
         self.ubuf.clear();
         let mut deadline = Instant::now() + req.response_timeout;
+        let mut interim = 0;
         loop {
             let head_req = method == Method::Head;
             match read_head(
@@ -728,6 +733,12 @@ impl ClientConn {
             {
                 Head::Final => return Ok(()),
                 Head::Interim => {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(UpstreamFail::Bad(format!(
+                            "more than {MAX_INTERIM} interim (1xx) responses"
+                        )));
+                    }
                     // Pass it on to HTTP/1.1 clients (corral answered any
                     // 100-continue itself), keep reading.
                     if self.head.minor >= 1 && self.rhead.code != 100 {
