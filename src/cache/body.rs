@@ -160,6 +160,18 @@ impl Body {
         }))
     }
 
+    /// Bytes it holds in memory: the buffer's allocation, or the memory
+    /// file's whole pages (mapped once, shared with the page cache).
+    pub fn footprint(&self) -> usize {
+        let page = 4096;
+        std::mem::size_of::<Body>()
+            + 16
+            + match &self.0 {
+                Bytes::Heap(v) => v.capacity() + if v.capacity() > 0 { 16 } else { 0 },
+                Bytes::Mapped { len, .. } => len.div_ceil(page) * page,
+            }
+    }
+
     /// The memory file holding the bytes, if they are in one.
     pub fn file(&self) -> Option<RawFd> {
         match &self.0 {

@@ -93,10 +93,62 @@ pub fn vary_values(buf: &[u8], req: &RequestHead, names: &[Vec<u8>]) -> Vec<Opti
         .collect()
 }
 
+/// What the store's index spends per entry besides the object: the slab
+/// slot's own fields, the hash map's slot and control byte, the queue
+/// reference, with allowance for the tables' spare room.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// Per heap allocation: the allocator's rounding up to its size class, on
+/// average.
+const ALLOCATION_OVERHEAD: usize = 16;
+
+fn heap(capacity: usize) -> usize {
+    if capacity == 0 {
+        0
+    } else {
+        capacity + ALLOCATION_OVERHEAD
+    }
+}
+
+impl Meta {
+    /// Bytes it holds: the struct (in its `Arc`) and what it points to.
+    pub fn footprint(&self) -> usize {
+        let vec = std::mem::size_of::<Vec<u8>>();
+        heap(std::mem::size_of::<Meta>() + 2 * std::mem::size_of::<usize>())
+            + heap(self.reason.capacity())
+            + heap(self.fields.capacity())
+            + self.etag.as_ref().map_or(0, |e| heap(e.capacity()))
+            + heap(self.vary.capacity() * vec)
+            + self.vary.iter().map(|v| heap(v.capacity())).sum::<usize>()
+            + heap(self.request_vary.capacity() * std::mem::size_of::<Option<Vec<u8>>>())
+            + self
+                .request_vary
+                .iter()
+                .flatten()
+                .map(|v| heap(v.capacity()))
+                .sum::<usize>()
+            + heap(self.target.capacity())
+    }
+}
+
 impl Object {
-    /// Bytes it costs in the store (body, fields and bookkeeping).
+    /// Bytes it costs in the store: what it really holds in memory (the
+    /// allocations' sizes, not the lengths; a memory file's whole pages),
+    /// so that `--cache-size` bounds the process's memory, not only the
+    /// bodies'.
     pub fn cost(&self) -> u64 {
-        (self.body.len() + self.meta.fields.len() + 256) as u64
+        let values = heap(self.vary_values.capacity() * std::mem::size_of::<Option<Vec<u8>>>())
+            + self
+                .vary_values
+                .iter()
+                .flatten()
+                .map(|v| heap(v.capacity()))
+                .sum::<usize>();
+        (self.body.footprint()
+            + self.meta.footprint()
+            + values
+            + std::mem::size_of::<Object>()
+            + ENTRY_OVERHEAD) as u64
     }
 }
 
@@ -181,6 +233,8 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         fields.extend_from_slice(b"\r\n");
     }
     facts.cc = CacheControl::parse(cc_values);
+    // Kept as long as the object: no spare room (it counts in the budget).
+    fields.shrink_to_fit();
     Meta {
         status: head.code,
         reason: head.reason(buf).to_vec(),
@@ -509,6 +563,45 @@ mod tests {
         let mut h = ResponseHead::default();
         assert!(parse_response(resp, false, 65536, &mut h).unwrap());
         meta_from_response(resp, &h)
+    }
+
+    fn object(meta: Meta, body: Vec<u8>) -> Object {
+        let meta_facts = meta.facts.clone();
+        Object {
+            meta: Arc::new(meta),
+            body: Arc::new(Body::new(body)),
+            timing: Timing::new(&meta_facts, 0, 0),
+            lifetime: 60,
+            vary_values: Vec::new(),
+            variant_of: None,
+        }
+    }
+
+    #[test]
+    fn an_objects_cost_is_what_it_holds() {
+        let head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"v1\"\r\nContent-Length: 1024\r\n\r\n";
+        let m = meta(head);
+        // The fields are kept without spare room.
+        assert_eq!(m.fields.capacity(), m.fields.len());
+        let small = object(m.clone(), vec![b'x'; 1024]);
+        let cost = small.cost() as usize;
+        // At least every byte it points to, plus the structs and the index.
+        assert!(
+            cost >= 1024
+                + m.fields.len()
+                + m.reason.len()
+                + 4
+                + std::mem::size_of::<Meta>()
+                + ENTRY_OVERHEAD
+        );
+        // And not wildly more: under twice the body for a 1 KiB object.
+        assert!(cost < 2048, "{cost}");
+        // A memory-file body costs whole pages.
+        let big = object(m, vec![b'y'; super::super::body::FILE_MIN + 1]);
+        if big.body.file().is_some() {
+            let pages = (super::super::body::FILE_MIN + 1).div_ceil(4096) * 4096;
+            assert!(big.cost() as usize >= pages);
+        }
     }
 
     #[test]
