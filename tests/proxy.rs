@@ -1023,3 +1023,36 @@ fn endless_interim_responses_end_in_a_502() {
     let last = got.rsplit("HTTP/1.1 ").next().unwrap_or("");
     assert!(last.starts_with("502"), "{got}");
 }
+
+#[test]
+fn idle_keep_alive_connections_hold_no_buffers() {
+    // Each connection owns 84 KiB of buffers while it serves a request;
+    // waiting for the next one it holds none (they go back to the shard's
+    // spares), so 1500 idle connections cost a few KiB each, not 84.
+    let origin = Origin::start();
+    let p = proxy_for(&origin, &["--shards", "1"]);
+    assert_eq!(get(p.addr, "/cache/max-age=60/0/idle").status, 200);
+    let before = p.rss_bytes();
+    let n = 1500;
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = p.connect();
+        s.write_all(b"GET /cache/max-age=60/0/idle HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut BufReader::new(&mut s), false).unwrap();
+        assert_eq!(r.status, 200);
+        idle.push(s);
+    }
+    let per_connection = p.rss_bytes().saturating_sub(before) / n as u64;
+    assert!(
+        per_connection < 16 * 1024,
+        "{per_connection} bytes resident per idle connection"
+    );
+    // They still work.
+    for s in idle.iter_mut().step_by(100) {
+        s.write_all(b"GET /cache/max-age=60/0/idle HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut BufReader::new(&mut *s), false).unwrap();
+        assert_eq!(r.status, 200);
+    }
+}

@@ -8,7 +8,127 @@ pub struct Buf {
     end: usize,
 }
 
+/// Spare buffers kept per size, per thread (one shard per thread), at most
+/// this many bytes of each size: enough for the connections that are busy
+/// at once, not for every connection there is.
+const SPARE_BYTES: usize = 4 << 20;
+
+thread_local! {
+    /// Released buffers by size, for the next connection that needs one.
+    /// Their contents are stale; only their allocations are reused (no
+    /// allocation, no zeroing, and the pages already resident).
+    static SPARES: std::cell::RefCell<Vec<(usize, Vec<Vec<u8>>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The capacity of a spare output buffer ([`ensure_out`]).
+pub const OUT_CAP: usize = 4096;
+
+thread_local! {
+    /// Released output buffers of [`OUT_CAP`] bytes' capacity.
+    static SPARE_OUT: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gives an output buffer without memory [`OUT_CAP`] bytes of capacity, a
+/// spare one when the thread has it.
+pub fn ensure_out(out: &mut Vec<u8>) {
+    if out.capacity() == 0 {
+        *out = SPARE_OUT
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(OUT_CAP));
+    }
+}
+
+/// Takes an output buffer's memory away while its connection is idle: a
+/// buffer of [`OUT_CAP`] goes to the thread's spares (within
+/// [`SPARE_BYTES`]), a larger one (grown for a big head) is freed.
+pub fn release_out(out: &mut Vec<u8>) {
+    if out.capacity() == 0 {
+        return;
+    }
+    let mut v = std::mem::take(out);
+    v.clear();
+    if v.capacity() == OUT_CAP {
+        let _ = SPARE_OUT.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if (s.len() + 1) * OUT_CAP <= SPARE_BYTES {
+                s.push(v);
+            }
+        });
+    }
+}
+
 impl Buf {
+    /// A buffer without memory; [`Buf::ensure`] gives it some.
+    pub const fn empty() -> Buf {
+        Buf {
+            data: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// A buffer of `cap` bytes, a spare one if the thread has it.
+    pub fn take(cap: usize) -> Buf {
+        let spare = SPARES.with(|s| {
+            s.borrow_mut()
+                .iter_mut()
+                .find(|(size, _)| *size == cap)
+                .and_then(|(_, list)| list.pop())
+        });
+        match spare {
+            Some(data) => Buf {
+                data,
+                start: 0,
+                end: 0,
+            },
+            None => Buf::new(cap),
+        }
+    }
+
+    /// Gives an empty buffer `cap` bytes of memory (a spare one when there
+    /// is one), if it has none.
+    pub fn ensure(&mut self, cap: usize) {
+        if self.data.is_empty() {
+            *self = Buf::take(cap);
+        }
+    }
+
+    /// Hands the memory of a buffer holding no data back to the thread's
+    /// spares (or frees it, beyond [`SPARE_BYTES`] of its size); a buffer
+    /// still holding data keeps it. What an idle connection does, so that
+    /// it holds no buffers while it waits.
+    pub fn release(&mut self) {
+        if !self.is_empty() || self.data.is_empty() {
+            return;
+        }
+        let data = std::mem::take(&mut self.data);
+        self.clear();
+        let size = data.len();
+        // try_with: a buffer dropped while the thread ends just frees.
+        let _ = SPARES.try_with(|s| {
+            let mut s = s.borrow_mut();
+            let i = match s.iter().position(|(sz, _)| *sz == size) {
+                Some(i) => i,
+                None => {
+                    s.push((size, Vec::new()));
+                    s.len() - 1
+                }
+            };
+            let list = &mut s[i].1;
+            if (list.len() + 1) * size <= SPARE_BYTES {
+                list.push(data);
+            }
+        });
+    }
+
+    /// Gives its memory back to the spares whatever it holds: for a
+    /// buffer at the end of its use (dropped ones do so too).
+    pub fn recycle(&mut self) {
+        self.clear();
+        self.release();
+    }
+
     pub fn new(cap: usize) -> Buf {
         Buf {
             data: vec![0; cap],
@@ -52,5 +172,65 @@ impl Buf {
     }
     pub fn advance(&mut self, n: usize) {
         self.end += n;
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        self.recycle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_buffers_are_reused_and_bounded() {
+        let mut a = Buf::take(1000);
+        let first = a.data.as_ptr();
+        a.space(10, 1000)[..3].copy_from_slice(b"abc");
+        a.advance(3);
+        // Holding data: kept.
+        a.release();
+        assert_eq!(a.filled(), b"abc");
+        a.consume(3);
+        a.release();
+        assert!(a.data.is_empty() && a.is_empty());
+        // The next one of that size is the same memory.
+        a.ensure(1000);
+        assert_eq!((a.data.len(), a.data.as_ptr()), (1000, first));
+        // Another size is not mixed in.
+        let b = Buf::take(2000);
+        assert_eq!(b.data.len(), 2000);
+        // At most SPARE_BYTES of a size are kept.
+        let mut many: Vec<Buf> = (0..SPARE_BYTES / 1000 + 10)
+            .map(|_| Buf::take(1000))
+            .collect();
+        for m in &mut many {
+            m.release();
+        }
+        let kept = SPARES.with(|s| {
+            s.borrow()
+                .iter()
+                .find(|(sz, _)| *sz == 1000)
+                .map_or(0, |(_, l)| l.len())
+        });
+        assert_eq!(kept, SPARE_BYTES / 1000);
+    }
+
+    #[test]
+    fn output_buffers_come_back_empty() {
+        let mut out = Vec::new();
+        ensure_out(&mut out);
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        release_out(&mut out);
+        assert_eq!(out.capacity(), 0);
+        ensure_out(&mut out);
+        assert!(out.is_empty() && out.capacity() >= OUT_CAP);
+        // A grown one is freed, not kept.
+        out.resize(3 * OUT_CAP, 0);
+        release_out(&mut out);
+        assert_eq!(out.capacity(), 0);
     }
 }

@@ -9,7 +9,7 @@
 mod cached;
 mod store;
 
-use super::buf::Buf;
+use super::buf::{ensure_out, release_out, Buf};
 use super::net::{round_now, NetError, Sock};
 use super::Shard;
 use crate::admin::log::Entry;
@@ -116,9 +116,11 @@ impl ClientConn {
             shard,
             sock,
             peer_ip,
-            inbuf: Buf::new(CLIENT_BUF),
-            ubuf: Buf::new(UPSTREAM_BUF),
-            out: Vec::with_capacity(4096),
+            // Given memory when a request comes, taken back while the
+            // connection waits for the next one (see read_head).
+            inbuf: Buf::empty(),
+            ubuf: Buf::empty(),
+            out: Vec::new(),
             head: RequestHead::default(),
             rhead: ResponseHead::default(),
             cache_status: String::new(),
@@ -133,11 +135,26 @@ impl ClientConn {
     }
 
     /// Serves requests until the client leaves, an error closes the
-    /// connection, or the shard drains.
-    pub async fn run(mut self) {
-        self.serve().await;
-        if self.linger && !self.sock.resets() {
-            self.linger_close().await;
+    /// connection, or the shard drains; `guard` is dropped at the end. A
+    /// panic ends this connection only.
+    ///
+    /// Not an `async fn`: one would hold the connection twice (the moved
+    /// argument and its binding, rust-lang/rust#62958), and this future is
+    /// what every idle connection costs; the block borrows its capture.
+    #[allow(clippy::manual_async_fn)] // see above: async fn doubles the size
+    pub fn run<G>(mut self, guard: G) -> impl std::future::Future<Output = ()> {
+        async move {
+            let _guard = guard;
+            let served =
+                futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(self.serve()))
+                    .await;
+            if served.is_err() {
+                eprintln!("corral: a connection task panicked; the shard goes on");
+                return;
+            }
+            if self.linger && !self.sock.resets() {
+                Box::pin(self.linger_close()).await;
+            }
         }
     }
 
@@ -167,6 +184,7 @@ impl ClientConn {
             self.status = 0;
             self.class = Class::Pass;
             let r = self.read_head().await;
+            ensure_out(&mut self.out);
             // Only taken when something records the request.
             let recorded = self.shard.cfg.metrics || self.shard.log.is_some();
             let started = recorded.then(Instant::now);
@@ -178,13 +196,14 @@ impl ClientConn {
                     self.log(&format!("rejected request: {e}"));
                     self.req_line.clear();
                     self.req_method_len = 0;
-                    // No head to go by (it did not parse).
-                    self.send_answer(
+                    // No head to go by (it did not parse). Boxed like
+                    // proxy().
+                    Box::pin(self.send_answer(
                         e.status(),
                         e.reason(),
                         true,
                         crate::http::Answering::UNKNOWN,
-                    )
+                    ))
                     .await;
                     self.record(started, sent);
                     return;
@@ -198,6 +217,10 @@ impl ClientConn {
                 self.req_method_len = self.req_line.len();
                 self.req_line.extend_from_slice(self.head.target(buf));
             }
+            // The large parts of a request's state (forwarding, a miss's
+            // fill, the store) are boxed where they begin, so that they
+            // exist while such a request is served, not in every idle
+            // connection's future; a hit allocates nothing.
             let outcome = self.proxy().await;
             self.record(started, sent);
             match outcome {
@@ -273,18 +296,56 @@ impl ClientConn {
                 return Ok(true);
             }
             let max = self.max_inbuf();
+            self.inbuf.ensure(CLIENT_BUF);
             let space = self.inbuf.space(4096, max);
             let r = if started {
-                self.sock.read(space, deadline).await
+                // The rest of a head that came in pieces. Boxed, as are the
+                // other waits below but the idle one: a socket read's
+                // future (glommio's read and timer included, without a
+                // poller) would otherwise sit in every idle connection.
+                Box::pin(self.sock.read(space, deadline)).await
             } else {
-                // Between requests: also end on shutdown.
-                let shard = self.shard.clone();
-                let sock = &mut self.sock;
-                futures_lite::future::or(sock.read(space, deadline), async move {
-                    shard.drain_signal().await;
-                    Err(NetError::TimedOut)
-                })
-                .await
+                // Between requests: an idle connection gives its buffers
+                // back to the shard's spares while it waits (an idle
+                // keep-alive connection then costs about 2 KiB, not the
+                // 84 KiB of its buffers), and the wait also ends on
+                // shutdown.
+                let r = match self.sock.try_read_now(space) {
+                    Ok(None) if self.sock.waits_without_buffer() => {
+                        self.inbuf.release();
+                        self.ubuf.release();
+                        release_out(&mut self.out);
+                        let shard = self.shard.clone();
+                        let sock = &self.sock;
+                        let woke =
+                            futures_lite::future::or(sock.wait_readable(deadline), async move {
+                                shard.drain_signal().await;
+                                Err(NetError::TimedOut)
+                            })
+                            .await;
+                        match woke {
+                            // Readable: the next round reads (with a buffer).
+                            Ok(()) => continue,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Ok(None) => {
+                        // Without a poller (rare).
+                        let shard = self.shard.clone();
+                        let sock = &mut self.sock;
+                        Box::pin(futures_lite::future::or(
+                            sock.read(space, deadline),
+                            async move {
+                                shard.drain_signal().await;
+                                Err(NetError::TimedOut)
+                            },
+                        ))
+                        .await
+                    }
+                    Ok(Some(n)) => Ok(n),
+                    Err(e) => Err(e),
+                };
+                r
             };
             match r {
                 Ok(0) => return Ok(false),
@@ -340,7 +401,8 @@ impl ClientConn {
         let cfg = &shard.cfg;
         let buf = self.inbuf.filled();
         let pool_idx = match cfg.route(self.head.host(buf), self.head.path(buf)) {
-            Some(Target::Store(i)) => return self.serve_store(i).await,
+            // Boxed like forward().
+            Some(Target::Store(i)) => return Box::pin(self.serve_store(i)).await,
             Some(Target::Pool(i)) => i,
             // No route matched (`OPTIONS *` with only `/...` routes): the
             // first pool, if there is one.
@@ -360,10 +422,9 @@ impl ClientConn {
         let pool = &shard.pools[pool_idx];
         let req_body = self.head.body();
         let method = self.head.method();
-        let minor = self.head.minor;
         self.cache_status.clear();
         if method == Method::Other && &buf[self.head.method_range.clone()] == b"PURGE" {
-            return self.purge().await;
+            return Box::pin(self.purge()).await;
         }
         self.set_cookie.clear();
         self.hint = Hint::default();
@@ -375,6 +436,20 @@ impl ClientConn {
                 return outcome;
             }
         }
+        Box::pin(self.forward(pool_idx)).await
+    }
+
+    /// Forwards the request to a backend of pool `pool_idx` and streams the
+    /// answer back. Called boxed: its state is large (connect, exchange,
+    /// retries, streaming) and must not sit in every idle connection's
+    /// future; a hit never gets here.
+    async fn forward(&mut self, pool_idx: usize) -> Outcome {
+        let shard = self.shard.clone();
+        let cfg = &shard.cfg;
+        let pool = &shard.pools[pool_idx];
+        let req_body = self.head.body();
+        let method = self.head.method();
+        let minor = self.head.minor;
         let buf = self.inbuf.filled();
         if let BodyKind::Length(n) = req_body {
             if n > cfg.limits.max_body_bytes {
@@ -451,6 +526,7 @@ impl ClientConn {
                     Err(UpstreamFail::Bad(m)) => break (502, m, true),
                     Err(_) => break (502, String::new(), true),
                 };
+                self.ubuf.ensure(UPSTREAM_BUF);
                 self.ubuf.clear();
                 let up_req = UpRequest {
                     head: &up_head,

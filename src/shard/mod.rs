@@ -10,7 +10,6 @@ pub mod net;
 use crate::config::Config;
 use crate::http::request::HeadLimits;
 use crate::origin::pool::{PoolShared, UpstreamPool};
-use futures_lite::FutureExt;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use mailbox::Mailbox;
@@ -21,7 +20,6 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -844,15 +842,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
         shard.conns.set(shard.conns.get() + 1);
         let guard = ConnGuard(shard.clone());
         let conn = conn::ClientConn::new(shard.clone(), sock);
-        let task = glommio::spawn_local_into(
-            async move {
-                let _guard = guard;
-                if AssertUnwindSafe(conn.run()).catch_unwind().await.is_err() {
-                    eprintln!("corral: a connection task panicked; the shard goes on");
-                }
-            },
-            queue,
-        );
+        let task = glommio::spawn_local_into(conn.run(guard), queue);
         match task {
             Ok(t) => drop(t.detach()),
             Err(e) => eprintln!("corral[{}]: cannot spawn a connection task: {e}", shard.id),

@@ -530,6 +530,22 @@ impl Sock {
         Ok(self.try_recv(buf, 0)?)
     }
 
+    /// Whether [`Sock::wait_readable`] can wait (the socket is in the
+    /// shard's epoll set); without one, waiting needs a read in flight.
+    pub fn waits_without_buffer(&self) -> bool {
+        self.poll.is_some()
+    }
+
+    /// Until something can be read (data, EOF or an error) or `deadline`
+    /// passes, holding no buffer; call after a read found nothing. Without
+    /// a poller ([`Sock::waits_without_buffer`]) it returns at once.
+    pub async fn wait_readable(&self, deadline: Instant) -> Result<(), NetError> {
+        match &self.poll {
+            Some((p, key)) => p.wait(*key, Dir::Read, deadline).await,
+            None => Ok(()),
+        }
+    }
+
     /// Reads at least one byte (or 0 at EOF), waiting until `deadline`.
     pub async fn read(&mut self, buf: &mut [u8], deadline: Instant) -> Result<usize, NetError> {
         if buf.is_empty() {
@@ -552,7 +568,7 @@ impl Sock {
                 return Ok(n);
             }
         }
-        match until(deadline, self.stream.read(buf)).await {
+        match Box::pin(until(deadline, self.stream.read(buf))).await {
             Some(r) => Ok(r?),
             None => Err(NetError::TimedOut),
         }
@@ -619,7 +635,7 @@ impl Sock {
                 Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {}
                 Some(libc::EAGAIN) => {
                     // The send buffer is full: let glommio wait for room.
-                    match until(deadline, self.stream.write(buf)).await {
+                    match Box::pin(until(deadline, self.stream.write(buf))).await {
                         Some(Ok(n)) => {
                             buf = &buf[n..];
                             self.sent += n as u64;

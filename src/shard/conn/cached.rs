@@ -150,7 +150,8 @@ impl ClientConn {
         if lead {
             self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale);
         }
-        self.serve_fill(reader, fwd, pool_idx).await
+        // Boxed: a fill's reader has large state (see forward()).
+        Box::pin(self.serve_fill(reader, fwd, pool_idx)).await
     }
 
     /// Joins the shard's fill for `key`, unless it began before a purge
@@ -267,11 +268,15 @@ impl ClientConn {
             }
             self.sock.write_all(&self.out, deadline).await
         } else if let Some(file) = obj.body.file().filter(|_| body.len() >= FILE_MIN) {
-            self.sock
-                .write_file(&self.out, body, file, part.start, deadline)
-                .await
+            // Boxed, like the next one: large bodies only, and their write
+            // state would otherwise sit in every idle connection.
+            Box::pin(
+                self.sock
+                    .write_file(&self.out, body, file, part.start, deadline),
+            )
+            .await
         } else {
-            self.sock.write_two(&self.out, body, deadline).await
+            Box::pin(self.sock.write_two(&self.out, body, deadline)).await
         };
         self.out.clear();
         if sent.is_err() {
@@ -875,7 +880,7 @@ impl FillJob {
         let generation = cache.purge_generation();
         let pool = &self.shard.pools[self.pool_idx];
         let request_time = unix_now();
-        let mut ubuf = Buf::new(UPSTREAM_BUF);
+        let mut ubuf = Buf::take(UPSTREAM_BUF);
         let mut rhead = ResponseHead::default();
         let mut attempts = Attempts::new(pool, self.hint);
         let mut backend = attempts.first().ok_or(UpstreamFail::NoBackend)?;
