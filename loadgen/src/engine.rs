@@ -462,6 +462,10 @@ struct InFlight {
     sent_ns: u64,
     head: bool,
     round: Option<u64>,
+    /// What it asked for, to send it again on a new connection when the
+    /// server closed the one it was pipelined on before answering it.
+    key: Option<String>,
+    range: Option<(u64, u64)>,
 }
 
 struct Conn {
@@ -652,7 +656,7 @@ async fn until<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
 fn build_request(
     out: &mut Vec<u8>,
     opts: &Options,
-    key: Option<String>,
+    key: Option<&str>,
     range: Option<(u64, u64)>,
 ) -> bool {
     use std::io::Write;
@@ -660,7 +664,7 @@ fn build_request(
         None => opts.target.path.clone(),
         Some(k) => {
             if opts.target.path.contains("{key}") {
-                opts.target.path.replace("{key}", &k)
+                opts.target.path.replace("{key}", k)
             } else if opts.target.path.contains('?') {
                 format!("{}&k={k}", opts.target.path)
             } else {
@@ -703,6 +707,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
     let timeout_ns = opts.timeout.as_nanos() as u64;
     let mut conn: Option<Conn> = None;
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    // Requests pipelined behind an answer that closed the connection: the
+    // server did not process them (RFC 9112 §9.6), so they go out again,
+    // first, on the next connection, keeping their intended send time.
+    let mut resend: VecDeque<InFlight> = VecDeque::new();
     let mut out = Vec::with_capacity(512);
     let mut herd_round = 0u64;
     let mut checked_in = false;
@@ -798,15 +806,18 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     break;
                 }
                 let key = format!("herd-{:x}-{herd_round}", shared.run_tag);
-                let head = build_request(&mut out, opts, Some(key), None);
+                let head = build_request(&mut out, opts, Some(&key), None);
                 inflight.push_back(InFlight {
                     from_ns: shared.now_ns(),
                     sent_ns: shared.now_ns(),
                     head,
                     round: Some(herd_round),
+                    key: None,
+                    range: None,
                 });
             }
         } else if let Some(s) = schedule.as_mut() {
+            resend_first(&mut resend, &mut inflight, &mut out, opts, now);
             let mut exhausted = false;
             while inflight.len() < opts.pipeline && s.peek() <= now {
                 if !shared.claim() {
@@ -818,12 +829,14 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     stats.borrow_mut().late += 1;
                 }
                 let (key, range) = draw(&shared, &mut rng);
-                let head = build_request(&mut out, opts, key, range);
+                let head = build_request(&mut out, opts, key.as_deref(), range);
                 inflight.push_back(InFlight {
                     from_ns: intended,
                     sent_ns: now,
                     head,
                     round: None,
+                    key,
+                    range,
                 });
             }
             // With every request handed out there is nothing to wait for
@@ -832,14 +845,17 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                 wait_until = Some(s.peek());
             }
         } else {
+            resend_first(&mut resend, &mut inflight, &mut out, opts, now);
             while inflight.len() < opts.pipeline && shared.claim() {
                 let (key, range) = draw(&shared, &mut rng);
-                let head = build_request(&mut out, opts, key, range);
+                let head = build_request(&mut out, opts, key.as_deref(), range);
                 inflight.push_back(InFlight {
                     from_ns: now,
                     sent_ns: now,
                     head,
                     round: None,
+                    key,
+                    range,
                 });
             }
         }
@@ -899,6 +915,8 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                             }
                             completed_any = true;
                             if done.close {
+                                // What was pipelined behind it goes again.
+                                resend.extend(inflight.drain(..));
                                 fail!(true);
                                 continue 'run;
                             }
@@ -954,6 +972,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             }
         }
     }
+    // Requests still waiting to go again when the run ended: never
+    // answered (so that `--requests` counts them as ended).
+    shared.failed(resend.len() as u64);
     // Open loop: slots that came due before the end but never went out
     // (behind a stalled connection) are exactly the slow ones; say how many.
     if let Some(sch) = &schedule {
@@ -962,6 +983,22 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             let due = (end - sch.peek()).div_ceil(sch.interval_ns().max(1));
             stats.borrow_mut().unsent += due;
         }
+    }
+}
+
+/// Puts the requests waiting to go again ahead of new ones (within the
+/// pipeline depth), each with its intended send time kept.
+fn resend_first(
+    resend: &mut VecDeque<InFlight>,
+    inflight: &mut VecDeque<InFlight>,
+    out: &mut Vec<u8>,
+    opts: &Options,
+    now: u64,
+) {
+    while inflight.len() < opts.pipeline {
+        let Some(f) = resend.pop_front() else { break };
+        build_request(out, opts, f.key.as_deref(), f.range);
+        inflight.push_back(InFlight { sent_ns: now, ..f });
     }
 }
 
