@@ -1127,14 +1127,14 @@ mod tests {
         let mut o = Options::new("http://127.0.0.1:1/obj/{key}").unwrap();
         o.headers.push(("X-A".into(), "b".into()));
         let mut out = Vec::new();
-        build_request(&mut out, &o, Some("42".into()), Some((0, 99)));
+        build_request(&mut out, &o, Some("42"), Some((0, 99)));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /obj/42 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nRange: bytes=0-99\r\nX-A: b\r\n\r\n"
         );
         let o = Options::new("http://127.0.0.1:1/x?a=1").unwrap();
         let mut out = Vec::new();
-        build_request(&mut out, &o, Some("7".into()), None);
+        build_request(&mut out, &o, Some("7"), None);
         assert!(String::from_utf8(out)
             .unwrap()
             .starts_with("GET /x?a=1&k=7 HTTP/1.1"));
