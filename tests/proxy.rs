@@ -520,6 +520,36 @@ fn connection_cap_refuses_cleanly() {
 }
 
 #[test]
+fn a_refused_connection_still_gets_its_503_while_sending_a_body() {
+    // Over the cap, with a 256 KiB body still coming: closing at once with
+    // unread bytes would be a reset that destroys the 503; it lingers.
+    let origin = Origin::start();
+    let p = one_pool_proxy("cap-linger", &origin, "max_connections = 1\n", "");
+    let held = p.connect();
+    let mut w = held.try_clone().unwrap();
+    w.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut r = BufReader::new(held.try_clone().unwrap());
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    for _ in 0..5 {
+        // A client that sends its whole request before it reads (as most
+        // do), with pauses so that the refusal comes mid-body.
+        let mut s = p.connect();
+        let _ = s.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 262144\r\n\r\n");
+        for i in 0..64 {
+            if s.write_all(&[b'x'; 4096]).is_err() {
+                break;
+            }
+            if i % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let resp = read_response(&mut BufReader::new(s), false);
+        assert_eq!(resp.map(|r| r.status).map_err(|e| e.kind()), Ok(503));
+    }
+    drop(held);
+}
+
+#[test]
 fn graceful_shutdown_finishes_in_flight_requests() {
     let origin = Origin::start();
     let mut p = proxy_for(&origin, &[]);

@@ -106,6 +106,23 @@ fn cookie<'a>(buf: &'a [u8], head: &RequestHead, name: &[u8]) -> Option<&'a [u8]
         })
 }
 
+/// The lingering close of any client socket (see
+/// [`ClientConn::linger_close`]; also a connection refused at the cap): FIN
+/// after what was written, then what the client still sends is read and
+/// dropped, up to 1 MiB for up to 2 s.
+pub async fn linger_close(sock: &mut Sock) {
+    sock.shutdown_write();
+    let until = Instant::now() + LINGER_TIME;
+    let mut left = LINGER_BYTES;
+    let mut scratch = vec![0u8; 16 * 1024];
+    while left > 0 {
+        match sock.read(&mut scratch, until).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
 impl ClientConn {
     pub fn new(shard: Rc<Shard>, sock: Sock) -> ClientConn {
         let peer_ip = sock
@@ -165,16 +182,7 @@ impl ClientConn {
     /// a reset that would destroy the response on its way (nginx's
     /// lingering close).
     async fn linger_close(&mut self) {
-        self.sock.shutdown_write();
-        let until = Instant::now() + LINGER_TIME;
-        let mut left = LINGER_BYTES;
-        let mut scratch = vec![0u8; 16 * 1024];
-        while left > 0 {
-            match self.sock.read(&mut scratch, until).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
+        linger_close(&mut self.sock).await;
     }
 
     async fn serve(&mut self) {

@@ -76,6 +76,8 @@ pub struct Shard {
     pub log: Option<crate::admin::log::ShardLog>,
     /// Open client connections.
     conns: Cell<usize>,
+    /// Connections refused at the cap that are in their lingering close.
+    refused_lingering: Cell<usize>,
     draining: Cell<bool>,
     /// Tasks waiting for the drain, each registered while it waits.
     drain_wakers: RefCell<slab::Slab<Waker>>,
@@ -130,6 +132,7 @@ impl Shard {
                 })
                 .collect(),
             conns: Cell::new(0),
+            refused_lingering: Cell::new(0),
             draining: Cell::new(false),
             drain_wakers: RefCell::new(slab::Slab::new()),
             drained: RefCell::new(None),
@@ -820,6 +823,10 @@ pub async fn accept(shard: &Shard, listener: &TcpListener) -> Option<glommio::ne
     }
 }
 
+/// Refused connections (over `max_connections`) lingering at once, per
+/// shard.
+const MAX_REFUSED_LINGERING: usize = 64;
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
     let queue = shard.queue;
     let mut refusal = Vec::new();
@@ -837,6 +844,35 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
                 &[("Retry-After", "1")],
             );
             sock.try_write(&refusal);
+            // Closing at once, with the client's request unread, would be a
+            // reset that can destroy the 503 on its way: a few refused
+            // connections linger like any other (each holds a descriptor, so
+            // their number is capped); past that, what has arrived is
+            // dropped before the close.
+            if shard.refused_lingering.get() < MAX_REFUSED_LINGERING {
+                shard
+                    .refused_lingering
+                    .set(shard.refused_lingering.get() + 1);
+                let s = shard.clone();
+                let mut sock = sock;
+                let task = glommio::spawn_local_into(
+                    async move {
+                        conn::linger_close(&mut sock).await;
+                        s.refused_lingering.set(s.refused_lingering.get() - 1);
+                    },
+                    queue,
+                );
+                if let Ok(t) = task {
+                    drop(t.detach());
+                } else {
+                    shard
+                        .refused_lingering
+                        .set(shard.refused_lingering.get() - 1);
+                }
+            } else {
+                sock.shutdown_write();
+                sock.drain_now();
+            }
             continue;
         }
         shard.conns.set(shard.conns.get() + 1);

@@ -763,6 +763,18 @@ impl Sock {
         }
     }
 
+    /// Reads and drops whatever has arrived, without waiting (so that a
+    /// close right after is not a reset for unread data).
+    pub fn drain_now(&self) {
+        let mut scratch = [0u8; 4096];
+        for _ in 0..64 {
+            match self.try_recv(&mut scratch, 0) {
+                Ok(Some(n)) if n > 0 => continue,
+                _ => break,
+            }
+        }
+    }
+
     /// Half-closes the write side, so the peer sees EOF after what was sent.
     pub fn shutdown_write(&self) {
         // SAFETY: fd is owned by self.stream and open.
