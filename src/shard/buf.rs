@@ -21,38 +21,49 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The capacity of a spare output buffer ([`ensure_out`]).
+/// The capacity a new output buffer starts with ([`ensure_out`]).
 pub const OUT_CAP: usize = 4096;
 
+/// The largest output buffer kept as a spare (one grown for a coalesced
+/// body or a store read is freed instead).
+const OUT_SPARE_MAX: usize = 64 * 1024;
+
 thread_local! {
-    /// Released output buffers of [`OUT_CAP`] bytes' capacity.
-    static SPARE_OUT: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Released output buffers (empty, of any capacity up to
+    /// [`OUT_SPARE_MAX`]) and the sum of their capacities.
+    static SPARE_OUT: std::cell::RefCell<(Vec<Vec<u8>>, usize)> =
+        const { std::cell::RefCell::new((Vec::new(), 0)) };
 }
 
-/// Gives an output buffer without memory [`OUT_CAP`] bytes of capacity, a
-/// spare one when the thread has it.
+/// Gives an output buffer without memory a spare one when the thread has
+/// it (whatever capacity it grew to), else [`OUT_CAP`] bytes.
 pub fn ensure_out(out: &mut Vec<u8>) {
     if out.capacity() == 0 {
-        *out = SPARE_OUT
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| Vec::with_capacity(OUT_CAP));
+        let spare = SPARE_OUT.with(|s| {
+            let mut s = s.borrow_mut();
+            let v = s.0.pop()?;
+            s.1 -= v.capacity();
+            Some(v)
+        });
+        *out = spare.unwrap_or_else(|| Vec::with_capacity(OUT_CAP));
     }
 }
 
-/// Takes an output buffer's memory away while its connection is idle: a
-/// buffer of [`OUT_CAP`] goes to the thread's spares (within
-/// [`SPARE_BYTES`]), a larger one (grown for a big head) is freed.
+/// Takes an output buffer's memory away while its connection is idle: to
+/// the thread's spares as it is (no reallocation), within [`SPARE_BYTES`]
+/// in all and up to [`OUT_SPARE_MAX`] each; otherwise freed.
 pub fn release_out(out: &mut Vec<u8>) {
     if out.capacity() == 0 {
         return;
     }
     let mut v = std::mem::take(out);
     v.clear();
-    if v.capacity() == OUT_CAP {
+    if v.capacity() <= OUT_SPARE_MAX {
         let _ = SPARE_OUT.try_with(|s| {
             let mut s = s.borrow_mut();
-            if (s.len() + 1) * OUT_CAP <= SPARE_BYTES {
-                s.push(v);
+            if s.1 + v.capacity() <= SPARE_BYTES {
+                s.1 += v.capacity();
+                s.0.push(v);
             }
         });
     }
@@ -68,13 +79,19 @@ impl Buf {
         }
     }
 
-    /// A buffer of `cap` bytes, a spare one if the thread has it.
+    /// A buffer of `cap` bytes, a spare one if the thread has it. Buffers
+    /// of this size are kept as spares from now on ([`Buf::release`]);
+    /// other sizes (grown ones, or never asked for this way) are freed.
     pub fn take(cap: usize) -> Buf {
         let spare = SPARES.with(|s| {
-            s.borrow_mut()
-                .iter_mut()
-                .find(|(size, _)| *size == cap)
-                .and_then(|(_, list)| list.pop())
+            let mut s = s.borrow_mut();
+            match s.iter_mut().find(|(size, _)| *size == cap) {
+                Some((_, list)) => list.pop(),
+                None => {
+                    s.push((cap, Vec::new()));
+                    None
+                }
+            }
         });
         match spare {
             Some(data) => Buf {
@@ -108,16 +125,10 @@ impl Buf {
         // try_with: a buffer dropped while the thread ends just frees.
         let _ = SPARES.try_with(|s| {
             let mut s = s.borrow_mut();
-            let i = match s.iter().position(|(sz, _)| *sz == size) {
-                Some(i) => i,
-                None => {
-                    s.push((size, Vec::new()));
-                    s.len() - 1
+            if let Some((_, list)) = s.iter_mut().find(|(sz, _)| *sz == size) {
+                if (list.len() + 1) * size <= SPARE_BYTES {
+                    list.push(data);
                 }
-            };
-            let list = &mut s[i].1;
-            if (list.len() + 1) * size <= SPARE_BYTES {
-                list.push(data);
             }
         });
     }
@@ -203,6 +214,11 @@ mod tests {
         // Another size is not mixed in.
         let b = Buf::take(2000);
         assert_eq!(b.data.len(), 2000);
+        // A size never taken this way (a grown buffer) is not kept.
+        let mut grown = Buf::new(3000);
+        grown.release();
+        let kept = SPARES.with(|s| s.borrow().iter().any(|(sz, _)| *sz == 3000));
+        assert!(!kept);
         // At most SPARE_BYTES of a size are kept.
         let mut many: Vec<Buf> = (0..SPARE_BYTES / 1000 + 10)
             .map(|_| Buf::take(1000))
@@ -228,9 +244,16 @@ mod tests {
         assert_eq!(out.capacity(), 0);
         ensure_out(&mut out);
         assert!(out.is_empty() && out.capacity() >= OUT_CAP);
-        // A grown one is freed, not kept.
+        // A grown one is kept as it is (no reallocation), up to a size.
         out.resize(3 * OUT_CAP, 0);
+        let ptr = out.as_ptr();
         release_out(&mut out);
         assert_eq!(out.capacity(), 0);
+        ensure_out(&mut out);
+        assert_eq!((out.len(), out.as_ptr()), (0, ptr));
+        out.resize(OUT_SPARE_MAX + 1, 0);
+        release_out(&mut out);
+        ensure_out(&mut out);
+        assert_eq!(out.capacity(), OUT_CAP);
     }
 }

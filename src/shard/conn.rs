@@ -172,6 +172,7 @@ impl ClientConn {
             if self.linger && !self.sock.resets() {
                 Box::pin(self.linger_close()).await;
             }
+            release_out(&mut self.out);
         }
     }
 
@@ -192,7 +193,9 @@ impl ClientConn {
             self.status = 0;
             self.class = Class::Pass;
             let r = self.read_head().await;
-            ensure_out(&mut self.out);
+            if !matches!(r, Ok(false)) {
+                ensure_out(&mut self.out);
+            }
             // Only taken when something records the request.
             let recorded = self.shard.cfg.metrics || self.shard.log.is_some();
             let started = recorded.then(Instant::now);
@@ -321,7 +324,8 @@ impl ClientConn {
                 let r = match self.sock.try_read_now(space) {
                     Ok(None) if self.sock.waits_without_buffer() => {
                         self.inbuf.release();
-                        self.ubuf.release();
+                        // Whatever it holds is stale (forward() clears it).
+                        self.ubuf.recycle();
                         release_out(&mut self.out);
                         let shard = self.shard.clone();
                         let sock = &self.sock;

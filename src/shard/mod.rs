@@ -20,6 +20,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -827,6 +828,27 @@ pub async fn accept(shard: &Shard, listener: &TcpListener) -> Option<glommio::ne
 /// shard.
 const MAX_REFUSED_LINGERING: usize = 64;
 
+/// Counts a refused connection's lingering close while it lasts (however
+/// its task ends).
+struct LingerGuard(Rc<Shard>);
+
+impl LingerGuard {
+    fn new(shard: Rc<Shard>) -> LingerGuard {
+        shard
+            .refused_lingering
+            .set(shard.refused_lingering.get() + 1);
+        LingerGuard(shard)
+    }
+}
+
+impl Drop for LingerGuard {
+    fn drop(&mut self) {
+        self.0
+            .refused_lingering
+            .set(self.0.refused_lingering.get() - 1);
+    }
+}
+
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
     let queue = shard.queue;
     let mut refusal = Vec::new();
@@ -845,33 +867,26 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
             );
             sock.try_write(&refusal);
             // Closing at once, with the client's request unread, would be a
-            // reset that can destroy the 503 on its way: a few refused
-            // connections linger like any other (each holds a descriptor, so
-            // their number is capped); past that, what has arrived is
-            // dropped before the close.
+            // reset that can destroy the 503 on its way: FIN after it, what
+            // has arrived is dropped, and a few refused connections linger
+            // like any other for what is still coming (each holds a
+            // descriptor, so their number is capped).
+            sock.shutdown_write();
+            sock.drain_now();
             if shard.refused_lingering.get() < MAX_REFUSED_LINGERING {
-                shard
-                    .refused_lingering
-                    .set(shard.refused_lingering.get() + 1);
-                let s = shard.clone();
+                let lingering = LingerGuard::new(shard.clone());
                 let mut sock = sock;
                 let task = glommio::spawn_local_into(
                     async move {
-                        conn::linger_close(&mut sock).await;
-                        s.refused_lingering.set(s.refused_lingering.get() - 1);
+                        let _lingering = lingering;
+                        let linger = AssertUnwindSafe(conn::linger_close(&mut sock));
+                        let _ = futures_lite::FutureExt::catch_unwind(linger).await;
                     },
                     queue,
                 );
                 if let Ok(t) = task {
                     drop(t.detach());
-                } else {
-                    shard
-                        .refused_lingering
-                        .set(shard.refused_lingering.get() - 1);
                 }
-            } else {
-                sock.shutdown_write();
-                sock.drain_now();
             }
             continue;
         }
