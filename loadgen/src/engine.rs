@@ -753,9 +753,12 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     }
                     stats.borrow_mut().connect_errors += 1;
                     shared.errors.fetch_add(1, Ordering::Relaxed);
-                    // With --requests a failed connect uses up a request, so
-                    // a server that refuses cannot keep the run going.
-                    if opts.requests.is_some() {
+                    // With --requests a failed connect uses up a request (one
+                    // waiting to go again first), so a server that refuses
+                    // cannot keep the run going.
+                    if resend.pop_front().is_some() {
+                        shared.failed(1);
+                    } else if opts.requests.is_some() {
                         if !shared.claim() {
                             break 'run;
                         }
@@ -812,7 +815,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     sent_ns: shared.now_ns(),
                     head,
                     round: Some(herd_round),
-                    key: None,
+                    key: Some(key),
                     range: None,
                 });
             }
@@ -959,6 +962,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                         if let Some(next) = complete(&shared, &stats, inflight.pop_front(), done) {
                             herd_round = next;
                         }
+                        // A close-delimited answer closes the connection as
+                        // `Connection: close` does: what was pipelined
+                        // behind it goes again.
+                        resend.extend(inflight.drain(..));
                         fail!(true);
                     } else {
                         fail!(false);
@@ -972,9 +979,15 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             }
         }
     }
-    // Requests still waiting to go again when the run ended: never
-    // answered (so that `--requests` counts them as ended).
-    shared.failed(resend.len() as u64);
+    // Requests still waiting to go again when the run ended were sent
+    // once and never answered: read errors, as they were before they could
+    // go again (and ended, for `--requests`).
+    if !resend.is_empty() {
+        let n = resend.len() as u64;
+        stats.borrow_mut().read_errors += n;
+        shared.errors.fetch_add(n, Ordering::Relaxed);
+        shared.failed(n);
+    }
     // Open loop: slots that came due before the end but never went out
     // (behind a stalled connection) are exactly the slow ones; say how many.
     if let Some(sch) = &schedule {
