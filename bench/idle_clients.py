@@ -43,7 +43,8 @@ def main():
     conns = []
     try:
         for _ in range(n):
-            s = socket.create_connection((host, port))
+            # Bounded: a proxy that stops answering fails the run.
+            s = socket.create_connection((host, port), timeout=10)
             s.sendall(req)
             read_response(s)
             conns.append(s)
