@@ -60,16 +60,26 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn summary(out: &mut String, name: &str, labels: &str, h: &Histogram<u64>) {
+/// A Prometheus summary: quantiles of the `recent` window (NaN when it
+/// saw no request, as client libraries write), `_sum` and `_count` over
+/// the process's life (`all`), as counters must be.
+fn summary(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    recent: &Histogram<u64>,
+    all: &Histogram<u64>,
+) {
     let sep = if labels.is_empty() { "" } else { "," };
     for (q, qs) in QUANTILES {
-        let v = if h.is_empty() {
-            0.0
+        if recent.is_empty() {
+            let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} NaN");
         } else {
-            secs(h.value_at_percentile(q))
-        };
-        let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} {v}");
+            let v = secs(recent.value_at_percentile(q));
+            let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} {v}");
+        }
     }
+    let h = all;
     let braces = if labels.is_empty() {
         String::new()
     } else {
@@ -225,7 +235,14 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
         for (bi, bv) in pv.backends.iter().enumerate() {
             if let Some(f) = fig(pi, bi) {
                 let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&pv.name), esc(&bv.addr));
-                summary(&mut o, "corral_backend_ttfb_seconds", &labels, &f.ttfb);
+                // Over the process's life (no window kept per backend).
+                summary(
+                    &mut o,
+                    "corral_backend_ttfb_seconds",
+                    &labels,
+                    &f.ttfb,
+                    &f.ttfb,
+                );
             }
         }
     }
@@ -233,19 +250,20 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
         &mut o,
         "corral_request_duration_seconds",
         "summary",
-        "Client request latency, head received to response sent.",
+        "Client request latency, head received to response sent; quantiles over the last minute.",
     );
     summary(
         &mut o,
         "corral_request_duration_seconds",
         "",
+        &t.stats.recent_latency(),
         &t.stats.latency(),
     );
     head(
         &mut o,
         "corral_request_duration_by_cache_seconds",
         "summary",
-        "Client request latency by cache class (hit, miss, pass).",
+        "Client request latency by cache class (hit, miss, pass); quantiles over the last minute.",
     );
     for c in Class::ALL {
         let labels = format!("cache=\"{}\"", c.name());
@@ -253,6 +271,7 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
             &mut o,
             "corral_request_duration_by_cache_seconds",
             &labels,
+            &t.stats.recent[c as usize],
             &t.stats.by_class[c as usize],
         );
     }
@@ -342,6 +361,8 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
             &mut o,
             "corral_store_read_duration_seconds",
             &format!("store=\"{}\"", esc(sv)),
+            // Over the process's life (no window kept per store).
+            &st.latency,
             &st.latency,
         );
     }

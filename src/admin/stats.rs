@@ -12,6 +12,74 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
 }
 
+/// A histogram for the recent window: 2 significant figures (1%), a
+/// tenth of the memory of [`histogram`]; there are 18 per shard.
+pub fn window_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 2).expect("valid histogram bounds")
+}
+
+/// The recent window of the summaries' quantiles is [`WINDOW_SLOTS`]
+/// periods of this many seconds (the last 50–60 s), as Prometheus client
+/// summaries keep a sliding window rather than the process's whole life.
+pub const SLOT_SECS: u64 = 10;
+pub const WINDOW_SLOTS: usize = 6;
+
+/// The period (of [`SLOT_SECS`]) an instant falls in, counted from the
+/// first call in the process (the same clock on every shard).
+pub fn period_of(at: std::time::Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    at.saturating_duration_since(epoch).as_secs() / SLOT_SECS
+}
+
+/// The latencies of the last [`WINDOW_SLOTS`] periods, by cache class:
+/// a ring of per-period histograms, a slot cleared when a new period
+/// reuses it.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// The period each slot holds (`u64::MAX`: none yet).
+    period: [u64; WINDOW_SLOTS],
+    slots: Vec<[Histogram<u64>; 3]>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            period: [u64::MAX; WINDOW_SLOTS],
+            slots: (0..WINDOW_SLOTS)
+                .map(|_| [window_histogram(), window_histogram(), window_histogram()])
+                .collect(),
+        }
+    }
+}
+
+impl Window {
+    fn record(&mut self, class: Class, us: u64, period: u64) {
+        let i = (period % WINDOW_SLOTS as u64) as usize;
+        if self.period[i] != period {
+            for h in &mut self.slots[i] {
+                h.reset();
+            }
+            self.period[i] = period;
+        }
+        self.slots[i][class.index()].saturating_record(us);
+    }
+
+    /// The last [`WINDOW_SLOTS`] periods up to `now` (a period), merged,
+    /// by class.
+    pub fn recent(&self, now: u64) -> [Histogram<u64>; 3] {
+        let mut out = [window_histogram(), window_histogram(), window_histogram()];
+        for (slot, &p) in self.slots.iter().zip(&self.period) {
+            if p != u64::MAX && p <= now && now - p < WINDOW_SLOTS as u64 {
+                for (o, h) in out.iter_mut().zip(slot) {
+                    let _ = o.add(h);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// How the cache took part in a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
@@ -79,6 +147,11 @@ pub struct ShardStats {
     pub class_count: [u64; 3],
     /// Access log bytes dropped because the writer fell behind.
     pub log_dropped: u64,
+    /// The recent window, on the shard that records (`None` in a
+    /// snapshot, which carries [`ShardStats::recent`] instead).
+    pub window: Option<Window>,
+    /// In a snapshot: the recent window's latencies by class, merged.
+    pub recent: [Histogram<u64>; 3],
 }
 
 impl Default for ShardStats {
@@ -88,19 +161,54 @@ impl Default for ShardStats {
             by_class: [histogram(), histogram(), histogram()],
             class_count: [0; 3],
             log_dropped: 0,
+            window: None,
+            recent: [window_histogram(), window_histogram(), window_histogram()],
         }
     }
 }
 
 impl ShardStats {
+    /// A shard's own figures: with the ring of the recent window (a
+    /// snapshot or a sum has none).
+    pub fn recording() -> ShardStats {
+        ShardStats {
+            window: Some(Window::default()),
+            ..Default::default()
+        }
+    }
+
     /// One answered request: its status, cache class and latency (µs).
     pub fn record(&mut self, code: u16, class: Class, us: u64) {
+        self.record_at(code, class, us, period_of(std::time::Instant::now()));
+    }
+
+    /// [`Self::record`] for a request that ended in `period` ([`period_of`]).
+    pub fn record_at(&mut self, code: u16, class: Class, us: u64, period: u64) {
         let us = us.clamp(1, MAX_LATENCY_US);
         if let Some(c) = self.codes.get_mut(code as usize) {
             *c += 1;
         }
         self.by_class[class.index()].saturating_record(us);
         self.class_count[class.index()] += 1;
+        if let Some(w) = &mut self.window {
+            w.record(class, us, period);
+        }
+    }
+
+    /// A copy to send away: the lifetime figures, and the recent window as
+    /// of period `now`, merged (the ring itself stays here).
+    pub fn snapshot(&self, now: u64) -> ShardStats {
+        ShardStats {
+            codes: self.codes.clone(),
+            by_class: self.by_class.clone(),
+            class_count: self.class_count,
+            log_dropped: self.log_dropped,
+            window: None,
+            recent: self
+                .window
+                .as_ref()
+                .map_or_else(|| self.recent.clone(), |w| w.recent(now)),
+        }
     }
 
     pub fn merge(&mut self, o: &ShardStats) {
@@ -110,8 +218,18 @@ impl ShardStats {
         for i in 0..3 {
             let _ = self.by_class[i].add(&o.by_class[i]);
             self.class_count[i] += o.class_count[i];
+            let _ = self.recent[i].add(&o.recent[i]);
         }
         self.log_dropped += o.log_dropped;
+    }
+
+    /// The recent window's latency over every class.
+    pub fn recent_latency(&self) -> Histogram<u64> {
+        let mut h = self.recent[0].clone();
+        for c in &self.recent[1..] {
+            let _ = h.add(c);
+        }
+        h
     }
 
     pub fn requests(&self) -> u64 {
@@ -276,6 +394,35 @@ pub fn merge(mut shards: Vec<Snapshot>) -> Merged {
 mod tests {
     use super::*;
     use proptest::prelude::{prop_assert_eq, proptest};
+
+    #[test]
+    fn the_recent_window_slides_and_the_lifetime_stays() {
+        let mut s = ShardStats::recording();
+        s.record_at(200, Class::Hit, 100, 10);
+        s.record_at(200, Class::Miss, 5_000, 12);
+        // Within the window: both, each in its class.
+        let snap = s.snapshot(15);
+        assert_eq!(snap.recent_latency().len(), 2);
+        assert_eq!(snap.recent[Class::Hit as usize].len(), 1);
+        assert!(snap.window.is_none());
+        // Period 16: the one of period 10 has left the window (10..=15).
+        let snap = s.snapshot(16);
+        assert_eq!(snap.recent_latency().len(), 1);
+        assert_eq!(snap.recent[Class::Miss as usize].len(), 1);
+        // Long after: nothing recent, everything in the lifetime figures.
+        let snap = s.snapshot(100);
+        assert!(snap.recent_latency().is_empty());
+        assert_eq!(snap.latency().len(), 2);
+        // A later period reusing a slot starts it empty (16 % 6 == 10 % 6).
+        s.record_at(200, Class::Pass, 50, 16);
+        let snap = s.snapshot(16);
+        assert_eq!(snap.recent[Class::Hit as usize].len(), 0);
+        assert_eq!(snap.recent_latency().len(), 2);
+        // Snapshots merge their windows.
+        let mut a = s.snapshot(16);
+        a.merge(&s.snapshot(16));
+        assert_eq!(a.recent_latency().len(), 4);
+    }
 
     #[test]
     fn records_by_code_and_class() {

@@ -246,12 +246,14 @@ impl ClientConn {
         let Some(started) = started.filter(|_| self.status != 0) else {
             return; // nothing records, or the client left before any answer
         };
-        let us = started.elapsed().as_micros() as u64;
+        let now = Instant::now();
+        let us = now.saturating_duration_since(started).as_micros() as u64;
         if self.shard.cfg.metrics {
+            let period = crate::admin::stats::period_of(now);
             self.shard
                 .stats
                 .borrow_mut()
-                .record(self.status, self.class, us);
+                .record_at(self.status, self.class, us, period);
         }
         if let Some(log) = &self.shard.log {
             let (method, target) = if self.req_method_len == 0 {

@@ -113,7 +113,7 @@ impl Shard {
             queue,
             stores,
             shared_fills: common.fills.clone(),
-            stats: RefCell::new(Default::default()),
+            stats: RefCell::new(crate::admin::stats::ShardStats::recording()),
             log,
             id,
             head_limits: HeadLimits {
@@ -147,7 +147,8 @@ impl Shard {
 
     /// Everything this shard counts, as of now.
     pub fn snapshot(&self) -> crate::admin::stats::Snapshot {
-        let mut stats = self.stats.borrow().clone();
+        let now = crate::admin::stats::period_of(std::time::Instant::now());
+        let mut stats = self.stats.borrow().snapshot(now);
         if let Some(l) = &self.log {
             stats.log_dropped = l.dropped.get();
         }
