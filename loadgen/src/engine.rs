@@ -730,55 +730,52 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
     'run: while !shared.should_stop() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match Conn::open(opts.target.addr, opts.timeout, shared.now_ns()).await {
-                Some(c) if opts.herd && !checked_in => {
+            None => {
+                let opened = Conn::open(opts.target.addr, opts.timeout, shared.now_ns()).await;
+                // A herd connection's first connect, made or failed,
+                // checks it in for round 0.
+                if opts.herd && !checked_in {
                     checked_in = true;
                     shared.herd_check_in();
-                    if shared.should_stop() {
-                        break 'run;
-                    }
-                    conn.insert(c)
                 }
-                Some(c) => {
-                    // The connect may have taken until after the end.
-                    if shared.should_stop() {
-                        break 'run;
-                    }
-                    conn.insert(c)
-                }
-                None => {
-                    if opts.herd && !checked_in {
-                        checked_in = true;
-                        shared.herd_check_in();
-                    }
-                    stats.borrow_mut().connect_errors += 1;
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
-                    // With --requests a failed connect uses up a request (one
-                    // waiting to go again first), so a server that refuses
-                    // cannot keep the run going.
-                    if resend.pop_front().is_some() {
-                        shared.failed(1);
-                    } else if opts.requests.is_some() {
-                        if !shared.claim() {
+                match opened {
+                    Some(c) => {
+                        // The connect may have taken until after the end.
+                        if shared.should_stop() {
                             break 'run;
                         }
-                        shared.failed(1);
+                        conn.insert(c)
                     }
-                    if opts.herd {
-                        // One failure in the round that is open, counted
-                        // once it opens (as a sender waits for it): racing
-                        // ahead would open rounds before the previous ended.
-                        match wait_round(&shared, herd_round).await {
-                            Some(r) => herd_round = r,
-                            None => break 'run,
+                    None => {
+                        stats.borrow_mut().connect_errors += 1;
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        // With --requests a failed connect uses up a request (one
+                        // waiting to go again first), so a server that refuses
+                        // cannot keep the run going.
+                        if resend.pop_front().is_some() {
+                            shared.failed(1);
+                        } else if opts.requests.is_some() {
+                            if !shared.claim() {
+                                break 'run;
+                            }
+                            shared.failed(1);
                         }
-                        herd_done(&shared, herd_round, None);
-                        herd_round += 1;
+                        if opts.herd {
+                            // One failure in the round that is open, counted
+                            // once it opens (as a sender waits for it): racing
+                            // ahead would open rounds before the previous ended.
+                            match wait_round(&shared, herd_round).await {
+                                Some(r) => herd_round = r,
+                                None => break 'run,
+                            }
+                            herd_done(&shared, herd_round, None);
+                            herd_round += 1;
+                        }
+                        glommio::timer::sleep(RECONNECT_PAUSE).await;
+                        continue;
                     }
-                    glommio::timer::sleep(RECONNECT_PAUSE).await;
-                    continue;
                 }
-            },
+            }
         };
         // Send what the mode allows.
         out.clear();

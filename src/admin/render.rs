@@ -72,22 +72,21 @@ fn summary(
 ) {
     let sep = if labels.is_empty() { "" } else { "," };
     for (q, qs) in QUANTILES {
-        if recent.is_empty() {
-            let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} NaN");
+        let v = if recent.is_empty() {
+            f64::NAN // printed as NaN
         } else {
-            let v = secs(recent.value_at_percentile(q));
-            let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} {v}");
-        }
+            secs(recent.value_at_percentile(q))
+        };
+        let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{qs}\"}} {v}");
     }
-    let h = all;
     let braces = if labels.is_empty() {
         String::new()
     } else {
         format!("{{{labels}}}")
     };
-    let sum = h.mean() * h.len() as f64 / 1e6;
+    let sum = all.mean() * all.len() as f64 / 1e6;
     let _ = writeln!(out, "{name}_sum{braces} {sum}");
-    let _ = writeln!(out, "{name}_count{braces} {}", h.len());
+    let _ = writeln!(out, "{name}_count{braces} {}", all.len());
 }
 
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -21,6 +21,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Below it one `sendmsg` copy is cheaper than the extra system calls.
 pub const FILE_MIN: usize = 16 * 1024;
 
+/// Per heap allocation: the allocator's rounding up to its size class, on
+/// average (for what the cache's budget counts).
+const ALLOCATION_OVERHEAD: usize = 16;
+
+/// What an allocation of `capacity` bytes costs (nothing for none).
+pub(super) fn heap(capacity: usize) -> usize {
+    if capacity == 0 {
+        0
+    } else {
+        capacity + ALLOCATION_OVERHEAD
+    }
+}
+
 /// Memory files open now, process-wide.
 static FILES: AtomicUsize = AtomicUsize::new(0);
 
@@ -160,14 +173,15 @@ impl Body {
         }))
     }
 
-    /// Bytes it holds in memory: the buffer's allocation, or the memory
-    /// file's whole pages (mapped once, shared with the page cache).
+    /// Bytes it holds in memory: the struct with its `Arc` counts, and the
+    /// buffer's allocation or the memory file's whole pages (mapped once,
+    /// shared with the page cache).
     pub fn footprint(&self) -> usize {
         let page = 4096;
         std::mem::size_of::<Body>()
-            + 16
+            + 2 * std::mem::size_of::<usize>()
             + match &self.0 {
-                Bytes::Heap(v) => v.capacity() + if v.capacity() > 0 { 16 } else { 0 },
+                Bytes::Heap(v) => heap(v.capacity()),
                 Bytes::Mapped { len, .. } => len.div_ceil(page) * page,
             }
     }

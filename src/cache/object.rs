@@ -2,7 +2,7 @@
 //! what RFC 9111 needs to judge it later; how it is built from an upstream
 //! head and how a hit is written. Pure.
 
-use super::body::Body;
+use super::body::{heap, Body};
 use super::policy::{parse_http_date, CacheControl, ResponseFacts, Timing};
 use crate::http::request::RequestHead;
 use crate::http::response::ResponseHead;
@@ -97,18 +97,6 @@ pub fn vary_values(buf: &[u8], req: &RequestHead, names: &[Vec<u8>]) -> Vec<Opti
 /// slot's own fields, the hash map's slot and control byte, the queue
 /// reference, with allowance for the tables' spare room.
 const ENTRY_OVERHEAD: usize = 128;
-
-/// Per heap allocation: the allocator's rounding up to its size class, on
-/// average.
-const ALLOCATION_OVERHEAD: usize = 16;
-
-fn heap(capacity: usize) -> usize {
-    if capacity == 0 {
-        0
-    } else {
-        capacity + ALLOCATION_OVERHEAD
-    }
-}
 
 impl Meta {
     /// Bytes it holds: the struct (in its `Arc`) and what it points to.

@@ -34,6 +34,15 @@ impl std::fmt::Display for BodyError {
     }
 }
 
+impl From<NetError> for BodyError {
+    fn from(e: NetError) -> BodyError {
+        match e {
+            NetError::TimedOut => BodyError::TimedOut,
+            NetError::Io(e) => BodyError::Io(e),
+        }
+    }
+}
+
 /// What the bytes at hand give ([`BodyReader::step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -136,36 +145,31 @@ impl BodyReader {
         buf: &mut Buf,
         idle: Duration,
     ) -> Result<(), BodyError> {
-        let cap = self.cap();
-        let space = buf.space(16 * 1024, UPSTREAM_BUF);
-        let cap = cap.min(space.len());
-        match up.read(&mut space[..cap], Instant::now() + idle).await {
-            Ok(n) => self.got(buf, n),
-            Err(NetError::TimedOut) => Err(BodyError::TimedOut),
-            Err(NetError::Io(e)) => Err(BodyError::Io(e)),
-        }
+        let n = up
+            .read(self.room(buf), Instant::now() + idle)
+            .await
+            .map_err(BodyError::from)?;
+        self.got(buf, n)
     }
 
     /// [`Self::fill`] if bytes (or the end) are there already: whether it
     /// read; never waits.
     pub fn try_fill(&mut self, up: &mut Sock, buf: &mut Buf) -> Result<bool, BodyError> {
-        let cap = self.cap();
-        let space = buf.space(16 * 1024, UPSTREAM_BUF);
-        let cap = cap.min(space.len());
-        match up.try_read_now(&mut space[..cap]) {
-            Ok(Some(n)) => self.got(buf, n).map(|()| true),
-            Ok(None) => Ok(false),
-            Err(NetError::TimedOut) => Err(BodyError::TimedOut),
-            Err(NetError::Io(e)) => Err(BodyError::Io(e)),
+        match up.try_read_now(self.room(buf)).map_err(BodyError::from)? {
+            Some(n) => self.got(buf, n).map(|()| true),
+            None => Ok(false),
         }
     }
 
-    /// How much one read may take: never past a length-delimited body.
-    fn cap(&self) -> usize {
-        match self.kind {
-            BodyKind::Length(_) => self.left as usize,
-            _ => usize::MAX,
-        }
+    /// Where one read goes: free space in `buf`, never past the end of a
+    /// length-delimited body.
+    fn room<'a>(&self, buf: &'a mut Buf) -> &'a mut [u8] {
+        let space = buf.space(16 * 1024, UPSTREAM_BUF);
+        let cap = match self.kind {
+            BodyKind::Length(_) => (self.left as usize).min(space.len()),
+            _ => space.len(),
+        };
+        &mut space[..cap]
     }
 
     fn got(&mut self, buf: &mut Buf, n: usize) -> Result<(), BodyError> {

@@ -123,6 +123,13 @@ pub async fn linger_close(sock: &mut Sock) {
     }
 }
 
+/// Ends with `TimedOut` when the shard begins to drain: raced against a
+/// wait between requests, so that idle connections close on shutdown.
+async fn drained<T>(shard: Rc<Shard>) -> Result<T, NetError> {
+    shard.drain_signal().await;
+    Err(NetError::TimedOut)
+}
+
 impl ClientConn {
     pub fn new(shard: Rc<Shard>, sock: Sock) -> ClientConn {
         let peer_ip = sock
@@ -317,49 +324,40 @@ impl ClientConn {
                 // future (glommio's read and timer included, without a
                 // poller) would otherwise sit in every idle connection.
                 Box::pin(self.sock.read(space, deadline)).await
+            } else if !self.sock.waits_without_buffer() {
+                // Between requests, without a poller (rare): a read waits,
+                // buffer and all; it also ends on shutdown.
+                Box::pin(futures_lite::future::or(
+                    self.sock.read(space, deadline),
+                    drained(self.shard.clone()),
+                ))
+                .await
             } else {
                 // Between requests: an idle connection gives its buffers
                 // back to the shard's spares while it waits (an idle
                 // keep-alive connection then costs about 2 KiB, not the
                 // 84 KiB of its buffers), and the wait also ends on
                 // shutdown.
-                let r = match self.sock.try_read_now(space) {
-                    Ok(None) if self.sock.waits_without_buffer() => {
+                match self.sock.try_read_now(space) {
+                    Ok(Some(n)) => Ok(n),
+                    Err(e) => Err(e),
+                    Ok(None) => {
                         self.inbuf.release();
                         // Whatever it holds is stale (forward() clears it).
                         self.ubuf.recycle();
                         release_out(&mut self.out);
-                        let shard = self.shard.clone();
-                        let sock = &self.sock;
-                        let woke =
-                            futures_lite::future::or(sock.wait_readable(deadline), async move {
-                                shard.drain_signal().await;
-                                Err(NetError::TimedOut)
-                            })
-                            .await;
+                        let woke = futures_lite::future::or(
+                            self.sock.wait_readable(deadline),
+                            drained(self.shard.clone()),
+                        )
+                        .await;
                         match woke {
                             // Readable: the next round reads (with a buffer).
                             Ok(()) => continue,
                             Err(e) => Err(e),
                         }
                     }
-                    Ok(None) => {
-                        // Without a poller (rare).
-                        let shard = self.shard.clone();
-                        let sock = &mut self.sock;
-                        Box::pin(futures_lite::future::or(
-                            sock.read(space, deadline),
-                            async move {
-                                shard.drain_signal().await;
-                                Err(NetError::TimedOut)
-                            },
-                        ))
-                        .await
-                    }
-                    Ok(Some(n)) => Ok(n),
-                    Err(e) => Err(e),
-                };
-                r
+                }
             };
             match r {
                 Ok(0) => return Ok(false),
