@@ -149,10 +149,14 @@ fn describe(r: &loadgen::Report) -> String {
         .iter()
         .map(|(k, v)| format!("{v}× {k}"))
         .collect();
+    // The status counts include the few requests in flight at the end,
+    // answered after it; the rate counts those within the duration.
+    let after = match r.stats.after_end {
+        0 => String::new(),
+        n => format!(" in all, {n} answered after the end"),
+    };
     format!(
-        "    {} requests in {:.1}s = {:.0} req/s ({}; {} errors)\n    latency p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
-        // Those within the duration, as the rate counts them (the status
-        // counts include the few answered after its end).
+        "    {} requests in {:.1}s = {:.0} req/s ({}{after}; {} errors)\n    latency p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         r.stats.requests().saturating_sub(r.stats.after_end),
         r.duration.as_secs_f64(),
         r.rps(),

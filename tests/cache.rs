@@ -1123,3 +1123,49 @@ fn a_purge_of_another_key_during_a_fetch_does_not_keep_it_out() {
     assert!(after.header("Cache-Status").unwrap().contains("hit"));
     assert_eq!(origin.requests_for(path), 1);
 }
+
+#[test]
+fn with_collapsing_off_misses_fetch_alone_and_are_still_stored() {
+    // `collapse = false`: a herd is as many origin fetches as requests (on
+    // both shards, none joins another), and what they fetched is stored.
+    let origin = Origin::start();
+    let cfg = write_config(
+        "collapse-off",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n[cache]\ncollapse = false\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let path = "/cache/max-age=60/300/off";
+    let n = 20;
+    let barrier = Arc::new(Barrier::new(n));
+    let addr = p.addr;
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                get(addr, path)
+            })
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200);
+        let cs = r.header("Cache-Status").unwrap();
+        assert!(
+            cs.contains("fwd=uri-miss") && !cs.contains("collapsed"),
+            "{cs}"
+        );
+    }
+    assert_eq!(origin.requests_for(path), n);
+    // Stored (by one of them, in its owner shard): the next ones are hits
+    // on either shard.
+    for _ in 0..6 {
+        let r = get(p.addr, path);
+        assert!(r.header("Cache-Status").unwrap().contains("hit"));
+    }
+    assert_eq!(origin.requests_for(path), n);
+}

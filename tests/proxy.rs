@@ -733,6 +733,32 @@ fn a_low_open_file_limit_is_raised_at_start() {
 }
 
 #[test]
+fn the_readme_config_file_is_valid() {
+    // The README's "complete config file, every key with its default", as
+    // written, but for the store's root (a folder that must exist).
+    let readme = include_str!("../README.md");
+    let from = readme
+        .find("A complete config file, every key with its default")
+        .expect("the README's config section");
+    let start = readme[from..].find("```toml\n").unwrap() + from + "```toml\n".len();
+    let end = readme[start..].find("```").unwrap() + start;
+    let root = std::env::temp_dir().join(format!("corral-test-{}-readme", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let text = readme[start..end].replace("/srv/files", &root.to_string_lossy());
+    let cfg = write_config("readme", &text);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["check-config", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn check_config_reports_every_error() {
     let cfg = write_config(
         "check",

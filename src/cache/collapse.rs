@@ -410,6 +410,19 @@ impl CollapseTable {
         )
     }
 
+    /// A fill for `key` that nobody else joins (collapsing turned off): it
+    /// is not in the table, so its reader is its only one.
+    pub fn alone(&self, key: u64, generation: u64) -> Reader {
+        let fill = Rc::new(Fill::new(key, generation));
+        fill.readers.set(1);
+        Reader {
+            fill,
+            first: true,
+            next_chunk: 0,
+            taken: 0,
+        }
+    }
+
     /// Removes the fill once it ended (only if it is still the current one).
     pub fn remove(&self, fill: &Rc<Fill>) {
         let mut fills = self.fills.borrow_mut();

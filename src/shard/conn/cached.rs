@@ -118,6 +118,7 @@ impl ClientConn {
                                 reader.fill.clone(),
                                 facts,
                                 Some(obj.clone()),
+                                true,
                             );
                         }
                         drop(reader);
@@ -137,7 +138,7 @@ impl ClientConn {
         } else {
             "fwd=uri-miss"
         };
-        if facts.cc.no_cache || facts.pragma_no_cache || !shard.cfg.cache.collapse {
+        if facts.cc.no_cache || facts.pragma_no_cache {
             // The client asked for the origin's answer: no collapsing.
             self.set_cache_status("fwd=request");
             return None;
@@ -146,10 +147,18 @@ impl ClientConn {
             self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
             return None;
         }
-        let (reader, lead) = self.join(cache, key);
-        if lead {
-            self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale);
-        }
+        let reader = if shard.cfg.cache.collapse {
+            let (reader, lead) = self.join(cache, key);
+            if lead {
+                self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale, true);
+            }
+            reader
+        } else {
+            // Collapsing off: every miss fetches (and may store) on its own.
+            let reader = cache.collapse.alone(key, cache.purge_generation());
+            self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale, false);
+            reader
+        };
         // Boxed: a fill's reader has large state (see forward()).
         Box::pin(self.serve_fill(reader, fwd, pool_idx)).await
     }
@@ -296,6 +305,7 @@ impl ClientConn {
         fill: Rc<Fill>,
         facts: RequestFacts,
         stale: Option<Object>,
+        collapse: bool,
     ) {
         let buf = self.inbuf.filled();
         let pool = &self.shard.pools[pool_idx];
@@ -323,6 +333,7 @@ impl ClientConn {
         }
         let job = FillJob {
             publish: None,
+            collapse,
             stale,
             shard: self.shard.clone(),
             pool_idx,
@@ -567,6 +578,9 @@ struct FillJob {
     stale: Option<Object>,
     /// Where this fetch is published for the other shards.
     publish: Option<Published>,
+    /// Whether other requests may share this fetch: when not, it is
+    /// neither in the shard's table nor claimed process-wide.
+    collapse: bool,
     /// What the balancer may use about the starting request.
     hint: Hint,
 }
@@ -611,24 +625,27 @@ impl FillJob {
             return;
         };
         let target = self.head.target(&self.request);
-        let claim = shard
-            .shared_fills
-            .claim_since(self.key, cache.purge_generation(), |g| {
-                cache.purged_since(g, self.key, target)
-            });
+        let claim = self.collapse.then(|| {
+            shard
+                .shared_fills
+                .claim_since(self.key, cache.purge_generation(), |g| {
+                    cache.purged_since(g, self.key, target)
+                })
+        });
         match claim {
-            Claim::Follow(shared) => {
+            Some(Claim::Follow(shared)) => {
                 self.relay(shared).await;
                 cache.collapse.remove(&self.fill);
                 return;
             }
-            Claim::Fetch(fill) => {
+            Some(Claim::Fetch(fill)) => {
                 self.publish = Some(Published {
                     fills: shard.shared_fills.clone(),
                     key: self.key,
                     fill,
                 })
             }
+            None => {}
         }
         // Another shard's fetch may have stored the response between this
         // shard's miss and its claim: then it answers, not a second fetch.
