@@ -710,7 +710,38 @@ fn ranges_are_cut_from_the_stored_object() {
     assert_eq!(r.status, 206);
     let r = get_with(&p, path, "HEAD", "If-Match: \"other\"\r\n");
     assert_eq!((r.status, r.body.len()), (412, 0));
+    // Range applies to GET only (RFC 9110 §14.2): a HEAD gets the whole
+    // representation's head.
+    let r = get_with(&p, path, "HEAD", "Range: bytes=0-4\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Length"), Some("16"));
+    assert_eq!(r.header("Content-Range"), None);
     assert_eq!(origin.requests_for(path), 1);
+}
+
+#[test]
+fn a_304_s_age_counts_in_the_refreshed_copy() {
+    // The upstream is itself a cache: its 304 is dated now and says the
+    // object is 60 s old. The refreshed copy is 60 s old, not new.
+    let origin = scripted_origin(move |head, s| {
+        let date = httpdate_now();
+        let reply = if head.to_ascii_lowercase().contains("if-none-match") {
+            format!("HTTP/1.1 304 Not Modified\r\nDate: {date}\r\nAge: 60\r\nCache-Control: max-age=100\r\nETag: \"v\"\r\n\r\n")
+        } else {
+            format!("HTTP/1.1 200 OK\r\nDate: {date}\r\nCache-Control: max-age=1\r\nETag: \"v\"\r\nContent-Length: 1\r\n\r\nx")
+        };
+        s.write_all(reply.as_bytes()).is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    assert_eq!(get(p.addr, "/age").header("Age"), Some("0"));
+    std::thread::sleep(Duration::from_millis(2100));
+    let age = |r: &Response| r.header("Age").unwrap().parse::<u64>().unwrap();
+    let r = get(p.addr, "/age"); // revalidated: 304
+    assert!(r.header("Cache-Status").unwrap().contains("fwd=stale"));
+    assert!((60..63).contains(&age(&r)), "{:?}", r.header("Age"));
+    let r = get(p.addr, "/age");
+    assert!(r.header("Cache-Status").unwrap().contains("hit"));
+    assert!((60..63).contains(&age(&r)), "{:?}", r.header("Age"));
 }
 
 #[test]

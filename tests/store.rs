@@ -172,6 +172,14 @@ fn whole_files_ranges_and_validators() {
         .unwrap();
     let r = read_response(&mut BufReader::new(s), true).unwrap();
     assert_eq!((r.status, r.header("content-length")), (200, Some("4097")));
+    // A HEAD's Range is ignored (RFC 9110 §14.2: GET only).
+    let mut s = p.connect();
+    s.write_all(
+        b"HEAD /b4097 HTTP/1.1\r\nHost: t\r\nRange: bytes=0-9\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let r = read_response(&mut BufReader::new(s), true).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, Some("4097")));
     // HEAD of a missing file, pipelined with a GET: the 404 has no body
     // (else the GET's answer would be read as its body).
     let mut s = p.connect();

@@ -357,6 +357,10 @@ impl Drop for Reader {
     }
 }
 
+/// Hit-for-miss keys a shard remembers at most; each sweep leaves at most
+/// half, so the sweeps cost O(1) per insert.
+const MAX_UNCACHEABLE: usize = 100_000;
+
 /// The shard's fills by key, and keys recently found uncacheable.
 #[derive(Default)]
 pub struct CollapseTable {
@@ -438,9 +442,15 @@ impl CollapseTable {
     /// Remembers `key` as uncacheable until `until` (hit-for-miss).
     pub fn mark_uncacheable(&self, key: u64, until: Instant) {
         let mut m = self.uncacheable.borrow_mut();
-        if m.len() > 100_000 {
+        if m.len() >= MAX_UNCACHEABLE {
             let now = Instant::now();
             m.retain(|_, t| *t > now);
+            // Still half full (a flood of distinct uncacheable keys): forget
+            // them all rather than sweep again at the next insert. Losing
+            // one costs only a wait on a fetch that turns out uncacheable.
+            if m.len() >= MAX_UNCACHEABLE / 2 {
+                m.clear();
+            }
         }
         m.insert(key, until);
     }
@@ -466,6 +476,18 @@ impl CollapseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hit_for_miss_stays_bounded() {
+        let t = CollapseTable::default();
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        for k in 0..(MAX_UNCACHEABLE as u64 * 3) {
+            t.mark_uncacheable(k, later);
+            assert!(t.uncacheable.borrow().len() <= MAX_UNCACHEABLE);
+        }
+        // The newest is remembered.
+        assert!(t.is_uncacheable(MAX_UNCACHEABLE as u64 * 3 - 1, Instant::now()));
+    }
 
     use crate::cache::object::test_meta as meta;
 

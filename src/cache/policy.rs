@@ -178,7 +178,8 @@ pub fn storable(req: &RequestFacts, resp: &ResponseFacts) -> Result<(), NotStore
         || resp.cc.s_maxage.is_some()
         || resp.expires.is_some()
         || resp.expires_invalid;
-    if explicit || resp.cc.public || cacheable_by_default(resp.status) || resp.cc.no_cache {
+    // §3: `no-cache` is not among what makes a response storable.
+    if explicit || resp.cc.public || cacheable_by_default(resp.status) {
         Ok(())
     } else {
         Err("not-cacheable-status")
@@ -499,6 +500,9 @@ mod tests {
             (&req_no_store, resp(200, "max-age=60"), Err("no-store")),
             (&g, resp(200, "private, max-age=60"), Err("private")),
             (&g, resp(200, "no-cache"), Ok(())),
+            // no-cache alone does not make a status storable (§3).
+            (&g, resp(302, "no-cache"), Err("not-cacheable-status")),
+            (&g, resp(302, "no-cache, max-age=5"), Ok(())),
             (&g, resp(206, "max-age=60"), Err("status")),
             (&head, resp(200, "max-age=60"), Err("method")),
             (&auth, resp(200, "max-age=60"), Err("authorization")),

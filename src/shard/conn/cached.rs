@@ -234,7 +234,9 @@ impl ClientConn {
             };
         let mut part = 0..obj.body.len();
         let mut extra = String::new();
-        if status == 200 {
+        // Range applies to GET only (RFC 9110 §14.2): a HEAD gets the
+        // whole representation's head.
+        if status == 200 && self.head.method() == Method::Get {
             match range_ask(buf, &self.head, len) {
                 RangeAsk::Whole => {}
                 RangeAsk::Part(a, b) => {
@@ -846,6 +848,7 @@ impl FillJob {
         cache: &ShardCache,
         old: &Object,
         update: &[u8],
+        age: Option<u64>,
         request_time: i64,
         generation: u64,
     ) -> Result<(), UpstreamFail> {
@@ -863,6 +866,10 @@ impl FillJob {
         meta.reason = old.meta.reason.clone();
         meta.request_vary = old.meta.request_vary.clone();
         meta.target = old.meta.target.clone();
+        // The 304's Age (an upstream cache's) counts in the refreshed
+        // copy's age as a 200's would (RFC 9111 §4.2.3); it is not stored
+        // as a field (each answer computes its own).
+        meta.facts.age = age;
         let now = unix_now();
         let mut obj = Object {
             lifetime: freshness_lifetime(&meta.facts, now),
@@ -1018,7 +1025,8 @@ impl FillJob {
                     crate::http::push_date(&mut update, response_time);
                 }
                 let reusable = !rhead.close && ubuf.len() == rhead.head_len;
-                self.refresh(cache, old, &update, request_time, generation)?;
+                let age = answer.facts.age;
+                self.refresh(cache, old, &update, age, request_time, generation)?;
                 if reusable {
                     pool.checkin(backend, up, Instant::now());
                 }

@@ -141,6 +141,9 @@ impl ClientConn {
         let (status, range) =
             if conditional_not_modified(buf, &self.head, Some(etag.as_bytes()), Some(file.mtime)) {
                 (304, 0..0)
+            } else if method != Method::Get {
+                // Range applies to GET only (RFC 9110 §14.2).
+                (200, 0..size)
             } else {
                 match range_ask(buf, &self.head, size) {
                     RangeAsk::Whole => (200, 0..size),
