@@ -1200,3 +1200,56 @@ fn with_collapsing_off_misses_fetch_alone_and_are_still_stored() {
     }
     assert_eq!(origin.requests_for(path), n);
 }
+
+/// `n` concurrent GETs of `path` on fresh connections, released together.
+fn herd(p: &Proxy, path: &'static str, n: usize) -> Vec<Response> {
+    let barrier = Arc::new(Barrier::new(n));
+    let addr = p.addr;
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                get(addr, path)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn an_origin_error_answers_the_whole_herd_and_is_not_remembered() {
+    // The origin answers 500 (no freshness) after 300 ms: the herd waiting
+    // on its fetch gets that 500, rather than going to a failing origin one
+    // by one; and the key is not marked uncacheable, so the next herd is
+    // one fetch again, and once the origin recovers its answer is stored.
+    let origin = Origin::start();
+    let p = proxy(&origin, "2");
+    let path = "/cache/max-age=60/300/err";
+    origin.failing.store(true, Ordering::SeqCst);
+    for round in 1..=2 {
+        let rs = herd(&p, path, 40);
+        assert!(rs.iter().all(|r| r.status == 500 && r.text() == "down"));
+        assert_eq!(origin.requests_for(path), round, "round {round}");
+        // The first request on each shard says where the answer came from;
+        // the others joined it.
+        let first = rs
+            .iter()
+            .filter(|r| r.header("Cache-Status") == Some("corral; fwd=uri-miss; fwd-status=500"))
+            .count();
+        let collapsed = rs
+            .iter()
+            .filter(|r| r.header("Cache-Status") == Some("corral; fwd=uri-miss; collapsed"))
+            .count();
+        assert!((1..=2).contains(&first), "{first} first on a shard");
+        assert_eq!(first + collapsed, rs.len());
+    }
+    origin.failing.store(false, Ordering::SeqCst);
+    let rs = herd(&p, path, 40);
+    assert!(rs.iter().all(|r| r.status == 200 && r.text() == "err #3 "));
+    assert_eq!(origin.requests_for(path), 3);
+    assert!(get(p.addr, path)
+        .header("Cache-Status")
+        .unwrap()
+        .contains("hit"));
+}

@@ -85,6 +85,9 @@ pub enum Source {
     /// The stored (stale) response, because the origin failed
     /// (`stale-if-error`).
     StaleOnError,
+    /// The origin's error answer (5xx, without freshness): shared with the
+    /// requests waiting for it, not stored.
+    Unstored,
 }
 
 /// What a reader sees at its cursor.

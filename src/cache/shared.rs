@@ -11,8 +11,8 @@
 //! shard by message; a short critical section on misses only costs less
 //! than a message round trip and keeps the same guarantee.
 
+use super::collapse::Source;
 use super::object::Meta;
-use super::policy::Timing;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -84,8 +84,9 @@ pub enum End {
 
 /// What a subscriber copies out.
 pub struct Update {
-    /// The head, its cacheability and timing, once known.
-    pub head: Option<(Arc<Meta>, bool, Timing, u64)>,
+    /// The head, whether every reader may read it, and where the response
+    /// came from, once known.
+    pub head: Option<(Arc<Meta>, bool, Source)>,
     /// Chunks from the subscriber's position on.
     pub chunks: Vec<Arc<[u8]>>,
     pub end: End,
@@ -101,8 +102,8 @@ pub struct SharedFill {
 
 #[derive(Default)]
 struct State {
-    /// Meta, cacheable, timing, freshness lifetime.
-    head: Option<(Arc<Meta>, bool, Timing, u64)>,
+    /// Meta, shared with every reader, source.
+    head: Option<(Arc<Meta>, bool, Source)>,
     chunks: Vec<Arc<[u8]>>,
     end: Option<End>,
     version: u64,
@@ -123,8 +124,11 @@ impl SharedFill {
         }
     }
 
-    pub fn start(&self, meta: Arc<Meta>, cacheable: bool, timing: Timing, lifetime: u64) {
-        self.update(|st| st.head = Some((meta, cacheable, timing, lifetime)));
+    /// The head is known: `shared`, every reader may read the response;
+    /// `source`, where it came from (an origin error is shared with the
+    /// requests waiting but not stored).
+    pub fn start(&self, meta: Arc<Meta>, shared: bool, source: Source) {
+        self.update(|st| st.head = Some((meta, shared, source)));
     }
 
     pub fn push(&self, chunk: Arc<[u8]>) {
@@ -243,12 +247,7 @@ mod tests {
                 })
             })
             .collect();
-        let timing = Timing {
-            request_time: 0,
-            response_time: 0,
-            initial_age: 0,
-        };
-        f.start(meta(), true, timing, 60);
+        f.start(meta(), true, Source::Origin);
         for i in 0..100u8 {
             f.push(Arc::from(vec![i; 10]));
         }

@@ -441,6 +441,9 @@ impl ClientConn {
                                 Source::StaleOnError => {
                                     format!("{fwd}; detail=stale-if-error")
                                 }
+                                Source::Unstored => {
+                                    format!("{fwd}; fwd-status={}", meta.status)
+                                }
                             }
                         };
                         close |= self.shard.draining();
@@ -694,10 +697,12 @@ impl FillJob {
     // Each step of the fill goes to this shard's readers and, when this
     // shard fetches for the process, to the other shards' relays.
 
-    fn start(&self, meta: Arc<Meta>, cacheable: bool, timing: Timing, lifetime: u64) {
-        self.fill.start(meta.clone(), cacheable);
+    /// The head is known: `shared`, every reader may read it (else only
+    /// the first).
+    fn start(&self, meta: Arc<Meta>, shared: bool) {
+        self.fill.start(meta.clone(), shared);
         if let Some(p) = &self.publish {
-            p.fill.start(meta, cacheable, timing, lifetime);
+            p.fill.start(meta, shared, self.fill.source());
         }
     }
 
@@ -763,12 +768,13 @@ impl FillJob {
         loop {
             let u = shared.read(pos);
             if !started {
-                if let Some((meta, cacheable, _, _)) = u.head.clone() {
-                    if !cacheable {
+                if let Some((meta, shared, source)) = u.head.clone() {
+                    if !shared {
                         self.remember_uncacheable();
                         self.fill.go_alone();
                         return;
                     }
+                    self.fill.set_source(source);
                     self.fill.start(meta, true);
                     started = true;
                 }
@@ -836,7 +842,7 @@ impl FillJob {
     /// current age (`shareable`: every reader may read it).
     fn serve_stored(&self, o: &Object, shareable: bool) {
         let age = o.timing.current_age(unix_now());
-        self.start(with_age(&o.meta, age), shareable, o.timing, o.lifetime);
+        self.start(with_age(&o.meta, age), shareable);
         self.push(Arc::from(&o.body[..]));
         self.finish();
     }
@@ -1045,18 +1051,34 @@ impl FillJob {
             meta.facts.date = Some(response_time);
         }
         let lifetime = freshness_lifetime(&meta.facts, response_time);
+        let store = storable(&self.facts, &meta.facts);
+        let fits = meta
+            .content_length
+            .is_none_or(|n| n <= cfg.max_object_bytes);
         // A response with no freshness at all is not shared with waiting
         // requests either: using it for them would be using a stale response.
-        let mut cacheable = storable(&self.facts, &meta.facts).is_ok()
-            && meta
-                .content_length
-                .is_none_or(|n| n <= cfg.max_object_bytes)
+        let mut cacheable = store.is_ok()
+            && fits
             && (lifetime > 0 || meta.facts.cc.stale_while_revalidate.is_some());
-        if !cacheable {
+        // Except an error (5xx) that only its status or its lack of
+        // freshness keeps out of the cache: it is the origin's answer to the
+        // requests waiting, as a failed connection's 502 would be, and
+        // sending them on one by one would turn the herd loose on an origin
+        // that is failing. Not stored, and not remembered as uncacheable:
+        // the next miss asks again (collapsed), so a recovering origin
+        // still sees one request per herd.
+        let error_shared = !cacheable
+            && rhead.code >= 500
+            && fits
+            && matches!(store, Ok(()) | Err("not-cacheable-status"));
+        if error_shared {
+            self.fill.set_source(Source::Unstored);
+        } else if !cacheable {
             cache
                 .collapse
                 .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
         }
+        let mut shared = cacheable || error_shared;
         let timing = Timing::new(&meta.facts, request_time, response_time);
         // The fill's readers send the corrected initial age (RFC 9111
         // §4.2.3: the origin's Age plus the response delay, or the apparent
@@ -1068,12 +1090,12 @@ impl FillJob {
         meta.request_vary = vary.clone();
         meta.target = self.head.target(&self.request).to_vec();
         let meta = Arc::new(meta);
-        self.start(meta.clone(), cacheable, timing, lifetime);
+        self.start(meta.clone(), shared);
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
         let mut body = BodyReader::new(rhead.body());
         loop {
-            if !cacheable {
+            if !shared {
                 // Only the first reader reads: stop if it left, and stay at
                 // most UNCACHEABLE_AHEAD ahead of it.
                 while self.fill.first_alive() && self.fill.first_backlog() > UNCACHEABLE_AHEAD {
@@ -1088,8 +1110,9 @@ impl FillJob {
                 Ok(Some(n)) => {
                     self.push(Arc::from(&ubuf.filled()[..n]));
                     ubuf.consume(n);
-                    if cacheable && self.fill.bytes() > cfg.max_object_bytes {
+                    if shared && self.fill.bytes() > cfg.max_object_bytes {
                         cacheable = false;
+                        shared = false;
                         self.demote();
                         cache
                             .collapse
