@@ -1253,3 +1253,55 @@ fn an_origin_error_answers_the_whole_herd_and_is_not_remembered() {
         .unwrap()
         .contains("hit"));
 }
+
+#[test]
+fn a_herd_on_a_stream_that_outgrows_the_cache_gets_it_whole() {
+    // 256 KiB, chunked, in 16 pieces 60 ms apart, against a 64 KiB object
+    // limit; a herd of 6 joins the fetch at once, so every one of them is
+    // reading when it stops being cacheable a quarter of the way in. They
+    // read on to the end (they were cut with a 502, a truncated body),
+    // from the one origin fetch.
+    for shards in ["1", "2"] {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let origin = scripted_origin(move |_, s| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if s.write_all(head).is_err() {
+                return false;
+            }
+            for i in 0..16u8 {
+                let mut piece = b"4000\r\n".to_vec();
+                piece.extend(std::iter::repeat_n(b'a' + i, 16384));
+                piece.extend_from_slice(b"\r\n");
+                if s.write_all(&piece).is_err() {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(60));
+            }
+            s.write_all(b"0\r\n\r\n").is_ok()
+        });
+        let path = write_config(
+            &format!("outgrown-herd-{shards}"),
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = {shards}\n\
+                 [cache]\nmax_object_size = \"64KiB\"\n\
+                 [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+            ),
+        );
+        let p = Proxy::start(&["-c", &path]);
+        let expect: Vec<u8> = (0..16u8)
+            .flat_map(|i| std::iter::repeat_n(b'a' + i, 16384))
+            .collect();
+        for r in herd(&p, "/stream", 6) {
+            let status = r.header("cache-status").unwrap_or("").to_string();
+            assert_eq!(r.status, 200, "{shards} shards: {status}");
+            assert!(
+                r.body == expect,
+                "{shards} shards: {} bytes, {status}",
+                r.body.len()
+            );
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "{shards} shards");
+    }
+}

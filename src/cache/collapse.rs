@@ -10,9 +10,14 @@
 //!
 //! States of a fill (pingora's lock states, single-threaded):
 //! `Waiting` (no head yet) → `Streaming` (head known, chunks arriving) →
-//! `Done`; or `Uncacheable` (only the first reader may read it: the others
-//! go to the origin on their own); or `Failed` (an origin error before any
-//! byte: readers answer with the status; after bytes: readers close).
+//! `Done`; or `Uncacheable` (exclusive: only the readers that have started
+//! may read it, the others go to the origin on their own; an uncacheable
+//! response's only reader is the first, a stream demoted when it outgrew
+//! the object size limit keeps the readers it had); or `Failed` (an origin
+//! error before any byte: readers answer with the status; after bytes:
+//! readers close). An exclusive stream is paced on its fastest reader,
+//! keeps only what its slowest has not taken, and cuts a reader that falls
+//! [`MAX_LAG`] behind.
 
 use super::object::Meta;
 use std::cell::{Cell, RefCell};
@@ -35,6 +40,12 @@ pub enum Phase {
     Failed(u16),
 }
 
+/// How far (in bytes) a reader of an exclusive stream (uncacheable, or
+/// demoted because it outgrew the object size limit) may fall behind the
+/// newest chunk before it is cut: the chunks behind the slowest reader are
+/// kept for it, so this bounds what such a stream holds.
+pub const MAX_LAG: u64 = 8 * 1024 * 1024;
+
 /// One origin fetch shared by every reader of its key.
 pub struct Fill {
     pub key: u64,
@@ -44,12 +55,12 @@ pub struct Fill {
     state: RefCell<State>,
     /// Readers that joined, the first included.
     readers: Cell<usize>,
-    /// The first reader is still there (for uncacheable streams, which have
-    /// no other reader and stop when it leaves).
-    first_alive: Cell<bool>,
-    /// Bytes the first reader has taken (for back-pressure on uncacheable
-    /// streams).
-    first_taken: Cell<u64>,
+}
+
+/// A reader that has started reading (or the first, from its start).
+struct Cursor {
+    next_chunk: usize,
+    taken: u64,
 }
 
 struct State {
@@ -70,6 +81,30 @@ struct State {
     /// Where the response came from (for the first reader's Cache-Status).
     source: Source,
     wakers: Vec<Waker>,
+    /// The readers still there that have started: they keep what they
+    /// need of an exclusive stream, which is paced on the fastest of them
+    /// and ends when none is left.
+    cursors: slab::Slab<Cursor>,
+    /// Bytes taken by the fastest of `cursors`.
+    max_taken: u64,
+    /// The fill task waiting for the readers of an exclusive stream.
+    pacer: Option<Waker>,
+}
+
+impl State {
+    fn wake_pacer(&mut self) {
+        if let Some(w) = self.pacer.take() {
+            w.wake();
+        }
+    }
+
+    /// A started reader left or was cut: the fastest may be another.
+    fn forget(&mut self, slot: usize) {
+        if self.cursors.try_remove(slot).is_some() {
+            self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
+            self.wake_pacer();
+        }
+    }
 }
 
 /// Where a fill's response came from.
@@ -120,11 +155,30 @@ impl Fill {
                 alone: false,
                 source: Source::Origin,
                 wakers: Vec::new(),
+                cursors: slab::Slab::new(),
+                max_taken: 0,
+                pacer: None,
             }),
             readers: Cell::new(0),
-            first_alive: Cell::new(true),
-            first_taken: Cell::new(0),
         }
+    }
+
+    /// A new fill and its first reader (the one the fetch is made for).
+    fn with_first(key: u64, generation: u64) -> (Rc<Fill>, Reader) {
+        let fill = Rc::new(Fill::new(key, generation));
+        fill.readers.set(1);
+        let slot = fill.state.borrow_mut().cursors.insert(Cursor {
+            next_chunk: 0,
+            taken: 0,
+        });
+        let reader = Reader {
+            fill: fill.clone(),
+            first: true,
+            next_chunk: 0,
+            taken: 0,
+            slot: Some(slot),
+        };
+        (fill, reader)
     }
 
     pub fn phase(&self) -> Phase {
@@ -183,11 +237,35 @@ impl Fill {
         self.bump(&mut st);
     }
 
-    /// Appends body bytes.
+    /// Appends body bytes. In an exclusive stream, readers more than
+    /// [`MAX_LAG`] behind are cut and the chunks every remaining reader
+    /// has taken are released, so memory stays bounded.
     pub fn push(&self, chunk: Arc<[u8]>) {
         let mut st = self.state.borrow_mut();
         st.bytes += chunk.len() as u64;
         st.chunks.push(chunk);
+        if st.exclusive {
+            let bytes = st.bytes;
+            let behind: Vec<usize> = st
+                .cursors
+                .iter()
+                .filter(|(_, c)| bytes - c.taken > MAX_LAG)
+                .map(|(i, _)| i)
+                .collect();
+            for i in behind {
+                st.forget(i);
+            }
+            let end = st.base + st.chunks.len();
+            let low = st
+                .cursors
+                .iter()
+                .map(|(_, c)| c.next_chunk)
+                .min()
+                .unwrap_or(end);
+            let n = low.saturating_sub(st.base).min(st.chunks.len());
+            st.chunks.drain(..n);
+            st.base += n;
+        }
         self.bump(&mut st);
     }
 
@@ -210,10 +288,10 @@ impl Fill {
         self.bump(&mut st);
     }
 
-    /// Turns a cacheable stream into one only the first reader may read
-    /// (it outgrew the object size limit): later readers go alone, readers
-    /// already streaming keep their cursor until the chunks they need are
-    /// released.
+    /// Turns a cacheable stream into an exclusive one (it outgrew the
+    /// object size limit): readers that have not started go alone, those
+    /// already streaming go on to the end unless they fall [`MAX_LAG`]
+    /// behind.
     pub fn demote(&self) {
         let mut st = self.state.borrow_mut();
         if st.phase == Phase::Streaming {
@@ -246,27 +324,25 @@ impl Fill {
         Some(super::body::Body::from_parts(&st.chunks))
     }
 
-    /// Releases chunks the first reader has taken, when it is the only one
-    /// who may read (uncacheable streams), so memory stays bounded.
-    pub fn release_taken(&self, upto: usize) {
-        let mut st = self.state.borrow_mut();
-        if !st.exclusive {
-            return;
+    /// Readers still there that have started (the first counts from its
+    /// start): an exclusive stream ends when none is left.
+    pub fn live_readers(&self) -> usize {
+        self.state.borrow().cursors.len()
+    }
+
+    /// Bytes pushed but not yet taken by the fastest reader.
+    pub fn backlog(&self) -> u64 {
+        let st = self.state.borrow();
+        st.bytes.saturating_sub(st.max_taken)
+    }
+
+    /// Completes when no reader is left or the fastest is at most `ahead`
+    /// bytes behind (the pace of an exclusive stream).
+    pub fn readers_within(self: &Rc<Self>, ahead: u64) -> ReadersWithin {
+        ReadersWithin {
+            fill: self.clone(),
+            ahead,
         }
-        let n = upto.saturating_sub(st.base).min(st.chunks.len());
-        st.chunks.drain(..n);
-        st.base += n;
-        // The fill task may be waiting for the first reader to catch up.
-        self.bump(&mut st);
-    }
-
-    /// Bytes pushed but not yet taken by the first reader.
-    pub fn first_backlog(&self) -> u64 {
-        self.bytes().saturating_sub(self.first_taken.get())
-    }
-
-    pub fn first_alive(&self) -> bool {
-        self.first_alive.get()
     }
 
     /// Waits until the fill changes after `seen`.
@@ -281,6 +357,23 @@ impl Fill {
 pub struct Changed {
     fill: Rc<Fill>,
     seen: u64,
+}
+
+pub struct ReadersWithin {
+    fill: Rc<Fill>,
+    ahead: u64,
+}
+
+impl Future for ReadersWithin {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.fill.state.borrow_mut();
+        if st.cursors.is_empty() || st.bytes.saturating_sub(st.max_taken) <= self.ahead {
+            return Poll::Ready(());
+        }
+        st.pacer = Some(cx.waker().clone());
+        Poll::Pending
+    }
 }
 
 impl Future for Changed {
@@ -304,12 +397,14 @@ pub struct Reader {
     pub first: bool,
     next_chunk: usize,
     taken: u64,
+    /// Its entry among the fill's started readers.
+    slot: Option<usize>,
 }
 
 impl Reader {
     /// The next thing to do at this reader's cursor.
     pub fn step(&mut self) -> Next {
-        let st = self.fill.state.borrow();
+        let mut st = self.fill.state.borrow_mut();
         match st.phase {
             Phase::Waiting => return Next::Pending,
             Phase::Failed(code) => return Next::Failed(code),
@@ -325,17 +420,28 @@ impl Reader {
             }
             _ => {}
         }
-        if self.next_chunk < st.base {
-            // Released before this reader got it (a demoted stream).
+        if self.next_chunk < st.base || self.slot.is_some_and(|s| !st.cursors.contains(s)) {
+            // Cut: it fell too far behind an exclusive stream, and what it
+            // needed was released.
+            self.slot = None;
             return Next::Failed(502);
         }
-        if let Some(c) = st.chunks.get(self.next_chunk - st.base) {
+        if let Some(c) = st.chunks.get(self.next_chunk - st.base).cloned() {
             self.next_chunk += 1;
             self.taken += c.len() as u64;
-            if self.first {
-                self.fill.first_taken.set(self.taken);
+            let cursor = Cursor {
+                next_chunk: self.next_chunk,
+                taken: self.taken,
+            };
+            match self.slot {
+                Some(s) => st.cursors[s] = cursor,
+                None => self.slot = Some(st.cursors.insert(cursor)),
             }
-            return Next::Chunk(c.clone());
+            if self.taken > st.max_taken {
+                st.max_taken = self.taken;
+                st.wake_pacer();
+            }
+            return Next::Chunk(c);
         }
         if st.phase == Phase::Done {
             Next::End
@@ -343,19 +449,12 @@ impl Reader {
             Next::Pending
         }
     }
-
-    /// The chunk index this reader has reached.
-    pub fn position(&self) -> usize {
-        self.next_chunk
-    }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if self.first {
-            self.fill.first_alive.set(false);
-            let mut st = self.fill.state.borrow_mut();
-            self.fill.bump(&mut st);
+        if let Some(s) = self.slot {
+            self.fill.state.borrow_mut().forget(s);
         }
     }
 }
@@ -392,42 +491,33 @@ impl CollapseTable {
         purged: impl Fn(u64) -> bool,
     ) -> (Reader, bool) {
         let mut fills = self.fills.borrow_mut();
-        let (fill, created) = match fills.get(&key) {
+        match fills.get(&key) {
             Some(f)
                 if !matches!(f.phase(), Phase::Done | Phase::Failed(_))
                     && (f.generation == generation || !purged(f.generation)) =>
             {
-                (f.clone(), false)
+                f.readers.set(f.readers.get() + 1);
+                let reader = Reader {
+                    fill: f.clone(),
+                    first: false,
+                    next_chunk: 0,
+                    taken: 0,
+                    slot: None,
+                };
+                (reader, false)
             }
             _ => {
-                let f = Rc::new(Fill::new(key, generation));
-                fills.insert(key, f.clone());
-                (f, true)
+                let (f, reader) = Fill::with_first(key, generation);
+                fills.insert(key, f);
+                (reader, true)
             }
-        };
-        fill.readers.set(fill.readers.get() + 1);
-        (
-            Reader {
-                fill,
-                first: created,
-                next_chunk: 0,
-                taken: 0,
-            },
-            created,
-        )
+        }
     }
 
     /// A fill for `key` that nobody else joins (collapsing turned off): it
     /// is not in the table, so its reader is its only one.
     pub fn alone(&self, key: u64, generation: u64) -> Reader {
-        let fill = Rc::new(Fill::new(key, generation));
-        fill.readers.set(1);
-        Reader {
-            fill,
-            first: true,
-            next_chunk: 0,
-            taken: 0,
-        }
+        Fill::with_first(key, generation).1
     }
 
     /// Removes the fill once it ended (only if it is still the current one).
@@ -521,7 +611,7 @@ mod tests {
         f.finish();
         assert_eq!(drain(&mut a), (b"hello".to_vec(), true));
         // The first reader finishing does not release what others still need.
-        f.release_taken(a.position());
+        drop(a);
         assert_eq!(drain(&mut b), (b"lo".to_vec(), true));
         assert_eq!(f.readers(), 2);
         t.remove(&f);
@@ -559,8 +649,12 @@ mod tests {
         assert!(matches!(b.step(), Next::GoAlone));
         a.fill.push(Arc::from(&b"x"[..]));
         assert!(matches!(a.step(), Next::Chunk(_)));
-        assert_eq!(a.fill.first_backlog(), 0);
-        a.fill.release_taken(a.position());
+        assert_eq!(a.fill.backlog(), 0);
+        a.fill.push(Arc::from(&b"y"[..]));
+        // What the only reader took is released as the stream goes on.
+        assert_eq!(a.fill.state.borrow().base, 1);
+        assert_eq!(a.fill.backlog(), 1);
+        assert!(matches!(a.step(), Next::Chunk(_)));
         a.fill.finish();
         assert!(matches!(a.step(), Next::End));
         // Still not for the others once done.
@@ -601,10 +695,63 @@ mod tests {
     fn first_reader_leaving_is_visible() {
         let t = CollapseTable::default();
         let (a, _) = t.join(1);
+        let (b, _) = t.join(1);
         let f = a.fill.clone();
-        assert!(f.first_alive());
+        assert_eq!(f.live_readers(), 1, "the first counts from its start");
+        drop(b);
+        assert_eq!(f.live_readers(), 1);
         drop(a);
-        assert!(!f.first_alive());
+        assert_eq!(f.live_readers(), 0);
+    }
+
+    #[test]
+    fn a_demoted_stream_goes_on_for_readers_that_started() {
+        // A cacheable stream with three readers, two of them started, then
+        // demoted (it outgrew the cache): the started ones read to the end
+        // (the first leaving does not stop them), the one that had not
+        // started goes alone, and chunks are released behind the slowest.
+        let t = CollapseTable::default();
+        let (mut a, _) = t.join(1);
+        let (mut b, _) = t.join(1);
+        let (mut c, _) = t.join(1);
+        let f = a.fill.clone();
+        f.start(meta(), true);
+        f.push(Arc::from(&b"ab"[..]));
+        assert!(matches!(a.step(), Next::Chunk(_)));
+        assert!(matches!(b.step(), Next::Chunk(_)));
+        f.demote();
+        assert!(matches!(c.step(), Next::GoAlone));
+        f.push(Arc::from(&b"cd"[..]));
+        assert_eq!(f.state.borrow().base, 1, "both took the first chunk");
+        assert_eq!(drain(&mut a), (b"cd".to_vec(), false));
+        drop(a);
+        assert_eq!(f.live_readers(), 1);
+        f.push(Arc::from(&b"ef"[..]));
+        f.finish();
+        assert_eq!(drain(&mut b), (b"cdef".to_vec(), true));
+    }
+
+    #[test]
+    fn a_reader_too_far_behind_an_exclusive_stream_is_cut() {
+        let t = CollapseTable::default();
+        let (mut a, _) = t.join(1);
+        let (mut b, _) = t.join(1);
+        let f = a.fill.clone();
+        f.start(meta(), true);
+        f.push(Arc::from(&b"x"[..]));
+        assert!(matches!(b.step(), Next::Chunk(_)));
+        f.demote();
+        let big: Arc<[u8]> = Arc::from(vec![0u8; (MAX_LAG / 2) as usize]);
+        for _ in 0..3 {
+            f.push(big.clone());
+            drain(&mut a);
+        }
+        // b took one byte of 12 MiB: cut, and nothing is kept for it (only
+        // the newest chunk, which a had not taken at the push).
+        assert_eq!(f.live_readers(), 1);
+        assert!(matches!(b.step(), Next::Failed(502)));
+        assert_eq!(f.state.borrow().chunks.len(), 1);
+        assert_eq!(f.backlog(), 0);
     }
 
     #[test]

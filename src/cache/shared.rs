@@ -11,7 +11,7 @@
 //! shard by message; a short critical section on misses only costs less
 //! than a message round trip and keeps the same guarantee.
 
-use super::collapse::Source;
+use super::collapse::{Source, MAX_LAG};
 use super::object::Meta;
 use std::collections::HashMap;
 use std::future::Future;
@@ -91,6 +91,12 @@ pub struct Update {
     pub chunks: Vec<Arc<[u8]>>,
     pub end: End,
     pub version: u64,
+    /// It outgrew the object size limit: no longer shared with readers
+    /// that have not started.
+    pub demoted: bool,
+    /// This subscriber fell [`MAX_LAG`] behind a demoted fetch, and what it
+    /// needed was released.
+    pub cut: bool,
 }
 
 #[derive(Default)]
@@ -104,10 +110,16 @@ pub struct SharedFill {
 struct State {
     /// Meta, shared with every reader, source.
     head: Option<(Arc<Meta>, bool, Source)>,
+    /// Chunks from index `base` on (earlier ones were released).
     chunks: Vec<Arc<[u8]>>,
+    base: usize,
+    bytes: u64,
     end: Option<End>,
     version: u64,
     wakers: Vec<Waker>,
+    demoted: bool,
+    /// Each subscribed relay's next chunk and the bytes it has copied.
+    relays: slab::Slab<(usize, u64)>,
 }
 
 impl SharedFill {
@@ -131,8 +143,22 @@ impl SharedFill {
         self.update(|st| st.head = Some((meta, shared, source)));
     }
 
+    /// Appends body bytes. Once demoted, relays more than [`MAX_LAG`]
+    /// behind are cut and what every remaining relay copied is released.
     pub fn push(&self, chunk: Arc<[u8]>) {
-        self.update(|st| st.chunks.push(chunk));
+        self.update(|st| {
+            st.bytes += chunk.len() as u64;
+            st.chunks.push(chunk);
+            if st.demoted {
+                let bytes = st.bytes;
+                st.relays.retain(|_, r| bytes - r.1 <= MAX_LAG);
+                let end = st.base + st.chunks.len();
+                let low = st.relays.iter().map(|(_, r)| r.0).min().unwrap_or(end);
+                let n = low.saturating_sub(st.base).min(st.chunks.len());
+                st.chunks.drain(..n);
+                st.base += n;
+            }
+        });
     }
 
     pub fn finish(&self) {
@@ -147,24 +173,63 @@ impl SharedFill {
         });
     }
 
-    /// Ends it for its followers with status 0 ("go to the origin on your
-    /// own") and lets go of its chunks: the fetch goes on for its own shard
-    /// only (it outgrew the object size limit).
-    pub fn abandon(&self) {
-        self.update(|st| {
-            st.end.get_or_insert(End::Failed(0));
-            st.chunks = Vec::new();
-        });
+    /// It outgrew the object size limit: relays whose readers have started
+    /// go on (each cut [`MAX_LAG`] behind), the others are told to go to
+    /// the origin on their own, and chunks are released behind the
+    /// slowest relay.
+    pub fn demote(&self) {
+        self.update(|st| st.demoted = true);
     }
 
-    /// Everything after chunk `from`, and the state.
-    pub fn read(&self, from: usize) -> Update {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Registers a relay (reading from chunk 0): a demoted fetch keeps
+    /// what it has not copied. [`Self::unsubscribe`] when it stops.
+    pub fn subscribe(&self) -> usize {
+        self.lock().relays.insert((0, 0))
+    }
+
+    pub fn unsubscribe(&self, relay: usize) {
+        self.lock().relays.try_remove(relay);
+    }
+
+    /// Relays still subscribed.
+    pub fn relays(&self) -> usize {
+        self.lock().relays.len()
+    }
+
+    pub fn demoted(&self) -> bool {
+        self.lock().demoted
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything after chunk `from`, and the state, for `relay`, which
+    /// copies all of it.
+    pub fn read(&self, relay: usize, from: usize) -> Update {
+        let mut st = self.lock();
+        let cut = from < st.base || !st.relays.contains(relay);
+        let chunks = match cut {
+            true => Vec::new(),
+            false => st
+                .chunks
+                .get(from - st.base..)
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+        };
+        if !cut {
+            let copied: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            let r = &mut st.relays[relay];
+            r.0 = from + chunks.len();
+            r.1 += copied;
+        }
         Update {
             head: st.head.clone(),
-            chunks: st.chunks.get(from..).map(<[_]>::to_vec).unwrap_or_default(),
+            chunks,
             end: st.end.unwrap_or(End::Open),
             version: st.version,
+            demoted: st.demoted,
+            cut,
         }
     }
 
@@ -223,6 +288,35 @@ mod tests {
     }
 
     #[test]
+    fn a_demoted_fetch_keeps_only_what_its_relays_have_not_copied() {
+        let t = SharedFills::default();
+        let Claim::Fetch(f) = t.claim(3) else {
+            panic!()
+        };
+        let (fast, slow) = (f.subscribe(), f.subscribe());
+        f.start(meta(), true, Source::Origin);
+        f.push(Arc::from(vec![1u8; 10]));
+        assert_eq!(f.read(fast, 0).chunks.len(), 1);
+        assert_eq!(f.read(slow, 0).chunks.len(), 1);
+        f.demote();
+        f.push(Arc::from(vec![2u8; 10]));
+        // Both copied chunk 0: released; chunk 1 kept for both.
+        assert_eq!(f.lock().base, 1);
+        let u = f.read(fast, 1);
+        assert!(u.demoted && !u.cut && u.chunks.len() == 1);
+        // The slow relay falls MAX_LAG behind (the fast one not quite):
+        // cut, and nothing is kept for it.
+        f.push(Arc::from(vec![3u8; MAX_LAG as usize - 5]));
+        assert!(f.read(slow, 1).cut);
+        assert_eq!(f.relays(), 1);
+        let u = f.read(fast, 2);
+        assert_eq!(u.chunks.len(), 1);
+        f.unsubscribe(fast);
+        f.push(Arc::from(vec![4u8; 10]));
+        assert_eq!(f.lock().chunks.len(), 0, "no relay left: nothing kept");
+    }
+
+    #[test]
     fn subscribers_see_everything_across_threads() {
         let t = Arc::new(SharedFills::default());
         let Claim::Fetch(f) = t.claim(7) else {
@@ -235,9 +329,10 @@ mod tests {
                     let Claim::Follow(f) = t.claim(7) else {
                         panic!()
                     };
+                    let me = f.subscribe();
                     let mut got = Vec::new();
                     loop {
-                        let u = f.read(got.len());
+                        let u = f.read(me, got.len());
                         got.extend(u.chunks);
                         if u.end != End::Open {
                             return (got.concat(), u.end);

@@ -507,9 +507,6 @@ impl ClientConn {
                     if self.write_client(body_timeout).await.is_err() {
                         return Some(Outcome::Close);
                     }
-                    if reader.first {
-                        fill.release_taken(reader.position());
-                    }
                 }
                 Next::Pending => {
                     let seen = fill.version();
@@ -708,10 +705,13 @@ impl FillJob {
 
     fn push(&self, chunk: Arc<[u8]>) {
         self.fill.push(chunk.clone());
-        // Only a shared (cacheable) fill is relayed: an exclusive one has a
-        // single reader here, and keeping its chunks would hold the body.
-        if let Some(p) = self.publish.as_ref().filter(|_| !self.fill.exclusive()) {
-            p.fill.push(chunk);
+        // Relayed while shared, and once demoted too, every chunk (relays
+        // read by index; the shared fill keeps only what they have not
+        // copied); an uncacheable fill has its one reader here.
+        if let Some(p) = &self.publish {
+            if !self.fill.exclusive() || p.fill.demoted() {
+                p.fill.push(chunk);
+            }
         }
     }
 
@@ -729,17 +729,15 @@ impl FillJob {
         }
     }
 
-    /// The response outgrew `max_object_size`: readers elsewhere that have
-    /// not started go to the origin alone (status 0 says so), the others
-    /// are cut.
+    /// The response outgrew `max_object_size`: readers that have not
+    /// started go to the origin alone, here and on other shards, and the
+    /// others read on (see [`Fill::demote`]). Other shards' later misses
+    /// for the key find it still claimed, learn that it is not shareable
+    /// and fetch on their own (hit-for-miss there too).
     fn demote(&self) {
         self.fill.demote();
         if let Some(p) = &self.publish {
-            // Ended for other shards now, not when this download ends (a
-            // slow client can make that minutes): their misses for the key
-            // find it still claimed, learn that it is not shareable and
-            // fetch on their own (hit-for-miss there too). Its chunks go.
-            p.fill.abandon();
+            p.fill.demote();
         }
     }
 
@@ -755,8 +753,16 @@ impl FillJob {
     /// Another shard fetches this key: copy its response into this shard's
     /// fill as it arrives.
     async fn relay(&self, shared: Arc<SharedFill>) {
+        struct Subscribed(Arc<SharedFill>, usize);
+        impl Drop for Subscribed {
+            fn drop(&mut self) {
+                self.0.unsubscribe(self.1);
+            }
+        }
+        let me = Subscribed(shared.clone(), shared.subscribe());
         let mut pos = 0;
         let mut started = false;
+        let mut demoted = false;
         // The longest the fetching shard may leave its fill unchanged
         // (every attempt's connect and head, or a body read), with room:
         // past it that shard is gone (its thread died), and waiting on
@@ -766,10 +772,13 @@ impl FillJob {
             + pool.body_timeout
             + std::time::Duration::from_secs(1);
         loop {
-            let u = shared.read(pos);
+            let u = shared.read(me.1, pos);
             if !started {
                 if let Some((meta, shared, source)) = u.head.clone() {
-                    if !shared {
+                    // Not shareable, or no longer for readers that have
+                    // not started (it outgrew the cache before this relay
+                    // read its head).
+                    if !shared || u.demoted || u.cut {
                         self.remember_uncacheable();
                         self.fill.go_alone();
                         return;
@@ -779,11 +788,27 @@ impl FillJob {
                     started = true;
                 }
             }
+            if u.cut {
+                // Too far behind a demoted fetch: readers that started here
+                // are cut (those that had not already went alone).
+                return self.fill.fail(502);
+            }
             if started {
                 pos += u.chunks.len();
                 for c in u.chunks {
                     self.fill.push(c);
                 }
+            }
+            if u.demoted && !demoted && started {
+                // It outgrew the cache: this shard's readers that have
+                // started read on, the others go to the origin alone.
+                demoted = true;
+                self.remember_uncacheable();
+                self.fill.demote();
+            }
+            if demoted && self.fill.live_readers() == 0 && u.end == End::Open {
+                // Nobody here reads it any more: stop holding its chunks.
+                return self.fill.go_alone();
             }
             match u.end {
                 End::Open => {
@@ -1096,13 +1121,16 @@ impl FillJob {
         let mut body = BodyReader::new(rhead.body());
         loop {
             if !shared {
-                // Only the first reader reads: stop if it left, and stay at
-                // most UNCACHEABLE_AHEAD ahead of it.
-                while self.fill.first_alive() && self.fill.first_backlog() > UNCACHEABLE_AHEAD {
-                    let seen = self.fill.version();
-                    self.fill.changed(seen).await;
-                }
-                if !self.fill.first_alive() {
+                // An exclusive stream (uncacheable: the first reader only;
+                // demoted: the readers that had started) is read at the
+                // pace of its fastest reader, at most UNCACHEABLE_AHEAD
+                // ahead of it, and stops when none is left (slower ones
+                // are cut MAX_LAG behind).
+                // Relays on other shards still reading a demoted stream keep
+                // it going (unpaced: they cut their own slow readers).
+                self.fill.readers_within(UNCACHEABLE_AHEAD).await;
+                let relayed = self.publish.as_ref().is_some_and(|p| p.fill.relays() > 0);
+                if self.fill.live_readers() == 0 && !relayed {
                     return Err(UpstreamFail::ClientGone);
                 }
             }
