@@ -59,6 +59,8 @@ pub struct Fill {
 
 /// A reader that has started reading (or the first, from its start).
 struct Cursor {
+    /// Which registration (slab keys are reused once removed).
+    id: u64,
     next_chunk: usize,
     taken: u64,
 }
@@ -85,6 +87,8 @@ struct State {
     /// need of an exclusive stream, which is paced on the fastest of them
     /// and ends when none is left.
     cursors: slab::Slab<Cursor>,
+    /// The next cursor's id.
+    next_id: u64,
     /// Bytes taken by the fastest of `cursors`.
     max_taken: u64,
     /// The fill task waiting for the readers of an exclusive stream.
@@ -98,9 +102,27 @@ impl State {
         }
     }
 
+    /// Registers a started reader; its key and id.
+    fn register(&mut self, next_chunk: usize, taken: u64) -> (usize, u64) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = self.cursors.insert(Cursor {
+            id,
+            next_chunk,
+            taken,
+        });
+        (key, id)
+    }
+
+    /// Whether `slot` is still registered (not cut).
+    fn holds(&self, (key, id): (usize, u64)) -> bool {
+        self.cursors.get(key).is_some_and(|c| c.id == id)
+    }
+
     /// A started reader left or was cut: the fastest may be another.
-    fn forget(&mut self, slot: usize) {
-        if self.cursors.try_remove(slot).is_some() {
+    fn forget(&mut self, slot: (usize, u64)) {
+        if self.holds(slot) {
+            self.cursors.remove(slot.0);
             self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
             self.wake_pacer();
         }
@@ -156,6 +178,7 @@ impl Fill {
                 source: Source::Origin,
                 wakers: Vec::new(),
                 cursors: slab::Slab::new(),
+                next_id: 0,
                 max_taken: 0,
                 pacer: None,
             }),
@@ -167,10 +190,7 @@ impl Fill {
     fn with_first(key: u64, generation: u64) -> (Rc<Fill>, Reader) {
         let fill = Rc::new(Fill::new(key, generation));
         fill.readers.set(1);
-        let slot = fill.state.borrow_mut().cursors.insert(Cursor {
-            next_chunk: 0,
-            taken: 0,
-        });
+        let slot = fill.state.borrow_mut().register(0, 0);
         let reader = Reader {
             fill: fill.clone(),
             first: true,
@@ -246,11 +266,11 @@ impl Fill {
         st.chunks.push(chunk);
         if st.exclusive {
             let bytes = st.bytes;
-            let behind: Vec<usize> = st
+            let behind: Vec<(usize, u64)> = st
                 .cursors
                 .iter()
                 .filter(|(_, c)| bytes - c.taken > MAX_LAG)
-                .map(|(i, _)| i)
+                .map(|(i, c)| (i, c.id))
                 .collect();
             for i in behind {
                 st.forget(i);
@@ -397,8 +417,8 @@ pub struct Reader {
     pub first: bool,
     next_chunk: usize,
     taken: u64,
-    /// Its entry among the fill's started readers.
-    slot: Option<usize>,
+    /// Its entry among the fill's started readers (key, id).
+    slot: Option<(usize, u64)>,
 }
 
 impl Reader {
@@ -420,7 +440,7 @@ impl Reader {
             }
             _ => {}
         }
-        if self.next_chunk < st.base || self.slot.is_some_and(|s| !st.cursors.contains(s)) {
+        if self.next_chunk < st.base || self.slot.is_some_and(|s| !st.holds(s)) {
             // Cut: it fell too far behind an exclusive stream, and what it
             // needed was released.
             self.slot = None;
@@ -429,13 +449,13 @@ impl Reader {
         if let Some(c) = st.chunks.get(self.next_chunk - st.base).cloned() {
             self.next_chunk += 1;
             self.taken += c.len() as u64;
-            let cursor = Cursor {
-                next_chunk: self.next_chunk,
-                taken: self.taken,
-            };
             match self.slot {
-                Some(s) => st.cursors[s] = cursor,
-                None => self.slot = Some(st.cursors.insert(cursor)),
+                Some((key, _)) => {
+                    let c = &mut st.cursors[key];
+                    c.next_chunk = self.next_chunk;
+                    c.taken = self.taken;
+                }
+                None => self.slot = Some(st.register(self.next_chunk, self.taken)),
             }
             if self.taken > st.max_taken {
                 st.max_taken = self.taken;

@@ -118,8 +118,17 @@ struct State {
     version: u64,
     wakers: Vec<Waker>,
     demoted: bool,
-    /// Each subscribed relay's next chunk and the bytes it has copied.
-    relays: slab::Slab<(usize, u64)>,
+    /// Each subscribed relay's next chunk, the bytes it has copied and its
+    /// id (slab keys are reused once removed).
+    relays: slab::Slab<(usize, u64, u64)>,
+    next_relay: u64,
+}
+
+/// A relay's subscription to a [`SharedFill`].
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    key: usize,
+    id: u64,
 }
 
 impl SharedFill {
@@ -183,12 +192,21 @@ impl SharedFill {
 
     /// Registers a relay (reading from chunk 0): a demoted fetch keeps
     /// what it has not copied. [`Self::unsubscribe`] when it stops.
-    pub fn subscribe(&self) -> usize {
-        self.lock().relays.insert((0, 0))
+    pub fn subscribe(&self) -> Relay {
+        let mut st = self.lock();
+        let id = st.next_relay;
+        st.next_relay += 1;
+        Relay {
+            key: st.relays.insert((0, 0, id)),
+            id,
+        }
     }
 
-    pub fn unsubscribe(&self, relay: usize) {
-        self.lock().relays.try_remove(relay);
+    pub fn unsubscribe(&self, relay: Relay) {
+        let mut st = self.lock();
+        if st.relays.get(relay.key).is_some_and(|r| r.2 == relay.id) {
+            st.relays.remove(relay.key);
+        }
     }
 
     /// Relays still subscribed.
@@ -206,9 +224,9 @@ impl SharedFill {
 
     /// Everything after chunk `from`, and the state, for `relay`, which
     /// copies all of it.
-    pub fn read(&self, relay: usize, from: usize) -> Update {
+    pub fn read(&self, relay: Relay, from: usize) -> Update {
         let mut st = self.lock();
-        let cut = from < st.base || !st.relays.contains(relay);
+        let cut = from < st.base || st.relays.get(relay.key).is_none_or(|r| r.2 != relay.id);
         let chunks = match cut {
             true => Vec::new(),
             false => st
@@ -219,7 +237,7 @@ impl SharedFill {
         };
         if !cut {
             let copied: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-            let r = &mut st.relays[relay];
+            let r = &mut st.relays[relay.key];
             r.0 = from + chunks.len();
             r.1 += copied;
         }
@@ -309,6 +327,17 @@ mod tests {
         f.push(Arc::from(vec![3u8; MAX_LAG as usize - 5]));
         assert!(f.read(slow, 1).cut);
         assert_eq!(f.relays(), 1);
+        // A relay subscribing now takes the cut one's slab key: the cut
+        // one stays cut and cannot move the new one's position.
+        let late = f.subscribe();
+        assert!(f.read(slow, 2).cut);
+        assert!(
+            f.read(late, 0).cut,
+            "its chunks were released before it came"
+        );
+        f.unsubscribe(slow);
+        assert_eq!(f.relays(), 2, "unsubscribing a cut relay removes nothing");
+        f.unsubscribe(late);
         let u = f.read(fast, 2);
         assert_eq!(u.chunks.len(), 1);
         f.unsubscribe(fast);

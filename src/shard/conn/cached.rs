@@ -16,7 +16,7 @@ use crate::cache::policy::{
     format_http_date, freshness_lifetime, stale_if_error_ok, storable, usable, CacheControl,
     RequestFacts, Timing, Use,
 };
-use crate::cache::shared::{Claim, End, SharedFill, SharedFills};
+use crate::cache::shared::{Claim, End, Relay, SharedFill, SharedFills};
 use crate::cache::{cache_key, unix_now, ShardCache};
 use crate::http::chunked;
 use crate::http::name_is;
@@ -753,7 +753,7 @@ impl FillJob {
     /// Another shard fetches this key: copy its response into this shard's
     /// fill as it arrives.
     async fn relay(&self, shared: Arc<SharedFill>) {
-        struct Subscribed(Arc<SharedFill>, usize);
+        struct Subscribed(Arc<SharedFill>, Relay);
         impl Drop for Subscribed {
             fn drop(&mut self) {
                 self.0.unsubscribe(self.1);
