@@ -816,8 +816,11 @@ impl FillJob {
                         .await
                         .is_none()
                     {
-                        // Its fetcher is gone: later misses claim afresh.
-                        shared.fail(504);
+                        // Its fetcher is gone, or slower than the pool's
+                        // timeouts should allow: this shard's readers get
+                        // a 504 and later misses claim afresh, but other
+                        // shards' relays keep waiting for it (if it is
+                        // alive, failing them would cost a second fetch).
                         self.shard.shared_fills.release(self.key, &shared);
                         return self.fill.fail(504);
                     }
