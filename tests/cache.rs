@@ -1305,3 +1305,49 @@ fn a_herd_on_a_stream_that_outgrows_the_cache_gets_it_whole() {
         assert_eq!(fetches.load(Ordering::SeqCst), 1, "{shards} shards");
     }
 }
+
+#[test]
+fn every_spelling_of_a_uri_is_one_cache_entry() {
+    // Host case, the default port and the absolute form do not make
+    // another URI (RFC 9110 §4.2.3): one stored entry answers them all, and
+    // a POST to any spelling invalidates it (RFC 9111 §4.4).
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/0/spell";
+    let ask = |target: &str, host: &str, method: &str| {
+        let mut s = TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        read_response(&mut BufReader::new(s), false).unwrap()
+    };
+    assert_eq!(ask(path, "example.com", "GET").text(), "spell #1 ");
+    for (target, host) in [
+        (path.to_string(), "Example.COM"),
+        (path.to_string(), "example.com:80"),
+        (format!("http://example.com{path}"), "other"),
+        (format!("http://EXAMPLE.com:80{path}"), "example.com"),
+    ] {
+        let r = ask(&target, host, "GET");
+        assert!(
+            r.header("Cache-Status").unwrap().contains("hit"),
+            "{target} {host}: {:?}",
+            r.header("Cache-Status")
+        );
+    }
+    // Another port is another origin.
+    let r = ask(path, "example.com:8080", "GET");
+    assert!(!r.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(
+        ask(&format!("http://Example.com:80{path}"), "x", "POST").status,
+        200
+    );
+    let r = ask(path, "example.com", "GET");
+    assert!(
+        !r.header("Cache-Status").unwrap().contains("hit"),
+        "invalidated"
+    );
+}

@@ -33,6 +33,30 @@ pub fn cache_key(host: &[u8], target: &[u8]) -> u64 {
     h.finish()
 }
 
+/// The cache key of a request as it reaches the cache: the host it is for
+/// (the absolute-form authority, else `Host`) compared case-insensitively
+/// and without the default port, and the target in origin form, so every
+/// spelling of one URI (RFC 9110 §4.2.3) has one key: `GET /a` with
+/// `Host: Example.COM:80` and `GET http://example.com/a` find what
+/// `GET /a` with `Host: example.com` stored, and a `POST` to any of them
+/// invalidates it (RFC 9111 §4.4).
+pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 {
+    let host = head.host.clone().map_or(&b""[..], |r| &buf[r]);
+    let host = host
+        .strip_suffix(b":80")
+        .or_else(|| host.strip_suffix(b":"))
+        .unwrap_or(host);
+    let mut lower = [0u8; 256];
+    let target = head.origin_target(buf);
+    if host.len() > lower.len() {
+        return cache_key(&host.to_ascii_lowercase(), target);
+    }
+    let lower = &mut lower[..host.len()];
+    lower.copy_from_slice(host);
+    lower.make_ascii_lowercase();
+    cache_key(lower, target)
+}
+
 /// SipHash under keys drawn at random once per process.
 fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
     use std::hash::BuildHasher;

@@ -502,10 +502,7 @@ impl ClientConn {
         // URL (RFC 9111 §4.4); the key is taken while the head is here.
         let invalidate = match (&shard.cache, method) {
             (None, _) | (_, Method::Get | Method::Head | Method::Options | Method::Trace) => None,
-            (Some(_), _) => {
-                let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
-                Some(crate::cache::cache_key(host, self.head.target(buf)))
-            }
+            (Some(_), _) => Some(crate::cache::request_key(&self.head, buf)),
         };
         self.inbuf.consume(self.head.head_len);
 
@@ -690,8 +687,7 @@ impl ClientConn {
     async fn purge(&mut self) -> Outcome {
         let loopback = self.sock.peer_addr().is_some_and(|a| a.ip().is_loopback());
         let buf = self.inbuf.filled();
-        let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
-        let key = crate::cache::cache_key(host, self.head.target(buf));
+        let key = crate::cache::request_key(&self.head, buf);
         let body_unread = self.head.body() != BodyKind::Empty;
         self.inbuf.consume(self.head.head_len);
         let close = body_unread || self.head.close;

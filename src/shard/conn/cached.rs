@@ -17,7 +17,7 @@ use crate::cache::policy::{
     RequestFacts, Timing, Use,
 };
 use crate::cache::shared::{Claim, End, Relay, SharedFill, SharedFills};
-use crate::cache::{cache_key, unix_now, ShardCache};
+use crate::cache::{unix_now, ShardCache};
 use crate::http::chunked;
 use crate::http::name_is;
 use crate::http::request::{Method, RequestHead};
@@ -89,8 +89,7 @@ impl ClientConn {
             self.set_cache_status("fwd=bypass");
             return None;
         }
-        let host = self.head.host.clone().map_or(&b""[..], |r| &buf[r]);
-        let key = cache_key(host, self.head.target(buf));
+        let key = crate::cache::request_key(&self.head, buf);
         let now = unix_now();
         let found = cache.find(key, now, |names| vary_values(buf, &self.head, names));
         let mut stale: Option<Object> = None;
