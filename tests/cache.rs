@@ -1351,3 +1351,123 @@ fn every_spelling_of_a_uri_is_one_cache_entry() {
         "invalidated"
     );
 }
+
+/// An origin that answers every request with a chunked body of `pieces`
+/// pieces of `size` bytes (piece i filled with b'a' + i % 26), after
+/// `delay` ms, counting its fetches. The first 16 KiB go in four pieces
+/// 100 ms apart (so requests that joined the fetch have started reading
+/// when it outgrows a 64 KiB limit), the rest as fast as it can.
+fn streaming_origin(
+    pieces: usize,
+    size: usize,
+    delay: u64,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let addr = scripted_origin(move |_, s| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(delay));
+        let head =
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(head).is_err() {
+            return false;
+        }
+        for _ in 0..4 {
+            let mut piece = b"1000\r\n".to_vec();
+            piece.extend(std::iter::repeat_n(b'-', 4096));
+            piece.extend_from_slice(b"\r\n");
+            if s.write_all(&piece).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for i in 0..pieces {
+            let mut piece = format!("{size:x}\r\n").into_bytes();
+            piece.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, size));
+            piece.extend_from_slice(b"\r\n");
+            if s.write_all(&piece).is_err() {
+                return false;
+            }
+        }
+        s.write_all(b"0\r\n\r\n").is_ok()
+    });
+    (addr, fetches)
+}
+
+fn outgrowing_proxy(name: &str, origin: std::net::SocketAddr, shards: &str) -> Proxy {
+    let path = write_config(
+        name,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = {shards}\n\
+             [cache]\nmax_object_size = \"64KiB\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+        ),
+    );
+    Proxy::start(&["-c", &path])
+}
+
+#[test]
+fn a_head_leading_a_stream_that_outgrows_the_cache_does_not_cut_its_followers() {
+    // The request the fetch is made for is a HEAD: it leaves with the head.
+    // The GETs that joined read the 4 MiB on (paced on the fastest of them,
+    // on whichever shard) from the one fetch.
+    for shards in ["1", "2"] {
+        let (origin, fetches) = streaming_origin(128, 32 * 1024, 300);
+        let p = outgrowing_proxy(&format!("head-leads-{shards}"), origin, shards);
+        let addr = p.addr;
+        let head = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(b"HEAD /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            read_response(&mut BufReader::new(s), true).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let gets: Vec<_> = (0..6)
+            .map(|_| std::thread::spawn(move || get(addr, "/s")))
+            .collect();
+        assert_eq!(head.join().unwrap().status, 200);
+        for g in gets {
+            let r = g.join().unwrap();
+            assert_eq!(
+                (r.status, r.body.len()),
+                (200, 16384 + 128 * 32 * 1024),
+                "{shards} shards"
+            );
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "{shards} shards");
+    }
+}
+
+#[test]
+fn a_reader_far_behind_a_stream_that_outgrew_the_cache_is_cut() {
+    // 48 MiB, demoted at 64 KiB: one follower reads at once, the other
+    // stops reading for three seconds. The fast one gets it all; the slow
+    // one is cut (8 MiB behind, past what the sockets buffer): a truncated
+    // body, never the end of it, and no second fetch.
+    let (origin, fetches) = streaming_origin(192, 256 * 1024, 300);
+    let p = outgrowing_proxy("slow-cut", origin, "1");
+    let addr = p.addr;
+    let fast = std::thread::spawn(move || get(addr, "/big"));
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut first = [0u8; 4096];
+        let n = std::io::Read::read(&mut s, &mut first).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+        let mut all = first[..n].to_vec();
+        all.extend_from_slice(&rest);
+        all
+    });
+    let r = fast.join().unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 16384 + 192 * 256 * 1024));
+    let all = slow.join().unwrap();
+    assert!(all.starts_with(b"HTTP/1.1 200"));
+    assert!(all.len() < 192 * 256 * 1024, "{} bytes", all.len());
+    assert!(!all.ends_with(b"0\r\n\r\n"), "the slow reader got the end");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}

@@ -122,10 +122,18 @@ impl State {
     /// A started reader left or was cut: the fastest may be another.
     fn forget(&mut self, slot: (usize, u64)) {
         if self.holds(slot) {
-            self.cursors.remove(slot.0);
-            self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
+            let gone = self.cursors.remove(slot.0);
+            // Only an exclusive stream is paced (`demote` recomputes it), so
+            // a herd's readers leaving a shared one cost O(1) each.
+            if self.exclusive && gone.taken >= self.max_taken {
+                self.fastest();
+            }
             self.wake_pacer();
         }
+    }
+
+    fn fastest(&mut self) {
+        self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
     }
 }
 
@@ -318,6 +326,7 @@ impl Fill {
             st.phase = Phase::Uncacheable;
         }
         st.exclusive = true;
+        st.fastest();
         self.bump(&mut st);
     }
 

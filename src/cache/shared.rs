@@ -122,6 +122,16 @@ struct State {
     /// id (slab keys are reused once removed).
     relays: slab::Slab<(usize, u64, u64)>,
     next_relay: u64,
+    /// Bytes copied by the fastest relay.
+    max_copied: u64,
+    /// The fetching task waiting for the relays of a demoted fetch.
+    pacer: Option<Waker>,
+}
+
+impl State {
+    fn fastest(&mut self) {
+        self.max_copied = self.relays.iter().map(|(_, r)| r.1).max().unwrap_or(0);
+    }
 }
 
 /// A relay's subscription to a [`SharedFill`].
@@ -161,6 +171,7 @@ impl SharedFill {
             if st.demoted {
                 let bytes = st.bytes;
                 st.relays.retain(|_, r| bytes - r.1 <= MAX_LAG);
+                st.fastest();
                 let end = st.base + st.chunks.len();
                 let low = st.relays.iter().map(|(_, r)| r.0).min().unwrap_or(end);
                 let n = low.saturating_sub(st.base).min(st.chunks.len());
@@ -203,9 +214,31 @@ impl SharedFill {
     }
 
     pub fn unsubscribe(&self, relay: Relay) {
-        let mut st = self.lock();
-        if st.relays.get(relay.key).is_some_and(|r| r.2 == relay.id) {
-            st.relays.remove(relay.key);
+        let pacer = {
+            let mut st = self.lock();
+            if st.relays.get(relay.key).is_some_and(|r| r.2 == relay.id) {
+                st.relays.remove(relay.key);
+                st.fastest();
+            }
+            st.pacer.take()
+        };
+        if let Some(w) = pacer {
+            w.wake();
+        }
+    }
+
+    /// Bytes pushed but not yet copied by the fastest relay.
+    pub fn relay_backlog(&self) -> u64 {
+        let st = self.lock();
+        st.bytes.saturating_sub(st.max_copied)
+    }
+
+    /// Completes when no relay is left or the fastest is at most `ahead`
+    /// bytes behind (the pace of a demoted fetch that relays still read).
+    pub fn relays_within(self: &Arc<Self>, ahead: u64) -> RelaysWithin {
+        RelaysWithin {
+            fill: self.clone(),
+            ahead,
         }
     }
 
@@ -225,6 +258,7 @@ impl SharedFill {
     /// Everything after chunk `from`, and the state, for `relay`, which
     /// copies all of it.
     pub fn read(&self, relay: Relay, from: usize) -> Update {
+        let mut pacer = None;
         let mut st = self.lock();
         let cut = from < st.base || st.relays.get(relay.key).is_none_or(|r| r.2 != relay.id);
         let chunks = match cut {
@@ -240,15 +274,25 @@ impl SharedFill {
             let r = &mut st.relays[relay.key];
             r.0 = from + chunks.len();
             r.1 += copied;
+            let copied = r.1;
+            if copied > st.max_copied {
+                st.max_copied = copied;
+                pacer = st.pacer.take();
+            }
         }
-        Update {
+        let update = Update {
             head: st.head.clone(),
             chunks,
             end: st.end.unwrap_or(End::Open),
             version: st.version,
             demoted: st.demoted,
             cut,
+        };
+        drop(st);
+        if let Some(w) = pacer {
+            w.wake();
         }
+        update
     }
 
     /// Completes when the fill changed after `seen`.
@@ -257,6 +301,23 @@ impl SharedFill {
             fill: self.clone(),
             seen,
         }
+    }
+}
+
+pub struct RelaysWithin {
+    fill: Arc<SharedFill>,
+    ahead: u64,
+}
+
+impl Future for RelaysWithin {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.fill.lock();
+        if st.relays.is_empty() || st.bytes.saturating_sub(st.max_copied) <= self.ahead {
+            return Poll::Ready(());
+        }
+        st.pacer = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 

@@ -740,6 +740,48 @@ impl FillJob {
         }
     }
 
+    /// Waits until an exclusive stream may read on: its fastest reader is
+    /// at most UNCACHEABLE_AHEAD behind, counting this shard's readers
+    /// (uncacheable: the first only; demoted: those that had started) and
+    /// the other shards' relays of a demoted fetch (each paced on its own
+    /// readers). Slower ones are cut MAX_LAG behind. False: no reader is
+    /// left anywhere, the fetch stops.
+    async fn paced(&self) -> bool {
+        let remote = self
+            .publish
+            .as_ref()
+            .map(|p| p.fill.clone())
+            .filter(|f| f.demoted());
+        loop {
+            let local = self.fill.live_readers() > 0;
+            let relays = remote.as_ref().filter(|f| f.relays() > 0);
+            if !local && relays.is_none() {
+                return false;
+            }
+            if (local && self.fill.backlog() <= UNCACHEABLE_AHEAD)
+                || relays.is_some_and(|f| f.relay_backlog() <= UNCACHEABLE_AHEAD)
+            {
+                return true;
+            }
+            match relays {
+                None => self.fill.readers_within(UNCACHEABLE_AHEAD).await,
+                Some(f) if !local => f.relays_within(UNCACHEABLE_AHEAD).await,
+                Some(f) => {
+                    let mut here = std::pin::pin!(self.fill.readers_within(UNCACHEABLE_AHEAD));
+                    let mut there = std::pin::pin!(f.relays_within(UNCACHEABLE_AHEAD));
+                    std::future::poll_fn(|cx| {
+                        if here.as_mut().poll(cx).is_ready() || there.as_mut().poll(cx).is_ready() {
+                            std::task::Poll::Ready(())
+                        } else {
+                            std::task::Poll::Pending
+                        }
+                    })
+                    .await
+                }
+            }
+        }
+    }
+
     /// This shard's requests for the key go to the origin on their own for
     /// a while (`hit_for_miss`): another shard found it uncacheable.
     fn remember_uncacheable(&self) {
@@ -767,8 +809,11 @@ impl FillJob {
         // past it that shard is gone (its thread died), and waiting on
         // would hold this shard's readers and collapse entry forever.
         let pool = &self.shard.pools[self.pool_idx].cfg;
+        // A demoted fetch waits for its fastest reader, which may wait on
+        // its client for up to the client body timeout.
         let quiet = (pool.connect_timeout + pool.response_timeout) * (pool.retries + 1)
             + pool.body_timeout
+            + self.shard.cfg.limits.body_timeout
             + std::time::Duration::from_secs(1);
         loop {
             let u = shared.read(me.1, pos);
@@ -789,8 +834,9 @@ impl FillJob {
             }
             if u.cut {
                 // Too far behind a demoted fetch: readers that started here
-                // are cut (those that had not already went alone).
-                return self.fill.fail(502);
+                // are cut, those that had not go to the origin alone.
+                self.remember_uncacheable();
+                return self.fill.go_alone();
             }
             if started {
                 pos += u.chunks.len();
@@ -805,9 +851,14 @@ impl FillJob {
                 self.remember_uncacheable();
                 self.fill.demote();
             }
-            if demoted && self.fill.live_readers() == 0 && u.end == End::Open {
-                // Nobody here reads it any more: stop holding its chunks.
-                return self.fill.go_alone();
+            if demoted && u.end == End::Open {
+                // Read on at the pace of this shard's fastest reader (the
+                // fetch is paced on the fastest relay or reader anywhere);
+                // when nobody here reads it any more, stop holding chunks.
+                self.fill.readers_within(UNCACHEABLE_AHEAD).await;
+                if self.fill.live_readers() == 0 {
+                    return self.fill.go_alone();
+                }
             }
             match u.end {
                 End::Open => {
@@ -1118,23 +1169,20 @@ impl FillJob {
         meta.target = self.head.target(&self.request).to_vec();
         let meta = Arc::new(meta);
         self.start(meta.clone(), shared);
+        if error_shared && self.fill.live_readers() == 0 {
+            // Nobody waited for it (a stale-while-revalidate refresh): do
+            // remember it, so refreshes of a failing origin are not back to
+            // back.
+            cache
+                .collapse
+                .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+        }
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
         let mut body = BodyReader::new(rhead.body());
         loop {
-            if !shared {
-                // An exclusive stream (uncacheable: the first reader only;
-                // demoted: the readers that had started) is read at the
-                // pace of its fastest reader, at most UNCACHEABLE_AHEAD
-                // ahead of it, and stops when none is left (slower ones
-                // are cut MAX_LAG behind).
-                // Relays on other shards still reading a demoted stream keep
-                // it going (unpaced: they cut their own slow readers).
-                self.fill.readers_within(UNCACHEABLE_AHEAD).await;
-                let relayed = self.publish.as_ref().is_some_and(|p| p.fill.relays() > 0);
-                if self.fill.live_readers() == 0 && !relayed {
-                    return Err(UpstreamFail::ClientGone);
-                }
+            if !shared && !self.paced().await {
+                return Err(UpstreamFail::ClientGone);
             }
             match body.next(&mut up, &mut ubuf, pool.cfg.body_timeout).await {
                 Ok(Some(n)) => {
