@@ -1355,8 +1355,9 @@ fn every_spelling_of_a_uri_is_one_cache_entry() {
 /// An origin that answers every request with a chunked body of `pieces`
 /// pieces of `size` bytes (piece i filled with b'a' + i % 26), after
 /// `delay` ms, counting its fetches. The first 16 KiB go in four pieces
-/// 100 ms apart (so requests that joined the fetch have started reading
-/// when it outgrows a 64 KiB limit), the rest as fast as it can.
+/// 250 ms apart (so requests that joined the fetch have started reading
+/// when it outgrows a 64 KiB limit, even on a busy machine), the rest as
+/// fast as it can.
 fn streaming_origin(
     pieces: usize,
     size: usize,
@@ -1379,7 +1380,7 @@ fn streaming_origin(
             if s.write_all(&piece).is_err() {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(250));
         }
         for i in 0..pieces {
             let mut piece = format!("{size:x}\r\n").into_bytes();
@@ -1442,32 +1443,96 @@ fn a_head_leading_a_stream_that_outgrows_the_cache_does_not_cut_its_followers() 
 #[test]
 fn a_reader_far_behind_a_stream_that_outgrew_the_cache_is_cut() {
     // 48 MiB, demoted at 64 KiB: one follower reads at once, the other
-    // stops reading for three seconds. The fast one gets it all; the slow
-    // one is cut (8 MiB behind, past what the sockets buffer): a truncated
-    // body, never the end of it, and no second fetch.
+    // stops reading (with a small receive buffer) until the fast one has
+    // it all. The fast one is not held back; the slow one is cut (8 MiB
+    // behind, past what the sockets buffer): a truncated body, never the
+    // end of it, and no second fetch.
     let (origin, fetches) = streaming_origin(192, 256 * 1024, 300);
     let p = outgrowing_proxy("slow-cut", origin, "1");
     let addr = p.addr;
-    let fast = std::thread::spawn(move || get(addr, "/big"));
+    let (done, fast_done) = std::sync::mpsc::channel::<()>();
     let slow = std::thread::spawn(move || {
         let mut s = TcpStream::connect(addr).unwrap();
+        let small: libc::c_int = 64 * 1024;
+        // SAFETY: setsockopt on our own socket with a valid int.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.write_all(b"GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut first = [0u8; 4096];
         let n = std::io::Read::read(&mut s, &mut first).unwrap();
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = fast_done.recv_timeout(Duration::from_secs(30));
         let mut rest = Vec::new();
         let _ = std::io::Read::read_to_end(&mut s, &mut rest);
         let mut all = first[..n].to_vec();
         all.extend_from_slice(&rest);
         all
     });
-    let r = fast.join().unwrap();
+    // The slow one joins first (it is reading the head when the fast one
+    // asks; the fetch waits 300 ms for the origin).
+    std::thread::sleep(Duration::from_millis(100));
+    let r = get(addr, "/big");
+    done.send(()).unwrap();
     assert_eq!((r.status, r.body.len()), (200, 16384 + 192 * 256 * 1024));
     let all = slow.join().unwrap();
     assert!(all.starts_with(b"HTTP/1.1 200"));
     assert!(all.len() < 192 * 256 * 1024, "{} bytes", all.len());
     assert!(!all.ends_with(b"0\r\n\r\n"), "the slow reader got the end");
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_miss_answers_the_request_s_conditionals() {
+    // The fill asks for the whole representation, without the client's
+    // conditionals; they are evaluated on what it brings, as on a hit.
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let r = get_with(
+        &p,
+        "/cache/max-age=60/0/inm",
+        "GET",
+        "If-None-Match: \"e1\"\r\n",
+    );
+    assert_eq!((r.status, r.body.len()), (304, 0));
+    assert_eq!(r.header("ETag"), Some("\"e1\""));
+    let r = get_with(
+        &p,
+        "/cache/max-age=60/0/im",
+        "GET",
+        "If-Match: \"other\"\r\n",
+    );
+    assert_eq!(r.status, 412);
+    // Both fetches were stored all the same.
+    for path in ["/cache/max-age=60/0/inm", "/cache/max-age=60/0/im"] {
+        let r = get(p.addr, path);
+        assert!(r.header("Cache-Status").unwrap().contains("hit"), "{path}");
+    }
+    assert_eq!(origin.requests(), 2);
+}
+
+#[test]
+fn a_failed_background_refresh_holds_the_next_ones_back() {
+    // Stale-while-revalidate against an origin that now answers 500: the
+    // stale copy keeps answering, and after the first refresh fails the
+    // next stale hits start none for a while (not one per hit).
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=1+stale-while-revalidate=30/0/swr-fail";
+    assert_eq!(get(p.addr, path).status, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    origin.failing.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        let r = get(p.addr, path);
+        assert_eq!((r.status, r.text().as_str()), (200, "swr-fail #1 "));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(origin.requests_for(path), 2, "one fetch, one refresh");
 }

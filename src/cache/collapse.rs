@@ -89,8 +89,10 @@ struct State {
     cursors: slab::Slab<Cursor>,
     /// The next cursor's id.
     next_id: u64,
-    /// Bytes taken by the fastest of `cursors`.
+    /// Bytes taken by the fastest of `cursors` (recomputed when read if
+    /// `max_stale`: the fastest left).
     max_taken: u64,
+    max_stale: bool,
     /// The fill task waiting for the readers of an exclusive stream.
     pacer: Option<Waker>,
 }
@@ -123,17 +125,22 @@ impl State {
     fn forget(&mut self, slot: (usize, u64)) {
         if self.holds(slot) {
             let gone = self.cursors.remove(slot.0);
-            // Only an exclusive stream is paced (`demote` recomputes it), so
-            // a herd's readers leaving a shared one cost O(1) each.
-            if self.exclusive && gone.taken >= self.max_taken {
-                self.fastest();
+            // Recomputed once, when the pace is next read, not per reader
+            // leaving (a herd's readers leave together).
+            if gone.taken >= self.max_taken {
+                self.max_stale = true;
             }
             self.wake_pacer();
         }
     }
 
-    fn fastest(&mut self) {
-        self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
+    /// Bytes pushed but not yet taken by the fastest reader.
+    fn backlog(&mut self) -> u64 {
+        if self.max_stale {
+            self.max_stale = false;
+            self.max_taken = self.cursors.iter().map(|(_, c)| c.taken).max().unwrap_or(0);
+        }
+        self.bytes.saturating_sub(self.max_taken)
     }
 }
 
@@ -188,6 +195,7 @@ impl Fill {
                 cursors: slab::Slab::new(),
                 next_id: 0,
                 max_taken: 0,
+                max_stale: false,
                 pacer: None,
             }),
             readers: Cell::new(0),
@@ -326,7 +334,7 @@ impl Fill {
             st.phase = Phase::Uncacheable;
         }
         st.exclusive = true;
-        st.fastest();
+        st.max_stale = true;
         self.bump(&mut st);
     }
 
@@ -361,8 +369,7 @@ impl Fill {
 
     /// Bytes pushed but not yet taken by the fastest reader.
     pub fn backlog(&self) -> u64 {
-        let st = self.state.borrow();
-        st.bytes.saturating_sub(st.max_taken)
+        self.state.borrow_mut().backlog()
     }
 
     /// Completes when no reader is left or the fastest is at most `ahead`
@@ -401,7 +408,7 @@ impl Future for ReadersWithin {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut st = self.fill.state.borrow_mut();
-        if st.cursors.is_empty() || st.bytes.saturating_sub(st.max_taken) <= self.ahead {
+        if st.cursors.is_empty() || st.backlog() <= self.ahead {
             return Poll::Ready(());
         }
         st.pacer = Some(cx.waker().clone());
@@ -505,12 +512,53 @@ impl Drop for Reader {
 /// half, so the sweeps cost O(1) per insert.
 const MAX_UNCACHEABLE: usize = 100_000;
 
+/// Keys with a deadline, at most [`MAX_UNCACHEABLE`] of them.
+#[derive(Default)]
+struct Deadlines(RefCell<HashMap<u64, Instant>>);
+
+impl Deadlines {
+    fn set(&self, key: u64, until: Instant) {
+        let mut m = self.0.borrow_mut();
+        if m.len() >= MAX_UNCACHEABLE {
+            let now = Instant::now();
+            m.retain(|_, t| *t > now);
+            // Still half full (a flood of distinct keys): forget them all
+            // rather than sweep again at the next insert. Losing one costs
+            // only a wait on a fetch that turns out uncacheable (or one
+            // more refresh).
+            if m.len() >= MAX_UNCACHEABLE / 2 {
+                m.clear();
+            }
+        }
+        m.insert(key, until);
+    }
+
+    fn forget(&self, key: u64) {
+        self.0.borrow_mut().remove(&key);
+    }
+
+    fn holds(&self, key: u64, now: Instant) -> bool {
+        let mut m = self.0.borrow_mut();
+        match m.get(&key) {
+            Some(t) if *t > now => true,
+            Some(_) => {
+                m.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 /// The shard's fills by key, and keys recently found uncacheable.
 #[derive(Default)]
 pub struct CollapseTable {
     fills: RefCell<HashMap<u64, Rc<Fill>>>,
     /// Hit-for-miss: key → until when requests for it skip the table.
-    uncacheable: RefCell<HashMap<u64, Instant>>,
+    uncacheable: Deadlines,
+    /// Key → until when a stale-while-revalidate hit starts no refresh
+    /// (the last one got an error).
+    no_refresh: Deadlines,
 }
 
 impl CollapseTable {
@@ -576,35 +624,25 @@ impl CollapseTable {
 
     /// Remembers `key` as uncacheable until `until` (hit-for-miss).
     pub fn mark_uncacheable(&self, key: u64, until: Instant) {
-        let mut m = self.uncacheable.borrow_mut();
-        if m.len() >= MAX_UNCACHEABLE {
-            let now = Instant::now();
-            m.retain(|_, t| *t > now);
-            // Still half full (a flood of distinct uncacheable keys): forget
-            // them all rather than sweep again at the next insert. Losing
-            // one costs only a wait on a fetch that turns out uncacheable.
-            if m.len() >= MAX_UNCACHEABLE / 2 {
-                m.clear();
-            }
-        }
-        m.insert(key, until);
+        self.uncacheable.set(key, until);
     }
 
     pub fn forget_uncacheable(&self, key: u64) {
-        self.uncacheable.borrow_mut().remove(&key);
+        self.uncacheable.forget(key);
     }
 
     /// Whether requests for `key` should bypass the table.
     pub fn is_uncacheable(&self, key: u64, now: Instant) -> bool {
-        let mut m = self.uncacheable.borrow_mut();
-        match m.get(&key) {
-            Some(t) if *t > now => true,
-            Some(_) => {
-                m.remove(&key);
-                false
-            }
-            None => false,
-        }
+        self.uncacheable.holds(key, now)
+    }
+
+    /// No background refresh of `key` until `until` (the last one failed).
+    pub fn hold_refresh(&self, key: u64, until: Instant) {
+        self.no_refresh.set(key, until);
+    }
+
+    pub fn refresh_held(&self, key: u64, now: Instant) -> bool {
+        self.no_refresh.holds(key, now)
     }
 }
 
@@ -618,7 +656,7 @@ mod tests {
         let later = Instant::now() + std::time::Duration::from_secs(60);
         for k in 0..(MAX_UNCACHEABLE as u64 * 3) {
             t.mark_uncacheable(k, later);
-            assert!(t.uncacheable.borrow().len() <= MAX_UNCACHEABLE);
+            assert!(t.uncacheable.0.borrow().len() <= MAX_UNCACHEABLE);
         }
         // The newest is remembered.
         assert!(t.is_uncacheable(MAX_UNCACHEABLE as u64 * 3 - 1, Instant::now()));

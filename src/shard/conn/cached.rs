@@ -108,7 +108,10 @@ impl ClientConn {
                     // One background refresh: lead a fill nobody reads;
                     // none while the last one's answer is remembered as
                     // uncacheable (no back-to-back refreshes).
-                    if !cache.collapse.is_uncacheable(key, Instant::now()) {
+                    let now = Instant::now();
+                    if !cache.collapse.is_uncacheable(key, now)
+                        && !cache.collapse.refresh_held(key, now)
+                    {
                         let (reader, lead) = self.join(cache, key);
                         if lead {
                             self.spawn_fill(
@@ -427,6 +430,24 @@ impl ClientConn {
                             self.set_cache_status(&format!("{fwd}; detail=vary"));
                             return None;
                         }
+                        // The fill asked for the whole representation, without
+                        // this request's conditionals: they are evaluated on its
+                        // head, as on a hit (If-Match / If-Unmodified-Since
+                        // first, 412; then If-None-Match / If-Modified-Since,
+                        // 304), for 2xx responses only (RFC 9110 §13.2.1).
+                        let two_xx = (200..300).contains(&meta.status);
+                        let (etag, last_modified) =
+                            (meta.etag.as_deref(), meta.facts.last_modified);
+                        if two_xx && precondition_fails(buf, &self.head, etag, last_modified) {
+                            self.inbuf.consume(self.head.head_len);
+                            self.send_error(412, "precondition failed", close).await;
+                            return Some(self.keep_or_close());
+                        }
+                        let status = if two_xx && not_modified(buf, &self.head, &meta) {
+                            304
+                        } else {
+                            meta.status
+                        };
                         let status_text = if !reader.first {
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
@@ -446,16 +467,16 @@ impl ClientConn {
                             }
                         };
                         close |= self.shard.draining();
-                        let no_body = head_only || meta.status == 204 || meta.status == 304;
+                        let no_body = head_only || status == 204 || status == 304;
                         chunked_out = !no_body && meta.content_length.is_none() && minor >= 1;
                         if !no_body && meta.content_length.is_none() && minor == 0 {
                             close = true;
                         }
                         self.out.clear();
-                        self.status = meta.status;
+                        self.status = status;
                         HitHead {
                             meta: &meta,
-                            status: meta.status,
+                            status,
                             age: meta.facts.age.unwrap_or(0),
                             cache_status: &status_text,
                             ttl: None,
@@ -763,21 +784,33 @@ impl FillJob {
             {
                 return true;
             }
-            match relays {
-                None => self.fill.readers_within(UNCACHEABLE_AHEAD).await,
-                Some(f) if !local => f.relays_within(UNCACHEABLE_AHEAD).await,
-                Some(f) => {
-                    let mut here = std::pin::pin!(self.fill.readers_within(UNCACHEABLE_AHEAD));
-                    let mut there = std::pin::pin!(f.relays_within(UNCACHEABLE_AHEAD));
-                    std::future::poll_fn(|cx| {
-                        if here.as_mut().poll(cx).is_ready() || there.as_mut().poll(cx).is_ready() {
-                            std::task::Poll::Ready(())
-                        } else {
-                            std::task::Poll::Pending
-                        }
-                    })
-                    .await
+            // A reader waits on its client at most the client body timeout
+            // per write; a relay that has not moved for longer than that is
+            // on a shard that stopped: read on (it is cut MAX_LAG behind).
+            let bound = self.shard.cfg.limits.body_timeout + std::time::Duration::from_secs(2);
+            let waited = until(Instant::now() + bound, async {
+                match relays {
+                    None => self.fill.readers_within(UNCACHEABLE_AHEAD).await,
+                    Some(f) if !local => f.relays_within(UNCACHEABLE_AHEAD).await,
+                    Some(f) => {
+                        let mut here = std::pin::pin!(self.fill.readers_within(UNCACHEABLE_AHEAD));
+                        let mut there = std::pin::pin!(f.relays_within(UNCACHEABLE_AHEAD));
+                        std::future::poll_fn(|cx| {
+                            if here.as_mut().poll(cx).is_ready()
+                                || there.as_mut().poll(cx).is_ready()
+                            {
+                                std::task::Poll::Ready(())
+                            } else {
+                                std::task::Poll::Pending
+                            }
+                        })
+                        .await
+                    }
                 }
+            })
+            .await;
+            if waited.is_none() {
+                return true;
             }
         }
     }
@@ -1169,13 +1202,14 @@ impl FillJob {
         meta.target = self.head.target(&self.request).to_vec();
         let meta = Arc::new(meta);
         self.start(meta.clone(), shared);
-        if error_shared && self.fill.live_readers() == 0 {
-            // Nobody waited for it (a stale-while-revalidate refresh): do
-            // remember it, so refreshes of a failing origin are not back to
-            // back.
+        if error_shared && self.stale.is_some() {
+            // A revalidation got an error: stale-while-revalidate hits
+            // start no refresh for a while, so a failing origin is not
+            // asked back to back (requests that must revalidate still
+            // collapse onto one fetch).
             cache
                 .collapse
-                .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+                .hold_refresh(self.key, Instant::now() + cfg.hit_for_miss);
         }
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
