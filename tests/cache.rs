@@ -1536,3 +1536,43 @@ fn a_failed_background_refresh_holds_the_next_ones_back() {
     }
     assert_eq!(origin.requests_for(path), 2, "one fetch, one refresh");
 }
+
+#[test]
+fn a_herd_split_over_variants_is_one_fetch_per_variant() {
+    // 24 requests at once for one URL whose response varies on
+    // Accept-Language, in three languages, on 1 and 2 shards: each
+    // language is fetched once (the requests whose language differs from
+    // the first fetch's join a fetch of their own variant), and everyone
+    // gets their own language.
+    for shards in ["1", "2"] {
+        let origin = Origin::start();
+        let p = proxy(&origin, shards);
+        let path = "/cache/max-age=60/300/herd-vary";
+        let n = 24;
+        let barrier = Arc::new(Barrier::new(n));
+        let addr = p.addr;
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let b = barrier.clone();
+                let lang = ["en", "fr", "de"][i % 3];
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    b.wait();
+                    write!(
+                        s,
+                        "GET {path} HTTP/1.1\r\nHost: test\r\nX-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\nConnection: close\r\n\r\n"
+                    )
+                    .unwrap();
+                    (lang, read_response(&mut BufReader::new(s), false).unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (lang, r) = h.join().unwrap();
+            assert_eq!(r.status, 200);
+            assert!(r.text().ends_with(lang), "{lang} got {:?}", r.text());
+        }
+        assert_eq!(origin.requests_for(path), 3, "{shards} shards");
+    }
+}

@@ -57,6 +57,12 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
     cache_key(lower, target)
 }
 
+/// The key under which a herd for one `Vary` variant of `primary` (these
+/// request values) collapses, in the shard's table and process-wide.
+pub fn variant_fill_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
+    variant_key(primary, values)
+}
+
 /// SipHash under keys drawn at random once per process.
 fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
     use std::hash::BuildHasher;

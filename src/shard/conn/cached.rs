@@ -162,7 +162,7 @@ impl ClientConn {
             reader
         };
         // Boxed: a fill's reader has large state (see forward()).
-        Box::pin(self.serve_fill(reader, fwd, pool_idx)).await
+        Box::pin(self.serve_fill(reader, fwd, pool_idx, Some(key))).await
     }
 
     /// Joins the shard's fill for `key`, unless it began before a purge
@@ -367,11 +367,14 @@ impl ClientConn {
 
     /// Answers from a fill: the response head as soon as the origin's is
     /// known, then each chunk as it arrives. `None`: go to the origin alone.
+    /// `primary`: the request's key, when a response for another `Vary`
+    /// variant may send it to the fill of its own variant (once).
     async fn serve_fill(
         &mut self,
         mut reader: Reader,
         fwd: &str,
         pool_idx: usize,
+        primary: Option<u64>,
     ) -> Option<Outcome> {
         let fill = reader.fill.clone();
         let shard = self.shard.clone();
@@ -426,9 +429,34 @@ impl ClientConn {
                         if !meta.vary.is_empty()
                             && vary_values(buf, &self.head, &meta.vary) != meta.request_vary
                         {
-                            // Another variant than this request's: fetch its own.
-                            self.set_cache_status(&format!("{fwd}; detail=vary"));
-                            return None;
+                            // Another variant than this request's: join (or
+                            // lead) the fill of its own variant, so a herd
+                            // split over a few variants is a fetch for each.
+                            let cache = shard.cache.as_ref()?;
+                            let Some(primary) = primary else {
+                                self.set_cache_status(&format!("{fwd}; detail=vary"));
+                                return None;
+                            };
+                            let values = vary_values(buf, &self.head, &meta.vary);
+                            let vkey = crate::cache::variant_fill_key(primary, &values);
+                            if cache.collapse.is_uncacheable(vkey, Instant::now()) {
+                                self.set_cache_status(&format!("{fwd}; detail=vary"));
+                                return None;
+                            }
+                            let target = self.head.target(buf);
+                            let (variant, lead) =
+                                cache
+                                    .collapse
+                                    .join_since(vkey, cache.purge_generation(), |g| {
+                                        cache.purged_since(g, primary, target)
+                                    });
+                            if lead {
+                                let facts = request_facts(buf, &self.head);
+                                let fill = variant.fill.clone();
+                                self.spawn_fill(pool_idx, primary, fill, facts, None, true);
+                            }
+                            drop(reader);
+                            return Box::pin(self.serve_fill(variant, fwd, pool_idx, None)).await;
                         }
                         // The fill asked for the whole representation, without
                         // this request's conditionals: they are evaluated on its
@@ -650,7 +678,9 @@ impl FillJob {
         let claim = self.collapse.then(|| {
             shard
                 .shared_fills
-                .claim_since(self.key, cache.purge_generation(), |g| {
+                // The fill's own key: a variant's fill (see serve_fill)
+                // is claimed apart from the URL's.
+                .claim_since(self.fill.key, cache.purge_generation(), |g| {
                     cache.purged_since(g, self.key, target)
                 })
         });
@@ -663,7 +693,7 @@ impl FillJob {
             Some(Claim::Fetch(fill)) => {
                 self.publish = Some(Published {
                     fills: shard.shared_fills.clone(),
-                    key: self.key,
+                    key: self.fill.key,
                     fill,
                 })
             }
@@ -904,7 +934,7 @@ impl FillJob {
                         // a 504 and later misses claim afresh, but other
                         // shards' relays keep waiting for it (if it is
                         // alive, failing them would cost a second fetch).
-                        self.shard.shared_fills.release(self.key, &shared);
+                        self.shard.shared_fills.release(self.fill.key, &shared);
                         return self.fill.fail(504);
                     }
                 }
