@@ -1576,3 +1576,36 @@ fn a_herd_split_over_variants_is_one_fetch_per_variant() {
         assert_eq!(origin.requests_for(path), 3, "{shards} shards");
     }
 }
+
+#[test]
+fn a_later_request_joins_its_variant_s_fetch_in_flight() {
+    // en leads the URL's fetch (300 ms) and fr's requests move to a fetch
+    // of their own variant when its head comes; an fr request arriving
+    // while that one is in flight (en stored by then) joins it.
+    let origin = Origin::start();
+    let p = proxy(&origin, "1");
+    let path = "/cache/max-age=60/300/later-variant";
+    let addr = p.addr;
+    let ask = move |lang: &'static str| {
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: test\r\nX-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            read_response(&mut BufReader::new(s), false).unwrap()
+        })
+    };
+    let en = ask("en");
+    std::thread::sleep(Duration::from_millis(50));
+    let fr = ask("fr");
+    assert!(en.join().unwrap().text().ends_with("en"));
+    std::thread::sleep(Duration::from_millis(100));
+    let late = ask("fr");
+    assert!(fr.join().unwrap().text().ends_with("fr"));
+    let late = late.join().unwrap();
+    assert!(late.text().ends_with("fr"), "{:?}", late.text());
+    assert_eq!(origin.requests_for(path), 2);
+}

@@ -460,6 +460,23 @@ impl ShardCache {
         (v.variant_of == Some(key) && v.vary_values == values(&v.meta.vary)).then_some(v)
     }
 
+    /// This request's values of the `Vary` fields of the response stored
+    /// under the URL's `key`, when they differ from its (a miss for
+    /// another variant); None when there is none or no `Vary`.
+    pub fn other_variant(
+        &self,
+        key: u64,
+        values: impl Fn(&[Vec<u8>]) -> Vec<Option<Vec<u8>>>,
+    ) -> Option<Vec<Option<Vec<u8>>>> {
+        let part = self.parts.part(key);
+        let p = part.peek(key)?;
+        if p.variant_of.is_some() || p.meta.vary.is_empty() {
+            return None;
+        }
+        let want = values(&p.meta.vary);
+        (want != p.vary_values).then_some(want)
+    }
+
     /// Where a fetched response for `key` is stored: under `key`, unless
     /// that holds another variant of a response with `Vary`; then under
     /// the secondary key of its own variant, marked as such (so variants

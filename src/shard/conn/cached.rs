@@ -109,10 +109,11 @@ impl ClientConn {
                     // none while the last one's answer is remembered as
                     // uncacheable (no back-to-back refreshes).
                     let now = Instant::now();
-                    if !cache.collapse.is_uncacheable(key, now)
-                        && !cache.collapse.refresh_held(key, now)
+                    let fill_key = variant_fill_key(key, &obj);
+                    if !cache.collapse.is_uncacheable(fill_key, now)
+                        && !cache.collapse.refresh_held(fill_key, now)
                     {
-                        let (reader, lead) = self.join(cache, key);
+                        let (reader, lead) = self.join(cache, key, fill_key);
                         if lead {
                             self.spawn_fill(
                                 pool_idx,
@@ -145,12 +146,20 @@ impl ClientConn {
             self.set_cache_status("fwd=request");
             return None;
         }
-        if cache.collapse.is_uncacheable(key, Instant::now()) {
+        // A request for another variant than the one stored under the
+        // URL's key collapses with the requests for its own variant.
+        let fill_key = match &stale {
+            Some(obj) => variant_fill_key(key, obj),
+            None => cache
+                .other_variant(key, |names| vary_values(buf, &self.head, names))
+                .map_or(key, |values| crate::cache::variant_fill_key(key, &values)),
+        };
+        if cache.collapse.is_uncacheable(fill_key, Instant::now()) {
             self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
             return None;
         }
         let reader = if shard.cfg.cache.collapse {
-            let (reader, lead) = self.join(cache, key);
+            let (reader, lead) = self.join(cache, key, fill_key);
             if lead {
                 self.spawn_fill(pool_idx, key, reader.fill.clone(), facts, stale, true);
             }
@@ -167,11 +176,13 @@ impl ClientConn {
 
     /// Joins the shard's fill for `key`, unless it began before a purge
     /// of this key or target (it may be fetching what was purged).
-    fn join(&self, cache: &ShardCache, key: u64) -> (Reader, bool) {
+    /// `fill_key`: the key the fill collapses under (`key`, or its
+    /// variant's, see [`variant_fill_key`]).
+    fn join(&self, cache: &ShardCache, key: u64, fill_key: u64) -> (Reader, bool) {
         let target = self.head.target(self.inbuf.filled());
         cache
             .collapse
-            .join_since(key, cache.purge_generation(), |g| {
+            .join_since(fill_key, cache.purge_generation(), |g| {
                 cache.purged_since(g, key, target)
             })
     }
@@ -455,7 +466,9 @@ impl ClientConn {
                                 let fill = variant.fill.clone();
                                 self.spawn_fill(pool_idx, primary, fill, facts, None, true);
                             }
-                            drop(reader);
+                            // Nothing of the URL's fill is kept while this
+                            // reads its variant's.
+                            drop((reader, fill, meta));
                             return Box::pin(self.serve_fill(variant, fwd, pool_idx, None)).await;
                         }
                         // The fill asked for the whole representation, without
@@ -850,7 +863,7 @@ impl FillJob {
     fn remember_uncacheable(&self) {
         if let Some(cache) = self.shard.cache.as_ref() {
             let until = Instant::now() + self.shard.cfg.cache.hit_for_miss;
-            cache.collapse.mark_uncacheable(self.key, until);
+            cache.collapse.mark_uncacheable(self.fill.key, until);
         }
     }
 
@@ -1037,7 +1050,7 @@ impl FillJob {
             let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
             cache
                 .collapse
-                .mark_uncacheable(self.key, Instant::now() + hit_for_miss);
+                .mark_uncacheable(self.fill.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
         let slot = cache.place(self.key, &mut obj);
@@ -1217,7 +1230,7 @@ impl FillJob {
         } else if !cacheable {
             cache
                 .collapse
-                .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+                .mark_uncacheable(self.fill.key, Instant::now() + cfg.hit_for_miss);
         }
         let mut shared = cacheable || error_shared;
         let timing = Timing::new(&meta.facts, request_time, response_time);
@@ -1239,7 +1252,7 @@ impl FillJob {
             // collapse onto one fetch).
             cache
                 .collapse
-                .hold_refresh(self.key, Instant::now() + cfg.hit_for_miss);
+                .hold_refresh(self.fill.key, Instant::now() + cfg.hit_for_miss);
         }
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
@@ -1258,7 +1271,7 @@ impl FillJob {
                         self.demote();
                         cache
                             .collapse
-                            .mark_uncacheable(self.key, Instant::now() + cfg.hit_for_miss);
+                            .mark_uncacheable(self.fill.key, Instant::now() + cfg.hit_for_miss);
                     }
                 }
                 Ok(None) => break,
@@ -1287,11 +1300,20 @@ impl FillJob {
                 let slot = cache.place(self.key, &mut obj);
                 if cache.insert_fetched(generation, slot, obj) {
                     ShardCache::bump(&cache.stored);
-                    cache.collapse.forget_uncacheable(self.key);
+                    cache.collapse.forget_uncacheable(self.fill.key);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// The key a fill for `obj`, stored for `key`, collapses under: `key`, or
+/// for a variant stored under its own key, that variant's.
+fn variant_fill_key(key: u64, obj: &Object) -> u64 {
+    match obj.variant_of {
+        Some(_) => crate::cache::variant_fill_key(key, &obj.vary_values),
+        None => key,
     }
 }
 
