@@ -1609,3 +1609,64 @@ fn a_later_request_joins_its_variant_s_fetch_in_flight() {
     assert!(late.text().ends_with("fr"), "{:?}", late.text());
     assert_eq!(origin.requests_for(path), 2);
 }
+
+#[test]
+fn a_range_on_a_miss_is_cut_from_the_fetch() {
+    // The fill fetches the whole representation; each request joined to
+    // it gets its own range of it (206, or 416) as it streams, and the
+    // object is stored whole.
+    let origin = Origin::start();
+    let p = proxy(&origin, "2");
+    let path = "/cache/max-age=60/300/range-miss";
+    let addr = p.addr;
+    let asks: Vec<_> = ["bytes=0-4", "bytes=6-", "bytes=-3", "bytes=100-", ""]
+        .into_iter()
+        .map(|range| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let field = if range.is_empty() {
+                    String::new()
+                } else {
+                    format!("Range: {range}\r\n")
+                };
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: test\r\n{field}Connection: close\r\n\r\n"
+                )
+                .unwrap();
+                (range, read_response(&mut BufReader::new(s), false).unwrap())
+            })
+        })
+        .collect();
+    // The body is "range-miss #1 " (14 bytes).
+    for h in asks {
+        let (range, r) = h.join().unwrap();
+        let want: (u16, &str, Option<&str>) = match range {
+            "bytes=0-4" => (206, "range", Some("bytes 0-4/14")),
+            "bytes=6-" => (206, "miss #1 ", Some("bytes 6-13/14")),
+            "bytes=-3" => (206, "#1 ", Some("bytes 11-13/14")),
+            "bytes=100-" => (416, "", Some("bytes */14")),
+            _ => (200, "range-miss #1 ", None),
+        };
+        assert_eq!(
+            (r.status, r.text().as_str(), r.header("Content-Range")),
+            want,
+            "{range}"
+        );
+    }
+    assert_eq!(origin.requests_for(path), 1);
+    let r = get(p.addr, path);
+    assert_eq!(r.text(), "range-miss #1 ");
+    assert!(r.header("Cache-Status").unwrap().contains("hit"));
+    // The connection stays usable after a range cut from a fetch.
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /cache/max-age=60/0/ka-range HTTP/1.1\r\nHost: test\r\nRange: bytes=0-1\r\n\r\nGET /cache/max-age=60/0/ka-range HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut rd = BufReader::new(s);
+    let r = read_response(&mut rd, false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (206, "ka"));
+    let r = read_response(&mut rd, false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ka-range #1 "));
+}

@@ -415,6 +415,10 @@ impl ClientConn {
         let mut head_sent = false;
         let mut consumed = false;
         let mut chunked_out = false;
+        // A single byte range of a 200 of known length, cut from the body
+        // as it streams (first and last byte), and the body bytes seen.
+        let mut range: Option<(u64, u64)> = None;
+        let mut seen_bytes = 0u64;
         let mut close = self.head.close || self.shard.draining();
         loop {
             if !head_sent {
@@ -484,11 +488,35 @@ impl ClientConn {
                             self.send_error(412, "precondition failed", close).await;
                             return Some(self.keep_or_close());
                         }
-                        let status = if two_xx && not_modified(buf, &self.head, &meta) {
+                        let mut status = if two_xx && not_modified(buf, &self.head, &meta) {
                             304
                         } else {
                             meta.status
                         };
+                        // A Range on a GET is answered from the stream
+                        // when the length is known (206, or 416), as nginx
+                        // and Varnish do on a miss; otherwise the whole 200.
+                        let mut length = meta.content_length;
+                        let mut extra = String::new();
+                        if let (200, Some(len), Method::Get) =
+                            (status, meta.content_length, self.head.method())
+                        {
+                            match range_ask(buf, &self.head, len) {
+                                RangeAsk::Whole => {}
+                                RangeAsk::Part(a, b) => {
+                                    status = 206;
+                                    range = Some((a, b));
+                                    length = Some(b - a + 1);
+                                    extra = format!("Content-Range: bytes {a}-{b}/{len}\r\n");
+                                }
+                                RangeAsk::Unsatisfiable => {
+                                    status = 416;
+                                    length = Some(0);
+                                    extra = format!("Content-Range: bytes */{len}\r\n");
+                                }
+                            }
+                        }
+                        extra.push_str(&self.set_cookie);
                         let status_text = if !reader.first {
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
@@ -508,7 +536,7 @@ impl ClientConn {
                             }
                         };
                         close |= self.shard.draining();
-                        let no_body = head_only || status == 204 || status == 304;
+                        let no_body = head_only || matches!(status, 204 | 304 | 416);
                         chunked_out = !no_body && meta.content_length.is_none() && minor >= 1;
                         if !no_body && meta.content_length.is_none() && minor == 0 {
                             close = true;
@@ -522,10 +550,10 @@ impl ClientConn {
                             cache_status: &status_text,
                             ttl: None,
                             status_tail: "",
-                            length: meta.content_length,
+                            length,
                             close,
                             client_minor: minor,
-                            extra: &self.set_cookie,
+                            extra: &extra,
                         }
                         .write(&mut self.out);
                         head_sent = true;
@@ -558,7 +586,25 @@ impl ClientConn {
             }
             match step {
                 Next::Chunk(c) => {
-                    if chunked_out {
+                    if let Some((a, b)) = range {
+                        // Only the part of this chunk inside the range.
+                        let from = seen_bytes;
+                        seen_bytes += c.len() as u64;
+                        let lo = a.max(from) - from;
+                        let hi = (b + 1).min(seen_bytes).saturating_sub(from);
+                        if lo < hi {
+                            self.out.extend_from_slice(&c[lo as usize..hi as usize]);
+                        }
+                        if seen_bytes > b {
+                            // The range is complete: the rest of the fill
+                            // goes on without this reader.
+                            if self.write_client(body_timeout).await.is_err() || close {
+                                self.sock.shutdown_write();
+                                return Some(Outcome::Close);
+                            }
+                            return Some(self.keep_or_close());
+                        }
+                    } else if chunked_out {
                         chunked::encode_chunk_head(&mut self.out, c.len());
                         self.out.extend_from_slice(&c);
                         self.out.extend_from_slice(chunked::CHUNK_END);
