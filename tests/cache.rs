@@ -1670,3 +1670,40 @@ fn a_range_on_a_miss_is_cut_from_the_fetch() {
     let r = read_response(&mut rd, false).unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "ka-range #1 "));
 }
+
+#[test]
+fn a_range_of_an_uncacheable_response_goes_to_the_origin_with_its_range() {
+    // The fill's whole-object answer turns out not storable (private): the
+    // range request is sent to the origin as asked, not cut from a whole
+    // download of it.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let origin = scripted_origin(move |head, s| {
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Range: "))
+            .map(str::to_string);
+        log.lock().unwrap().push(range.clone());
+        let reply = match range.as_deref() {
+            Some("bytes=2-3") => "HTTP/1.1 206 Partial Content\r\nCache-Control: private\r\nContent-Range: bytes 2-3/10\r\nContent-Length: 2\r\n\r\n23".to_string(),
+            _ => "HTTP/1.1 200 OK\r\nCache-Control: private\r\nContent-Length: 10\r\n\r\n0123456789".to_string(),
+        };
+        s.write_all(reply.as_bytes()).is_ok()
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    let r = get_with(&p, "/private", "GET", "Range: bytes=2-3\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "23"));
+    assert_eq!(r.header("Content-Range"), Some("bytes 2-3/10"));
+    // Asked whole by the fill (not storable), then with the range; after
+    // that hit-for-miss sends ranges straight on.
+    let r = get_with(&p, "/private", "GET", "Range: bytes=2-3\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "23"));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            None,
+            Some("bytes=2-3".to_string()),
+            Some("bytes=2-3".to_string())
+        ]
+    );
+}

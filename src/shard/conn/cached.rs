@@ -516,6 +516,13 @@ impl ClientConn {
                                 }
                             }
                         }
+                        if range.is_some() && fill.exclusive() {
+                            // Not stored (too large, or uncacheable): the
+                            // range goes to the origin with its Range, not
+                            // cut from a whole download paced by this client.
+                            self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
+                            return None;
+                        }
                         extra.push_str(&self.set_cookie);
                         let status_text = if !reader.first {
                             format!("{fwd}; collapsed")
