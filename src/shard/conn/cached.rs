@@ -648,6 +648,13 @@ impl ClientConn {
                     }
                 }
                 Next::End => {
+                    if range.is_some_and(|(_, b)| seen_bytes <= b) {
+                        // Shorter than its length said (a fill fails
+                        // first, so this is only a guard): never a short
+                        // 206 on a kept-alive connection.
+                        self.cut_mid_body(false, &fill);
+                        return Some(Outcome::Close);
+                    }
                     if chunked_out {
                         self.out.extend_from_slice(chunked::LAST_CHUNK);
                     }
