@@ -465,6 +465,11 @@ pub struct Overrides {
 
 /// Parses TOML text into the file shape; the error names the key path and line.
 pub fn parse_file(text: &str) -> Result<FileConfig, ConfigErrors> {
+    parse_once(text).map_err(|(e, _)| ConfigErrors(vec![e]))
+}
+
+/// One parse: the file, or its first error and that error's line.
+fn parse_once(text: &str) -> Result<FileConfig, (ConfigError, Option<usize>)> {
     let de = toml::Deserializer::new(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -478,14 +483,56 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigErrors> {
         } else {
             path
         };
-        ConfigErrors(vec![ConfigError {
-            key,
-            message: match line {
-                Some(l) => format!("{msg} (line {l})"),
-                None => msg,
-            },
-        }])
+        let message = match line {
+            Some(l) => format!("{msg} (line {l})"),
+            None => msg,
+        };
+        (ConfigError { key, message }, line)
     })
+}
+
+/// Parses TOML text, going on past errors in single-line `key = value`
+/// entries (an unknown key, a value of the wrong type): each is reported
+/// and its line left out, so `check-config` names them all, and the rest of
+/// the file is still validated. A syntax error, or one in an entry that
+/// spans lines or sits inside an inline table, stops there.
+fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    let mut errors = Vec::new();
+    for _ in 0..100 {
+        match parse_once(&lines.join("\n")) {
+            Ok(file) => return (Some(file), errors),
+            Err((e, line)) => {
+                // The entry's own line: `name = value`, all of it on it.
+                let name = e.key.rsplit(['.', ']']).next().unwrap_or("");
+                let own = line.filter(|&l| {
+                    let t = lines.get(l - 1).map_or("", |t| t.trim_start());
+                    let rest = t.strip_prefix(name).map(str::trim_start);
+                    !name.is_empty()
+                        && e.key != "(top level)"
+                        && rest.is_some_and(|r| r.starts_with('='))
+                        && !t.contains('{')
+                        && t.matches('[').count() == t.matches(']').count()
+                });
+                let blanked = own.and_then(|l| {
+                    let mut next = lines.clone();
+                    *next.get_mut(l - 1)? = "";
+                    Some(next)
+                });
+                // Left out, the file must still parse up to another error
+                // in an entry (not a syntax error it caused).
+                let go_on = blanked.filter(|next| {
+                    !matches!(parse_once(&next.join("\n")), Err((ref e2, _)) if e2.key == "(top level)")
+                });
+                errors.push(e);
+                match go_on {
+                    Some(next) => lines = next,
+                    None => return (None, errors),
+                }
+            }
+        }
+    }
+    (None, errors)
 }
 
 /// Parses a hash key: `uri`, `ip`, `header:NAME` or `cookie:NAME`.
@@ -1457,7 +1504,18 @@ pub fn load(
                     message: format!("cannot read {p}: {e}"),
                 }])
             })?;
-            parse_file(&text)?
+            let (file, mut errors) = parse_file_all(&text);
+            match file {
+                // Every error: the entries' and then the file's meaning.
+                Some(file) if !errors.is_empty() => {
+                    if let Err(more) = build(file, ov, online_cpus) {
+                        errors.extend(more.0);
+                    }
+                    return Err(ConfigErrors(errors));
+                }
+                Some(file) => file,
+                None => return Err(ConfigErrors(errors)),
+            }
         }
         None => FileConfig::default(),
     };
@@ -1470,6 +1528,40 @@ mod tests {
 
     fn cfg(text: &str) -> Result<Config, ConfigErrors> {
         build(parse_file(text)?, &Overrides::default(), 4)
+    }
+
+    #[test]
+    fn every_entry_error_is_reported_with_the_meaning_errors() {
+        let text = "[server]\nlisten = [\"127.0.0.1:0\"]\nbogus = 1\nshards = \"two\"\n\
+                    [limits]\nidle_timeout = \"forever\"\nalso = 2\n\
+                    [[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n";
+        let (file, errors) = parse_file_all(text);
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["server.bogus", "server.shards", "limits.also"]);
+        assert!(
+            errors[0].message.contains("(line 3)"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[2].message.contains("(line 7)"),
+            "{}",
+            errors[2].message
+        );
+        let more = build(file.unwrap(), &Overrides::default(), 4).unwrap_err();
+        assert_keys(
+            &more,
+            &["limits.idle_timeout", "pool[0].backends[0].weight"],
+        );
+        // An error inside an inline table, or in an entry over several
+        // lines, stops there (leaving it out would change the file).
+        for text in [
+            "[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", x = 1 }]\nbogus = 1\n",
+            "[server]\nbogus = [1,\n2]\nalso = 1\n",
+        ] {
+            let (file, errors) = parse_file_all(text);
+            assert!(file.is_none() && errors.len() == 1, "{errors:?}");
+        }
     }
 
     /// Every key of `want` is among the errors' keys.
