@@ -312,3 +312,20 @@ fn head_on_the_admin_listener_has_no_body() {
     assert_eq!(g.status, 200);
     assert_eq!(g.header("content-type"), Some("application/json"));
 }
+
+#[test]
+fn backends_are_labelled_as_configured() {
+    // A backend given by name is labelled by that name, not by the
+    // address it resolved to (labels stay put when DNS changes).
+    let origin = Origin::start();
+    let name = format!("localhost:{}", origin.addr.port());
+    let p = Proxy::start(&["--backend", &name, "--admin", "127.0.0.1:0"]);
+    let s = scrape(p.admin_addr());
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.metric == "corral_backend_up"
+                && x.labels.get("backend") == Some(name.as_str())),
+        "no corral_backend_up for {name}"
+    );
+}

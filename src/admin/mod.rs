@@ -119,7 +119,7 @@ impl Hub {
                         .iter()
                         .zip(&s.backends)
                         .map(|(b, sb)| BackendView {
-                            addr: b.addr.to_string(),
+                            addr: b.name.clone(),
                             weight: b.weight,
                             up: sb.up.load(Ordering::Relaxed),
                             ejected: sb.ejected.load(Ordering::Relaxed),
