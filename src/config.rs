@@ -715,10 +715,14 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     };
     let cpus = match cpus_src.as_deref().map(parse_cpus) {
         Some(Ok(c)) => {
-            if let Some(bad) = c.iter().find(|&&c| c >= online_cpus) {
+            // CPU numbers run up to the configured count (an offline CPU
+            // in the middle leaves a gap): start-up then checks each one
+            // against the affinity mask, which leaves offline ones out.
+            let exist = online_cpus.max(crate::shard::configured_cpus());
+            if let Some(bad) = c.iter().find(|&&c| c >= exist) {
                 err(
                     cpus_key,
-                    format!("CPU {bad} does not exist (this machine has {online_cpus})"),
+                    format!("CPU {bad} does not exist (this machine has {exist})"),
                 );
             }
             Some(c)

@@ -441,6 +441,13 @@ pub fn online_cpus() -> usize {
     }
 }
 
+/// CPUs the kernel knows of, online or not (one past the highest number).
+pub fn configured_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    usize::try_from(n).unwrap_or(0)
+}
+
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn allowed_cpus() -> Option<Vec<usize>> {
     // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.
