@@ -1707,3 +1707,38 @@ fn a_range_of_an_uncacheable_response_goes_to_the_origin_with_its_range() {
         ]
     );
 }
+
+#[test]
+fn an_http10_client_sees_a_reset_when_a_fill_of_unknown_length_dies() {
+    // HTTP/1.0 gets a close-delimited body (no chunked): when the origin
+    // dies mid-body, a FIN would look like the body's end, so corral
+    // resets the connection; the client sees an error, not a short 200.
+    let origin = scripted_origin(|_, s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        false // closes without the last chunk
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "1"]);
+    let mut s = TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /dies HTTP/1.0\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("transfer-encoding"),
+        "{text}"
+    );
+    assert!(text.ends_with("hello"), "{text}");
+    assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "{text}");
+}
