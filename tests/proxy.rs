@@ -745,32 +745,36 @@ fn the_readme_config_file_is_valid() {
     let root = std::env::temp_dir().join(format!("corral-test-{}-readme", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     let text = readme[start..end].replace("/srv/files", &root.to_string_lossy());
-    let cfg = write_config("readme", &text);
+    check_config_passes(&write_config("readme", &text));
+}
+
+/// `corral check-config FILE`: its exit code and standard error.
+fn check_config(file: &str) -> (Option<i32>, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["check-config", &cfg])
+        .args(["check-config", file])
         .output()
         .unwrap();
-    assert_eq!(
+    (
         out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn check_config_passes(file: &str) {
+    let (code, err) = check_config(file);
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[test]
 fn check_config_reports_every_error() {
     let cfg = write_config(
         "check",
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[limits]\nidle_timeout = \"forever\"\n[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[route]]\nto = \"b\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nbogus = 1\n[limits]\nidle_timeout = \"forever\"\n[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n[[route]]\nto = \"b\"\n",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["check-config", &cfg])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = check_config(&cfg);
+    assert_eq!(code, Some(2));
     for key in [
+        "server.bogus",
         "limits.idle_timeout",
         "pool[0].backends[0].weight",
         "route[0].to",
@@ -781,16 +785,7 @@ fn check_config_reports_every_error() {
         "good",
         "[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n",
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["check-config", &good])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_config_passes(&good);
 }
 
 #[test]
