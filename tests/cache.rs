@@ -76,31 +76,7 @@ fn a_herd_is_one_origin_fetch_whatever_the_shards() {
         let p = proxy(&origin, shards);
         let path = "/cache/max-age=60/200/herd";
         let n = 500;
-        let barrier = Arc::new(Barrier::new(n));
-        let addr = p.addr;
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                let b = barrier.clone();
-                std::thread::spawn(move || {
-                    let mut s = TcpStream::connect(addr).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    b.wait();
-                    write!(
-                        s,
-                        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-                    )
-                    .unwrap();
-                    read_response(&mut BufReader::new(s), false).unwrap()
-                })
-            })
-            .collect();
-        let responses: Vec<Response> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| panic!("stderr: {}", p.stderr.lock().unwrap()))
-            })
-            .collect();
+        let responses = herd(&p, path, n);
         for r in &responses {
             assert_eq!(r.status, 200);
             assert_eq!(r.text(), "herd #1 ");
@@ -1203,14 +1179,33 @@ fn with_collapsing_off_misses_fetch_alone_and_are_still_stored() {
 
 /// `n` concurrent GETs of `path` on fresh connections, released together.
 fn herd(p: &Proxy, path: &'static str, n: usize) -> Vec<Response> {
+    herd_with(p, path, n, |_| String::new())
+}
+
+/// `n` GETs of `path`, request `i` with the header lines `fields(i)`, each
+/// on its own connection, connected first and then sent together.
+fn herd_with(
+    p: &Proxy,
+    path: &'static str,
+    n: usize,
+    fields: impl Fn(usize) -> String,
+) -> Vec<Response> {
     let barrier = Arc::new(Barrier::new(n));
     let addr = p.addr;
     let handles: Vec<_> = (0..n)
-        .map(|_| {
+        .map(|i| {
             let b = barrier.clone();
+            let fields = fields(i);
             std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
                 b.wait();
-                get(addr, path)
+                write!(
+                    s,
+                    "GET {path} HTTP/1.1\r\nHost: test\r\n{fields}Connection: close\r\n\r\n"
+                )
+                .unwrap();
+                read_response(&mut BufReader::new(s), false).unwrap()
             })
         })
         .collect();
@@ -1548,30 +1543,21 @@ fn a_herd_split_over_variants_is_one_fetch_per_variant() {
         let origin = Origin::start();
         let p = proxy(&origin, shards);
         let path = "/cache/max-age=60/300/herd-vary";
-        let n = 24;
-        let barrier = Arc::new(Barrier::new(n));
-        let addr = p.addr;
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let b = barrier.clone();
-                let lang = ["en", "fr", "de"][i % 3];
-                std::thread::spawn(move || {
-                    let mut s = TcpStream::connect(addr).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    b.wait();
-                    write!(
-                        s,
-                        "GET {path} HTTP/1.1\r\nHost: test\r\nX-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\nConnection: close\r\n\r\n"
-                    )
-                    .unwrap();
-                    (lang, read_response(&mut BufReader::new(s), false).unwrap())
-                })
-            })
-            .collect();
-        for h in handles {
-            let (lang, r) = h.join().unwrap();
+        let lang = |i: usize| ["en", "fr", "de"][i % 3];
+        let rs = herd_with(&p, path, 24, |i| {
+            format!(
+                "X-Resp-Vary: Accept-Language\r\nAccept-Language: {}\r\n",
+                lang(i)
+            )
+        });
+        for (i, r) in rs.iter().enumerate() {
             assert_eq!(r.status, 200);
-            assert!(r.text().ends_with(lang), "{lang} got {:?}", r.text());
+            assert!(
+                r.text().ends_with(lang(i)),
+                "{} got {:?}",
+                lang(i),
+                r.text()
+            );
         }
         assert_eq!(origin.requests_for(path), 3, "{shards} shards");
     }
@@ -1618,30 +1604,13 @@ fn a_range_on_a_miss_is_cut_from_the_fetch() {
     let origin = Origin::start();
     let p = proxy(&origin, "2");
     let path = "/cache/max-age=60/300/range-miss";
-    let addr = p.addr;
-    let asks: Vec<_> = ["bytes=0-4", "bytes=6-", "bytes=-3", "bytes=100-", ""]
-        .into_iter()
-        .map(|range| {
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                let field = if range.is_empty() {
-                    String::new()
-                } else {
-                    format!("Range: {range}\r\n")
-                };
-                write!(
-                    s,
-                    "GET {path} HTTP/1.1\r\nHost: test\r\n{field}Connection: close\r\n\r\n"
-                )
-                .unwrap();
-                (range, read_response(&mut BufReader::new(s), false).unwrap())
-            })
-        })
-        .collect();
+    let ranges = ["bytes=0-4", "bytes=6-", "bytes=-3", "bytes=100-", ""];
+    let rs = herd_with(&p, path, ranges.len(), |i| match ranges[i] {
+        "" => String::new(),
+        r => format!("Range: {r}\r\n"),
+    });
     // The body is "range-miss #1 " (14 bytes).
-    for h in asks {
-        let (range, r) = h.join().unwrap();
+    for (range, r) in ranges.into_iter().zip(rs) {
         let want: (u16, &str, Option<&str>) = match range {
             "bytes=0-4" => (206, "range", Some("bytes 0-4/14")),
             "bytes=6-" => (206, "miss #1 ", Some("bytes 6-13/14")),
