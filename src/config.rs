@@ -493,16 +493,29 @@ fn parse_once(text: &str) -> Result<FileConfig, (ConfigError, Option<usize>)> {
 
 /// Parses TOML text, going on past errors in single-line `key = value`
 /// entries (an unknown key, a value of the wrong type): each is reported
-/// and its line left out, so `check-config` names them all, and the rest of
-/// the file is still validated. A syntax error, or one in an entry that
-/// spans lines or sits inside an inline table, stops there.
+/// and its line left out, so `check-config` names them all. The file is
+/// returned for validating its meaning only when every entry left out was
+/// an unknown key (a value left out would look missing, or defaulted). A
+/// syntax error, or one in an entry that spans lines or sits inside an
+/// inline table, stops there.
 fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
     let mut lines: Vec<&str> = text.split('\n').collect();
-    let mut errors = Vec::new();
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut only_unknown = true;
     for _ in 0..100 {
         match parse_once(&lines.join("\n")) {
-            Ok(file) => return (Some(file), errors),
+            Ok(file) => return (only_unknown.then_some(file), errors),
             Err((e, line)) => {
+                // A field reported missing because its wrong-typed entry
+                // was left out: already reported.
+                let missing = e
+                    .message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split('`').next())
+                    .map(|f| format!("{}.{f}", e.key));
+                if missing.is_some_and(|m| errors.iter().any(|x| x.key == m)) {
+                    return (None, errors);
+                }
                 // The entry's own line: `name = value`, all of it on it.
                 let name = e.key.rsplit(['.', ']']).next().unwrap_or("");
                 let own = line.filter(|&l| {
@@ -524,6 +537,7 @@ fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
                 let go_on = blanked.filter(|next| {
                     !matches!(parse_once(&next.join("\n")), Err((ref e2, _)) if e2.key == "(top level)")
                 });
+                only_unknown &= e.message.starts_with("unknown field");
                 errors.push(e);
                 match go_on {
                     Some(next) => lines = next,
@@ -715,10 +729,10 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     };
     let cpus = match cpus_src.as_deref().map(parse_cpus) {
         Some(Ok(c)) => {
-            // CPU numbers run up to the configured count (an offline CPU
+            // CPU numbers run up to the highest online one (an offline CPU
             // in the middle leaves a gap): start-up then checks each one
             // against the affinity mask, which leaves offline ones out.
-            let exist = online_cpus.max(crate::shard::configured_cpus());
+            let exist = online_cpus.max(crate::shard::highest_online_cpu().map_or(0, |c| c + 1));
             if let Some(bad) = c.iter().find(|&&c| c >= exist) {
                 err(
                     cpus_key,
@@ -1178,7 +1192,11 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                             "must be between 1 and 1000".into(),
                         );
                     }
-                    if backends.iter().any(|x: &Backend| x.addr == addr) {
+                    let name = b.addr.trim();
+                    if backends
+                        .iter()
+                        .any(|x: &Backend| x.addr == addr || x.name == name)
+                    {
                         // Two entries would be one backend counted twice, with
                         // the same series twice in /metrics: raise the weight.
                         err(
@@ -1188,7 +1206,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                     }
                     backends.push(Backend {
                         addr,
-                        name: b.addr.trim().to_string(),
+                        name: name.to_string(),
                         weight,
                     });
                 }
@@ -1552,11 +1570,20 @@ mod tests {
             "{}",
             errors[2].message
         );
+        // A value left out would look defaulted: the meaning is not checked.
+        assert!(file.is_none());
+        // Unknown keys alone: it is, with every error in one report.
+        let (file, errors) = parse_file_all(&text.replace("shards = \"two\"\n", ""));
+        assert_eq!(errors.len(), 2);
         let more = build(file.unwrap(), &Overrides::default(), 4).unwrap_err();
         assert_keys(
             &more,
             &["limits.idle_timeout", "pool[0].backends[0].weight"],
         );
+        // A required field of the wrong type is not then reported missing.
+        let (file, errors) = parse_file_all("[[pool]]\nname = 5\nbackends = []\n");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(file.is_none() && keys == ["pool[0].name"], "{errors:?}");
         // An error inside an inline table, or in an entry over several
         // lines, stops there (leaving it out would change the file).
         for text in [

@@ -441,11 +441,14 @@ pub fn online_cpus() -> usize {
     }
 }
 
-/// CPUs the kernel knows of, online or not (one past the highest number).
-pub fn configured_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-    usize::try_from(n).unwrap_or(0)
+/// The highest number of an online CPU (CPUs may be offline in between, so
+/// it can exceed the online count), from `/sys/devices/system/cpu/online`.
+pub fn highest_online_cpu() -> Option<usize> {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    crate::config::parse_cpus(list.trim())
+        .ok()?
+        .into_iter()
+        .max()
 }
 
 /// The CPUs this process may run on (its affinity mask), in order.
