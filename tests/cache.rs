@@ -74,7 +74,9 @@ fn a_herd_is_one_origin_fetch_whatever_the_shards() {
     for shards in ["1", "2"] {
         let origin = Origin::start();
         let p = proxy(&origin, shards);
-        let path = "/cache/max-age=60/200/herd";
+        // The origin takes a second, so that every request of the herd is
+        // in before its answer even on a loaded machine.
+        let path = "/cache/max-age=60/1000/herd";
         let n = 500;
         let responses = herd(&p, path, n);
         for r in &responses {
@@ -89,7 +91,18 @@ fn a_herd_is_one_origin_fetch_whatever_the_shards() {
                     .is_some_and(|c| c.contains("collapsed"))
             })
             .count();
-        assert!(collapsed >= n - 50, "only {collapsed} collapsed");
+        // A real herd: most requests joined the fetch. (On a loaded
+        // machine some reach corral only after the answer is stored and
+        // are hits; every CI run so far had at least 450 of 500 collapsed,
+        // two busy loops on both CPUs brought it down to about 200.)
+        let hits = responses
+            .iter()
+            .filter(|r| r.header("Cache-Status").is_some_and(|c| c.contains("hit")))
+            .count();
+        assert!(
+            collapsed >= n / 4 && collapsed + hits + 2 >= n,
+            "{collapsed} collapsed, {hits} hits of {n}"
+        );
     }
 }
 
@@ -277,9 +290,11 @@ fn variants_are_revalidated_each_in_its_own_place() {
 fn stale_while_revalidate_serves_stale_and_refreshes() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");
-    let path = "/cache/max-age=1+stale-while-revalidate=30/0/s";
+    // Fresh for 2 s (so the refreshed copy is still fresh when checked,
+    // even on a loaded machine), stale after 3.
+    let path = "/cache/max-age=2+stale-while-revalidate=30/0/s";
     assert_eq!(get(p.addr, path).text(), "s #1 ");
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(3100));
     let stale = get(p.addr, path);
     assert_eq!(stale.text(), "s #1 ");
     assert!(stale.header("Cache-Status").unwrap().contains("fwd=stale"));
@@ -293,7 +308,12 @@ fn stale_while_revalidate_serves_stale_and_refreshes() {
     let r = get(p.addr, path);
     assert_eq!(r.text(), "s #1 ");
     assert_eq!(r.header("X-Revalidated"), Some("yes"));
-    assert!(r.header("Cache-Status").unwrap().starts_with("corral; hit"));
+    assert!(
+        r.header("Cache-Status").unwrap().starts_with("corral; hit"),
+        "{:?}, origin asked {} times",
+        r.header("Cache-Status"),
+        origin.requests_for(path)
+    );
     assert_eq!(origin.requests_for(path), 2);
 }
 
