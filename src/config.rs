@@ -506,14 +506,17 @@ fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
         match parse_once(&lines.join("\n")) {
             Ok(file) => return (only_unknown.then_some(file), errors),
             Err((e, line)) => {
-                // A field reported missing because its wrong-typed entry
-                // was left out: already reported.
+                // After a line was left out: a syntax error it caused, or a
+                // field reported missing because its wrong-typed entry was
+                // left out (already reported), ends the report.
                 let missing = e
                     .message
                     .strip_prefix("missing field `")
                     .and_then(|m| m.split('`').next())
                     .map(|f| format!("{}.{f}", e.key));
-                if missing.is_some_and(|m| errors.iter().any(|x| x.key == m)) {
+                let caused = e.key == "(top level)"
+                    || missing.is_some_and(|m| errors.iter().any(|x| x.key == m));
+                if caused && !errors.is_empty() {
                     return (None, errors);
                 }
                 // The entry's own line: `name = value`, all of it on it.
@@ -527,20 +530,10 @@ fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
                         && !t.contains('{')
                         && t.matches('[').count() == t.matches(']').count()
                 });
-                let blanked = own.and_then(|l| {
-                    let mut next = lines.clone();
-                    *next.get_mut(l - 1)? = "";
-                    Some(next)
-                });
-                // Left out, the file must still parse up to another error
-                // in an entry (not a syntax error it caused).
-                let go_on = blanked.filter(|next| {
-                    !matches!(parse_once(&next.join("\n")), Err((ref e2, _)) if e2.key == "(top level)")
-                });
                 only_unknown &= e.message.starts_with("unknown field");
                 errors.push(e);
-                match go_on {
-                    Some(next) => lines = next,
+                match own.and_then(|l| lines.get_mut(l - 1)) {
+                    Some(entry) => *entry = "",
                     None => return (None, errors),
                 }
             }

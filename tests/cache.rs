@@ -17,14 +17,7 @@ fn proxy(origin: &Origin, shards: &str) -> Proxy {
 
 /// One request with extra header lines on a fresh connection.
 fn get_with(p: &Proxy, path: &str, method: &str, extra: &str) -> Response {
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    read_response(&mut BufReader::new(s), method == "HEAD").unwrap()
+    request(p.addr, method, path, extra)
 }
 
 #[test]
@@ -1431,13 +1424,7 @@ fn a_head_leading_a_stream_that_outgrows_the_cache_does_not_cut_its_followers() 
         let (origin, fetches) = streaming_origin(128, 32 * 1024, 300);
         let p = outgrowing_proxy(&format!("head-leads-{shards}"), origin, shards);
         let addr = p.addr;
-        let head = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            s.write_all(b"HEAD /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            read_response(&mut BufReader::new(s), true).unwrap()
-        });
+        let head = std::thread::spawn(move || request(addr, "HEAD", "/s", ""));
         std::thread::sleep(Duration::from_millis(100));
         let gets: Vec<_> = (0..6)
             .map(|_| std::thread::spawn(move || get(addr, "/s")))
@@ -1594,14 +1581,8 @@ fn a_later_request_joins_its_variant_s_fetch_in_flight() {
     let addr = p.addr;
     let ask = move |lang: &'static str| {
         std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: test\r\nX-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            read_response(&mut BufReader::new(s), false).unwrap()
+            let fields = format!("X-Resp-Vary: Accept-Language\r\nAccept-Language: {lang}\r\n");
+            request(addr, "GET", path, &fields)
         })
     };
     let en = ask("en");

@@ -46,6 +46,16 @@ pub enum Phase {
 /// kept for it, so this bounds what such a stream holds.
 pub const MAX_LAG: u64 = 8 * 1024 * 1024;
 
+/// Drops the chunks before index `low` (all of them when no reader is
+/// left: `None`) from `chunks`, which holds those from index `base` on.
+pub(super) fn release_before(chunks: &mut Vec<Arc<[u8]>>, base: &mut usize, low: Option<usize>) {
+    let n = low.map_or(chunks.len(), |low| {
+        low.saturating_sub(*base).min(chunks.len())
+    });
+    chunks.drain(..n);
+    *base += n;
+}
+
 /// One origin fetch shared by every reader of its key.
 pub struct Fill {
     pub key: u64,
@@ -291,16 +301,9 @@ impl Fill {
             for i in behind {
                 st.forget(i);
             }
-            let end = st.base + st.chunks.len();
-            let low = st
-                .cursors
-                .iter()
-                .map(|(_, c)| c.next_chunk)
-                .min()
-                .unwrap_or(end);
-            let n = low.saturating_sub(st.base).min(st.chunks.len());
-            st.chunks.drain(..n);
-            st.base += n;
+            let low = st.cursors.iter().map(|(_, c)| c.next_chunk).min();
+            let st = &mut *st;
+            release_before(&mut st.chunks, &mut st.base, low);
         }
         self.bump(&mut st);
     }
@@ -418,22 +421,22 @@ impl Future for ReadersWithin {
 
 impl Future for Changed {
     type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let fill = self.fill.clone();
-        let mut st = fill.state.borrow_mut();
-        if st.version != self.seen {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut st = this.fill.state.borrow_mut();
+        if st.version != this.seen {
             return Poll::Ready(());
         }
         // Registered once per wait, not once per poll, and without scanning
         // the list for its waker: with N readers waiting, scanning made
         // every change cost N²/2 comparisons.
-        if !self
+        if !this
             .registered
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()))
         {
             st.wakers.push(cx.waker().clone());
-            self.registered = Some(cx.waker().clone());
+            this.registered = Some(cx.waker().clone());
         }
         Poll::Pending
     }

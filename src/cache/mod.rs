@@ -57,12 +57,6 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
     cache_key(lower, target)
 }
 
-/// The key under which a herd for one `Vary` variant of `primary` (these
-/// request values) collapses, in the shard's table and process-wide.
-pub fn variant_fill_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
-    variant_key(primary, values)
-}
-
 /// SipHash under keys drawn at random once per process.
 fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
     use std::hash::BuildHasher;
@@ -74,8 +68,9 @@ fn keyed_hasher() -> std::collections::hash_map::DefaultHasher {
 
 /// The secondary key (RFC 9111 §4.1) of the variant of `primary` chosen by
 /// these request values of its `Vary` fields (a missing field apart from
-/// an empty one).
-fn variant_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
+/// an empty one). Also the key a herd for that variant collapses under, in
+/// a shard's table and process-wide.
+pub(crate) fn variant_key(primary: u64, values: &[Option<Vec<u8>>]) -> u64 {
     use std::hash::Hasher;
     let mut h = keyed_hasher();
     h.write_u64(primary);
@@ -441,40 +436,26 @@ impl ShardCache {
     /// The stored response for a request, given how to read the request's
     /// values of a stored response's `Vary` fields: the key's own when it
     /// has no `Vary` or the values match, else the variant stored under
-    /// its secondary key, if any.
+    /// its secondary key, if any. A miss says the request's values when the
+    /// key holds another variant (the fetch collapses under its own).
     pub fn find(
         &self,
         key: u64,
         now: i64,
         values: impl Fn(&[Vec<u8>]) -> Vec<Option<Vec<u8>>>,
-    ) -> Option<object::Object> {
-        let o = self.lookup(key, now)?;
+    ) -> Result<object::Object, Option<Vec<Option<Vec<u8>>>>> {
+        let o = self.lookup(key, now).ok_or(None)?;
         if o.meta.vary.is_empty() {
-            return Some(o);
+            return Ok(o);
         }
         let want = values(&o.meta.vary);
         if o.vary_values == want {
-            return Some(o);
+            return Ok(o);
         }
-        let v = self.lookup(self.parts.variant_key(key, &want), now)?;
-        (v.variant_of == Some(key) && v.vary_values == values(&v.meta.vary)).then_some(v)
-    }
-
-    /// This request's values of the `Vary` fields of the response stored
-    /// under the URL's `key`, when they differ from its (a miss for
-    /// another variant); None when there is none or no `Vary`.
-    pub fn other_variant(
-        &self,
-        key: u64,
-        values: impl Fn(&[Vec<u8>]) -> Vec<Option<Vec<u8>>>,
-    ) -> Option<Vec<Option<Vec<u8>>>> {
-        let part = self.parts.part(key);
-        let p = part.peek(key)?;
-        if p.variant_of.is_some() || p.meta.vary.is_empty() {
-            return None;
+        match self.lookup(self.parts.variant_key(key, &want), now) {
+            Some(v) if v.variant_of == Some(key) && v.vary_values == values(&v.meta.vary) => Ok(v),
+            _ => Err(Some(want)),
         }
-        let want = values(&p.meta.vary);
-        (want != p.vary_values).then_some(want)
     }
 
     /// Where a fetched response for `key` is stored: under `key`, unless

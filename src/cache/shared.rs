@@ -11,7 +11,7 @@
 //! shard by message; a short critical section on misses only costs less
 //! than a message round trip and keeps the same guarantee.
 
-use super::collapse::{Source, MAX_LAG};
+use super::collapse::{release_before, Source, MAX_LAG};
 use super::object::Meta;
 use std::collections::HashMap;
 use std::future::Future;
@@ -144,7 +144,7 @@ pub struct Relay {
 impl SharedFill {
     fn update(&self, f: impl FnOnce(&mut State)) {
         let wakers = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.lock();
             f(&mut st);
             st.version += 1;
             std::mem::take(&mut st.wakers)
@@ -172,11 +172,8 @@ impl SharedFill {
                 let bytes = st.bytes;
                 st.relays.retain(|_, r| bytes - r.1 <= MAX_LAG);
                 st.fastest();
-                let end = st.base + st.chunks.len();
-                let low = st.relays.iter().map(|(_, r)| r.0).min().unwrap_or(end);
-                let n = low.saturating_sub(st.base).min(st.chunks.len());
-                st.chunks.drain(..n);
-                st.base += n;
+                let low = st.relays.iter().map(|(_, r)| r.0).min();
+                release_before(&mut st.chunks, &mut st.base, low);
             }
         });
     }
@@ -329,7 +326,7 @@ pub struct SharedChanged {
 impl Future for SharedChanged {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.fill.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.fill.lock();
         if st.version != self.seen {
             return Poll::Ready(());
         }

@@ -539,14 +539,19 @@ pub fn big_body(n: usize) -> Vec<u8> {
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, "")
+}
+
+/// One request with extra header lines `fields` on a fresh connection.
+pub fn request(addr: SocketAddr, method: &str, path: &str, fields: &str) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{fields}Connection: close\r\n\r\n"
     )
     .unwrap();
-    read_response(&mut BufReader::new(s), false).unwrap()
+    read_response(&mut BufReader::new(s), method == "HEAD").unwrap()
 }
 
 /// Sends raw bytes and reads everything until the server closes.

@@ -93,42 +93,47 @@ impl ClientConn {
         let now = unix_now();
         let found = cache.find(key, now, |names| vary_values(buf, &self.head, names));
         let mut stale: Option<Object> = None;
-        if let Some(obj) = found {
-            let age = obj.timing.current_age(now);
-            let ttl = obj.lifetime as i64 - age as i64;
-            match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
-                Use::Fresh => {
-                    ShardCache::bump(&cache.hits);
-                    self.class = Class::Hit;
-                    return Some(self.serve_object(&obj, age, ttl, "").await);
-                }
-                Use::StaleOk => {
-                    ShardCache::bump(&cache.hits);
-                    self.class = Class::Hit;
-                    // One background refresh: lead a fill nobody reads;
-                    // none while the last one's answer is remembered as
-                    // uncacheable (no back-to-back refreshes).
-                    let now = Instant::now();
-                    let fill_key = variant_fill_key(key, &obj);
-                    if !cache.collapse.is_uncacheable(fill_key, now)
-                        && !cache.collapse.refresh_held(fill_key, now)
-                    {
-                        let (reader, lead) = self.join(cache, key, fill_key);
-                        if lead {
-                            self.spawn_fill(
-                                pool_idx,
-                                key,
-                                reader.fill.clone(),
-                                facts,
-                                Some(obj.clone()),
-                                true,
-                            );
-                        }
-                        drop(reader);
+        // The request's values when the URL holds another variant.
+        let mut other_variant = None;
+        match found {
+            Err(values) => other_variant = values,
+            Ok(obj) => {
+                let age = obj.timing.current_age(now);
+                let ttl = obj.lifetime as i64 - age as i64;
+                match usable(&obj.meta.facts.cc, obj.lifetime, age, &facts) {
+                    Use::Fresh => {
+                        ShardCache::bump(&cache.hits);
+                        self.class = Class::Hit;
+                        return Some(self.serve_object(&obj, age, ttl, "").await);
                     }
-                    return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
+                    Use::StaleOk => {
+                        ShardCache::bump(&cache.hits);
+                        self.class = Class::Hit;
+                        // One background refresh: lead a fill nobody reads;
+                        // none while the last one's answer is remembered as
+                        // uncacheable (no back-to-back refreshes).
+                        let now = Instant::now();
+                        let fill_key = fill_key_of(key, &obj);
+                        if !cache.collapse.is_uncacheable(fill_key, now)
+                            && !cache.collapse.refresh_held(fill_key, now)
+                        {
+                            let (reader, lead) = self.join(cache, key, fill_key);
+                            if lead {
+                                self.spawn_fill(
+                                    pool_idx,
+                                    key,
+                                    reader.fill.clone(),
+                                    facts,
+                                    Some(obj.clone()),
+                                    true,
+                                );
+                            }
+                            drop(reader);
+                        }
+                        return Some(self.serve_object(&obj, age, ttl, "; fwd=stale").await);
+                    }
+                    Use::Revalidate => stale = Some(obj),
                 }
-                Use::Revalidate => stale = Some(obj),
             }
         }
         ShardCache::bump(&cache.misses);
@@ -149,10 +154,8 @@ impl ClientConn {
         // A request for another variant than the one stored under the
         // URL's key collapses with the requests for its own variant.
         let fill_key = match &stale {
-            Some(obj) => variant_fill_key(key, obj),
-            None => cache
-                .other_variant(key, |names| vary_values(buf, &self.head, names))
-                .map_or(key, |values| crate::cache::variant_fill_key(key, &values)),
+            Some(obj) => fill_key_of(key, obj),
+            None => other_variant.map_or(key, |values| crate::cache::variant_key(key, &values)),
         };
         if cache.collapse.is_uncacheable(fill_key, Instant::now()) {
             self.set_cache_status(&format!("{fwd}; detail=uncacheable"));
@@ -177,7 +180,7 @@ impl ClientConn {
     /// Joins the shard's fill for `key`, unless it began before a purge
     /// of this key or target (it may be fetching what was purged).
     /// `fill_key`: the key the fill collapses under (`key`, or its
-    /// variant's, see [`variant_fill_key`]).
+    /// variant's, see [`fill_key_of`]).
     fn join(&self, cache: &ShardCache, key: u64, fill_key: u64) -> (Reader, bool) {
         let target = self.head.target(self.inbuf.filled());
         cache
@@ -453,18 +456,12 @@ impl ClientConn {
                                 return None;
                             };
                             let values = vary_values(buf, &self.head, &meta.vary);
-                            let vkey = crate::cache::variant_fill_key(primary, &values);
+                            let vkey = crate::cache::variant_key(primary, &values);
                             if cache.collapse.is_uncacheable(vkey, Instant::now()) {
                                 self.set_cache_status(&format!("{fwd}; detail=vary"));
                                 return None;
                             }
-                            let target = self.head.target(buf);
-                            let (variant, lead) =
-                                cache
-                                    .collapse
-                                    .join_since(vkey, cache.purge_generation(), |g| {
-                                        cache.purged_since(g, primary, target)
-                                    });
+                            let (variant, lead) = self.join(cache, primary, vkey);
                             if lead {
                                 let facts = request_facts(buf, &self.head);
                                 let fill = variant.fill.clone();
@@ -776,7 +773,7 @@ impl FillJob {
         // shard's miss and its claim: then it answers, not a second fetch.
         if self.stale.is_none() {
             let values = |names: &[Vec<u8>]| vary_values(&self.request, &self.head, names);
-            if let Some(o) = cache.find(self.key, unix_now(), values) {
+            if let Ok(o) = cache.find(self.key, unix_now(), values) {
                 let age = o.timing.current_age(unix_now());
                 if usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh {
                     self.fill.set_source(Source::Stored);
@@ -1370,9 +1367,9 @@ impl FillJob {
 
 /// The key a fill for `obj`, stored for `key`, collapses under: `key`, or
 /// for a variant stored under its own key, that variant's.
-fn variant_fill_key(key: u64, obj: &Object) -> u64 {
+fn fill_key_of(key: u64, obj: &Object) -> u64 {
     match obj.variant_of {
-        Some(_) => crate::cache::variant_fill_key(key, &obj.vary_values),
+        Some(_) => crate::cache::variant_key(key, &obj.vary_values),
         None => key,
     }
 }
