@@ -143,8 +143,10 @@ pub fn parse_response(
             }
         },
     );
-    if te_seen && content_length.is_some() {
-        // The response was framed ambiguously; never reuse the connection.
+    if te_seen && (content_length.is_some() || minor == 0) {
+        // The response was framed ambiguously, or is an HTTP/1.0 message
+        // with Transfer-Encoding (RFC 9112 §6.1: its framing is faulty even
+        // if read as chunked): never reuse the connection.
         head.close = true;
     }
     Ok(true)
@@ -207,6 +209,23 @@ mod tests {
         .unwrap();
         assert_eq!(h.body(), BodyKind::Chunked);
         assert!(h.close);
+        // HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 §6.1),
+        // read as chunked, never reused, keep-alive or not.
+        let h = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.body(), BodyKind::Chunked);
+        assert!(h.close);
+        let h = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.close);
     }
 
     #[test]
