@@ -430,6 +430,44 @@ fn limits_414_431_413() {
 }
 
 #[test]
+fn urgent_data_inside_a_request_does_not_stall_it() {
+    // A head with a TCP urgent byte in the middle, all in one segment:
+    // `recv` stops short at the urgent mark with the rest already queued
+    // (no further edge will come for it), so a short read must not be
+    // taken for "nothing more" there. Without that the request waits for
+    // its 408.
+    use std::os::unix::io::AsRawFd;
+    let origin = Origin::start();
+    let p = one_pool_proxy("urgent", &origin, "[limits]\nheader_timeout = \"3s\"\n", "");
+    let mut s = p.connect();
+    let fd = s.as_raw_fd();
+    let cork = |on: libc::c_int| {
+        // SAFETY: a valid socket and option value.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+    };
+    cork(1);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").unwrap();
+    // SAFETY: a valid socket and a one-byte buffer.
+    let sent = unsafe { libc::send(fd, b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1);
+    s.write_all(b"Connection: close\r\n\r\n").unwrap();
+    cork(0);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+}
+
+#[test]
 fn slowloris_gets_408_and_idle_connections_close() {
     let origin = Origin::start();
     let p = one_pool_proxy(
@@ -1033,27 +1071,33 @@ fn interim_responses_restart_the_wait_for_the_final_head() {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone");
         std::thread::sleep(Duration::from_millis(50));
     });
-    let cfg = write_config(
-        "interim",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = 0\n\
-             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\nresponse_timeout = \"800ms\"\n"
-        ),
-    );
-    let p = Proxy::start(&["-c", &cfg]);
-    let r = get(p.addr, "/copy");
-    assert_eq!((r.status, r.text().as_str()), (200, "done"));
+    // Forwarded (cache off) and through a cache fill.
+    for (name, size) in [("interim", "0"), ("interim-fill", "\"64MiB\"")] {
+        let cfg = write_config(
+            name,
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = {size}\n\
+                 [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\nresponse_timeout = \"800ms\"\n"
+            ),
+        );
+        let p = Proxy::start(&["-c", &cfg]);
+        let r = get(p.addr, "/copy");
+        assert_eq!((r.status, r.text().as_str()), (200, "done"), "cache {size}");
+    }
 }
 
 #[test]
 fn endless_interim_responses_end_in_a_502() {
     // A backend that only ever says 102 Processing: every one restarts the
     // response-head timeout, so a cap on their number ends the wait.
-    let backend = head_only_backend(|s| {
-        for _ in 0..1000 {
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = written.clone();
+    let backend = head_only_backend(move |s| {
+        for _ in 0..2000 {
             if s.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").is_err() {
                 return;
             }
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(1));
         }
     });
@@ -1073,6 +1117,129 @@ fn endless_interim_responses_end_in_a_502() {
     assert_eq!(got.matches("HTTP/1.1 102 Processing").count(), 128, "{got}");
     let last = got.rsplit("HTTP/1.1 ").next().unwrap_or("");
     assert!(last.starts_with("502"), "{got}");
+    // A cache fill keeps the same cap (its 1xx reach nobody): the backend
+    // is left long before it runs out of 102s.
+    let cfg = write_config(
+        "interim-cap-fill",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[cache]\nsize = \"64MiB\"\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\nresponse_timeout = \"5s\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    written.store(0, std::sync::atomic::Ordering::SeqCst);
+    let got = raw_exchange(
+        p.addr,
+        b"GET /fill HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 502"), "{got}");
+    // Give the backend's writes time to fail on the closed connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let n = written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n < 1000, "the fill read {n} interim responses");
+}
+
+#[test]
+fn a_connection_closed_after_an_interim_answer_is_not_resent() {
+    // A pooled connection answers 103 Early Hints and closes: a response
+    // byte came back (and reached the client), so this is not a stale
+    // connection to retry on quietly: one request, a 103, then a 502.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    // One request head.
+                    let mut lines = 0;
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        lines += 1;
+                        if line == "\r\n" && lines > 1 {
+                            break;
+                        }
+                    }
+                    match count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                        0 => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                        }
+                        1 => {
+                            let _ = s.write_all(
+                                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",
+                            );
+                            return;
+                        }
+                        _ => {
+                            let _ =
+                                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nresent");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let b = backend.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1", "--cache-size", "0"]);
+    let r = get(p.addr, "/first");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let got = raw_exchange(
+        p.addr,
+        b"GET /second HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(got.matches("HTTP/1.1 103").count(), 1, "{got}");
+    assert!(got.contains("HTTP/1.1 502"), "{got}");
+    assert!(!got.contains("resent"), "{got}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn an_early_answer_after_a_100_continue_is_heard() {
+    // The backend says 100 Continue anyway, then 413, and closes without
+    // reading the body: the client gets the 413, not a 502.
+    let backend = head_only_backend(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n",
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    let b = backend.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    let out = post_while_reading(
+        p.addr,
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 8000000\r\n\r\n".into(),
+        8_000_000,
+    );
+    assert!(out.starts_with("HTTP/1.1 413"), "{out:?}");
+    assert!(out.ends_with("too big\n"), "{out:?}");
+}
+
+#[test]
+fn a_backend_that_stops_reading_the_body_is_a_timeout() {
+    // The backend takes the head, then neither reads the body nor answers
+    // for longer than body_timeout: a 504, as a stalled head write is.
+    let backend = head_only_backend(|_| std::thread::sleep(Duration::from_secs(4)));
+    let cfg = write_config(
+        "body-send-timeout",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n[limits]\nbody_timeout = \"500ms\"\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{backend}\" }}]\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let out = post_while_reading(
+        p.addr,
+        "POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 64000000\r\n\r\n".into(),
+        64_000_000,
+    );
+    assert!(out.starts_with("HTTP/1.1 504"), "{out:?}");
 }
 
 #[test]

@@ -54,7 +54,7 @@ const EARLY_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_millis
 /// Interim (1xx) responses accepted before the final one: each restarts the
 /// response-head timeout, so without a cap a backend repeating them would
 /// hold the request forever. Past the cap the answer is a 502.
-const MAX_INTERIM: u32 = 128;
+pub(crate) const MAX_INTERIM: u32 = 128;
 
 /// What an upstream attempt sends, the same bytes on a retry.
 struct UpRequest<'a> {
@@ -84,6 +84,9 @@ pub struct ClientConn {
     /// The connection ends while the client may still be sending (an
     /// error answered before its request was read whole): close lingering.
     linger: bool,
+    /// The current exchange got an interim (1xx) answer back: response
+    /// bytes came, so its failure is not retried elsewhere.
+    interim_back: bool,
     /// The status of the response to the current request (0: none yet).
     status: u16,
     /// How the cache took part in the current request.
@@ -125,6 +128,16 @@ pub async fn linger_close(sock: &mut Sock) {
 
 /// Ends with `TimedOut` when the shard begins to drain: raced against a
 /// wait between requests, so that idle connections close on shutdown.
+/// A request body write to the backend that failed: a backend that stops
+/// reading for `body_timeout` is a timeout (504), like a stalled head
+/// write; a reset or broken pipe is a 502.
+fn body_send_failed(e: NetError) -> UpstreamFail {
+    match e {
+        NetError::TimedOut => UpstreamFail::Timeout("sending the request body timed out".into()),
+        NetError::Io(e) => UpstreamFail::Bad(format!("sending the request body failed: {e}")),
+    }
+}
+
 async fn drained<T>(shard: Rc<Shard>) -> Result<T, NetError> {
     shard.drain_signal().await;
     Err(NetError::TimedOut)
@@ -151,6 +164,7 @@ impl ClientConn {
             set_cookie: String::new(),
             hint: Hint::default(),
             linger: false,
+            interim_back: false,
             status: 0,
             class: Class::Pass,
             req_line: Vec::new(),
@@ -561,7 +575,7 @@ impl ClientConn {
                     }
                     Err(UpstreamFail::Bad(m)) => {
                         pool.failed(backend, FailKind::Reset);
-                        let none_back = self.ubuf.is_empty();
+                        let none_back = self.ubuf.is_empty() && !self.interim_back;
                         break (502, m, !has_body && none_back && method.is_idempotent());
                     }
                     Err(UpstreamFail::Timeout(m)) => {
@@ -742,6 +756,7 @@ impl ClientConn {
         let shard = self.shard.clone();
         let cfg = &shard.cfg;
         let pool_timeout = Instant::now() + cfg.limits.body_timeout;
+        self.interim_back = false;
         // Head, plus as much of a length-delimited body as is already here.
         self.out.clear();
         self.out.extend_from_slice(up_head);
@@ -759,8 +774,8 @@ impl ClientConn {
         }
         if let Err(e) = up.write_all(&self.out, pool_timeout).await {
             return Err(match e {
-                _ if reused && req_body == BodyKind::Empty => UpstreamFail::Stale,
                 NetError::TimedOut => UpstreamFail::Timeout("sending request timed out".into()),
+                _ if reused && req_body == BodyKind::Empty => UpstreamFail::Stale,
                 NetError::Io(e) => UpstreamFail::Bad(format!("sending request failed: {e}")),
             });
         }
@@ -788,15 +803,23 @@ impl ClientConn {
                 self.ubuf.clear();
                 let grace = Instant::now() + EARLY_ANSWER_GRACE;
                 let head_req = method == Method::Head;
-                match read_head(up, &mut self.ubuf, &mut self.rhead, head_req, grace, false).await {
-                    Ok(Head::Final) => {
-                        self.head.close = true;
-                        self.rhead.close = true;
-                        self.linger = true;
-                        return Ok(());
+                // Past any interim heads (a 100 Continue sent anyway before
+                // the 413), within the grace.
+                for _ in 0..=MAX_INTERIM {
+                    match read_head(up, &mut self.ubuf, &mut self.rhead, head_req, grace, false)
+                        .await
+                    {
+                        Ok(Head::Final) => {
+                            self.head.close = true;
+                            self.rhead.close = true;
+                            self.linger = true;
+                            return Ok(());
+                        }
+                        Ok(Head::Interim) => self.ubuf.consume(self.rhead.head_len),
+                        Err(_) => break,
                     }
-                    _ => return Err(e),
                 }
+                return Err(e);
             }
         }
         // The response head, after any interim ones.
@@ -805,19 +828,22 @@ impl ClientConn {
         let mut interim = 0;
         loop {
             let head_req = method == Method::Head;
+            // A connection that closes after an interim answer is not a
+            // stale pooled one: a response byte came back (no resend).
             match read_head(
                 up,
                 &mut self.ubuf,
                 &mut self.rhead,
                 head_req,
                 deadline,
-                reused,
+                reused && interim == 0,
             )
             .await?
             {
                 Head::Final => return Ok(()),
                 Head::Interim => {
                     interim += 1;
+                    self.interim_back = true;
                     if interim > MAX_INTERIM {
                         return Err(UpstreamFail::Bad(format!(
                             "more than {MAX_INTERIM} interim (1xx) responses"
@@ -864,7 +890,7 @@ impl ClientConn {
                     let deadline = Instant::now() + limits.body_timeout;
                     up.write_all(&self.inbuf.filled()[..take], deadline)
                         .await
-                        .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                        .map_err(body_send_failed)?;
                     self.inbuf.consume(take);
                     body_left -= take as u64;
                 }
@@ -894,7 +920,7 @@ impl ClientConn {
                                 let deadline = Instant::now() + limits.body_timeout;
                                 up.write_all(&self.out, deadline)
                                     .await
-                                    .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                                    .map_err(body_send_failed)?;
                                 continue;
                             }
                             Ok(Decoded::Done { consumed }) => {
@@ -902,7 +928,7 @@ impl ClientConn {
                                 let deadline = Instant::now() + limits.body_timeout;
                                 up.write_all(chunked::LAST_CHUNK, deadline)
                                     .await
-                                    .map_err(|_| UpstreamFail::Bad("sending body failed".into()))?;
+                                    .map_err(body_send_failed)?;
                                 return Ok(());
                             }
                             Err(e) => {

@@ -74,6 +74,10 @@ struct Slot {
     /// half-closed may still read, and a write that would block must wait
     /// for room, not retry at once forever.
     read_ended: bool,
+    /// TCP urgent data came (`EPOLLPRI`): `recv` stops short at its mark
+    /// with more queued, so a short read does not mean "empty" until one
+    /// finds nothing.
+    urgent: bool,
     /// When the current wait gives up, and whether it has.
     deadline: Option<Instant>,
     timed_out: bool,
@@ -179,11 +183,16 @@ impl Poller {
             },
             ended: false,
             read_ended: false,
+            urgent: false,
             deadline: None,
             timed_out: false,
         });
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            events: (libc::EPOLLIN
+                | libc::EPOLLPRI
+                | libc::EPOLLOUT
+                | libc::EPOLLRDHUP
+                | libc::EPOLLET) as u32,
             u64: (u64::from(generation) << 32) | key as u64,
         };
         // SAFETY: both descriptors are open; ev is a valid event.
@@ -226,6 +235,18 @@ impl Poller {
                     Dir::Write => s.write.ready,
                 }
         })
+    }
+
+    /// After a short read: whether urgent data may have cut it short (then
+    /// the socket stays ready); a read that found nothing (`!got`) ends that.
+    fn urgent(&self, key: usize, got: bool) -> bool {
+        match self.slots.borrow_mut().get_mut(key) {
+            Some(s) if s.urgent => {
+                s.urgent = got;
+                got
+            }
+            _ => false,
+        }
     }
 
     fn mark(&self, key: usize, dir: Dir) {
@@ -337,6 +358,7 @@ impl Poller {
                         let read_shut = broken || bits & libc::EPOLLRDHUP != 0;
                         s.ended |= broken;
                         s.read_ended |= read_shut;
+                        s.urgent |= bits & libc::EPOLLPRI != 0;
                         if read_shut || bits & libc::EPOLLIN != 0 {
                             s.read.ready = true;
                             wake.extend(s.read.waker.take());
@@ -523,6 +545,10 @@ impl Sock {
             let r = self.try_recv(buf, 0)?;
             if r == Some(buf.len()) {
                 // There may be more: the next read tries at once.
+                p.mark(*key, Dir::Read);
+            } else if p.urgent(*key, r.is_some()) {
+                // Stopped at an urgent mark: the rest came with the edge
+                // already taken.
                 p.mark(*key, Dir::Read);
             }
             return Ok(r);

@@ -1165,11 +1165,35 @@ impl FillJob {
                     );
                 }
                 ubuf.clear();
-                let deadline = Instant::now() + pool.cfg.response_timeout;
+                let mut deadline = Instant::now() + pool.cfg.response_timeout;
+                let mut interim = 0;
                 let got = loop {
-                    match read_head(&mut up, &mut ubuf, &mut rhead, false, deadline, reused).await {
+                    // As in forwarding: a close after an interim answer is
+                    // not a stale connection, each interim answer restarts
+                    // the wait, and at most MAX_INTERIM of them.
+                    let stale_possible = reused && interim == 0;
+                    match read_head(
+                        &mut up,
+                        &mut ubuf,
+                        &mut rhead,
+                        false,
+                        deadline,
+                        stale_possible,
+                    )
+                    .await
+                    {
                         Ok(Head::Final) => break Ok(()),
-                        Ok(Head::Interim) => ubuf.consume(rhead.head_len),
+                        Ok(Head::Interim) if interim >= super::MAX_INTERIM => {
+                            break Err(UpstreamFail::Bad(format!(
+                                "more than {} interim (1xx) responses",
+                                super::MAX_INTERIM
+                            )))
+                        }
+                        Ok(Head::Interim) => {
+                            interim += 1;
+                            ubuf.consume(rhead.head_len);
+                            deadline = Instant::now() + pool.cfg.response_timeout;
+                        }
                         Err(e) => break Err(e),
                     }
                 };
