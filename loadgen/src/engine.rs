@@ -727,7 +727,17 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             )
         };
     }
-    'run: while !shared.should_stop() {
+    'run: loop {
+        // After the end a connection still reads the answers to what it
+        // sent, each bounded by `timeout`, sending nothing more: they count
+        // as `after_end` at any pipeline depth (it used to leave after the
+        // first, dropping the rest uncounted). Not when the watchdog stops
+        // the run.
+        let ending = shared.should_stop();
+        if ending && (conn.is_none() || inflight.is_empty() || shared.stop.load(Ordering::Relaxed))
+        {
+            break;
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
             None => {
@@ -782,7 +792,9 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         let older = inflight.len();
         let now = shared.now_ns();
         let mut wait_until: Option<u64> = None;
-        if opts.herd {
+        if ending {
+            // Only the answers in flight are awaited.
+        } else if opts.herd {
             if inflight.is_empty() {
                 // Wait for the round to open, then fire at its instant.
                 match wait_round(&shared, herd_round).await {

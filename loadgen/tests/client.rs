@@ -268,6 +268,24 @@ fn herd_rounds_fire_together() {
 }
 
 #[test]
+fn every_pipelined_answer_after_the_duration_is_counted() {
+    // Four requests pipelined on one connection, answered 700 ms apart, in
+    // a 500 ms run: all four arrive after the end and all four count (in
+    // the requests and the histogram, not the rate); the connection used to
+    // leave after the first, dropping three uncounted.
+    let (base, _) = server();
+    let r = run(&format!("{base}/late"), |o| {
+        o.connections = 1;
+        o.pipeline = 4;
+        o.duration = Duration::from_millis(500);
+    });
+    assert_eq!(r.stats.requests(), 4, "errors: {}", r.stats.errors());
+    assert_eq!(r.stats.after_end, 4);
+    assert_eq!(r.stats.latency.len(), 4);
+    assert_eq!(r.rps(), 0.0);
+}
+
+#[test]
 fn a_response_after_the_duration_is_counted_but_not_in_the_rate() {
     // One connection, one request answered 700 ms in, a 500 ms run: the
     // rate is over 500 ms and leaves that late response out (it used to
