@@ -17,6 +17,8 @@ const NORMAL: u8 = 0;
 const HANG: u8 = 1;
 /// Reads a request, then closes without answering.
 const DIE: u8 = 2;
+/// Answers a head promising 100 bytes, sends 10 and closes.
+const CUT: u8 = 3;
 
 /// A backend that names itself in every answer (`X-Backend`), counts what
 /// it serves, and can be killed (listener and connections closed), hung,
@@ -181,6 +183,10 @@ fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
                 return Ok(());
             }
             DIE => return w.shutdown(std::net::Shutdown::Both),
+            CUT => {
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")?;
+                return w.shutdown(std::net::Shutdown::Both);
+            }
             _ => {}
         }
         let d = delay.load(Ordering::SeqCst);
@@ -712,6 +718,56 @@ fn a_restarted_backend_costs_no_failure() {
 }
 
 #[test]
+fn a_backend_failing_every_body_is_ejected() {
+    // Heads come, bodies break off: each response head used to count as a
+    // success that cleared the failure before it, so the streak never
+    // reached `failures` and every other request was cut. A success is a
+    // body read to its end now.
+    let (mut a, b) = (Backend::start("cut"), Backend::start("b"));
+    a.mode.store(CUT, Ordering::SeqCst);
+    let path = config(
+        "cut-bodies",
+        &[&a, &b],
+        &[],
+        "eject = { failures = 3, cooldown = \"30s\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let ejected = format!("backend {} ejected", a.addr);
+    let mut cut = 0;
+    for i in 0..40 {
+        let mut s = p.connect();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            format!("GET /c{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        if text.contains("0123456789") {
+            cut += 1;
+        } else {
+            assert!(
+                text.starts_with("HTTP/1.1 200") && text.ends_with("\r\nb"),
+                "{text}"
+            );
+        }
+        if p.stderr.lock().unwrap().contains(&ejected) {
+            break;
+        }
+    }
+    assert!(
+        wait_log(&p, &ejected, Duration::from_secs(1)).is_some(),
+        "{cut} responses cut, no ejection\n{}",
+        p.stderr.lock().unwrap()
+    );
+    // Three failures on one owner; reports from two shards may land a
+    // little late.
+    assert!((3..=8).contains(&cut), "{cut} cut");
+    a.kill();
+}
+
+#[test]
 fn a_hung_backend_gives_bounded_504s_and_is_ejected() {
     let (mut a, b) = (Backend::start("hung"), Backend::start("b"));
     a.mode.store(HANG, Ordering::SeqCst);
@@ -885,6 +941,36 @@ fn peak_ewma_reads_the_load_a_backend_reports() {
     assert!(
         (busy as f64) < all as f64 / 6.0,
         "the busy backend served {busy} of {all}"
+    );
+}
+
+#[test]
+fn a_load_report_counts_for_ewma_decay_only() {
+    // A backend reports a spike once, then nothing: it loses every choice,
+    // gets no request to report anything else on, and was shunned on that
+    // one report for as long as its decaying estimate took to outweigh
+    // it (tens of seconds). Now a report lapses after `ewma_decay`.
+    let (a, b) = (Backend::start("a"), Backend::start("spike"));
+    let path = config(
+        "load-lapse",
+        &[&a, &b],
+        &[],
+        "balance = \"peak-ewma\"\nload_header = \"X-Load\"\newma_decay = \"1s\"\n",
+    );
+    let p = Proxy::start(&["-c", &path]);
+    *b.extra.lock().unwrap() = "X-Load: 300\r\n".into();
+    let codes = load_for(&p, 2, Duration::from_millis(500));
+    assert!(codes.iter().all(|&c| c == 200));
+    b.extra.lock().unwrap().clear();
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = (a.served(), b.served());
+    let codes = load_for(&p, 2, Duration::from_millis(1000));
+    assert!(codes.iter().all(|&c| c == 200));
+    let (na, nb) = (a.served() - before.0, b.served() - before.1);
+    assert!(
+        nb as f64 > (na + nb) as f64 / 6.0,
+        "the backend whose report lapsed served {nb} of {}",
+        na + nb
     );
 }
 

@@ -16,6 +16,7 @@ use crate::balance::{
 };
 use crate::config::{Balance, PoolConfig};
 use crate::http::response::ResponseHead;
+use crate::http::BodyKind;
 use crate::shard::net::Sock;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -77,6 +78,10 @@ pub struct BackendShared {
     pub ejected: AtomicBool,
     /// The load it last reported in the pool's `load_header`.
     pub reported_load: AtomicU32,
+    /// When (ms since the pool's `epoch`): a report older than `ewma_decay`
+    /// no longer counts, so a backend that reported a spike and then got no
+    /// traffic (it lost every choice) is not shunned on it for good.
+    pub reported_at_ms: AtomicU64,
     /// Times it has been ejected.
     pub ejections: AtomicU64,
 }
@@ -89,6 +94,7 @@ impl Default for BackendShared {
             up: AtomicBool::new(true),
             ejected: AtomicBool::new(false),
             reported_load: AtomicU32::new(0),
+            reported_at_ms: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
         }
     }
@@ -104,6 +110,8 @@ pub struct PoolShared {
     pub inbox: crossbeam_channel::Receiver<Report>,
     /// Sticky cookie values, one per backend: opaque, keyed by a secret.
     pub tokens: Vec<String>,
+    /// What the shards time load reports from.
+    pub epoch: Instant,
 }
 
 /// Reports a shard may queue for the owner before new ones are dropped.
@@ -123,6 +131,7 @@ impl PoolShared {
             owner,
             reports: tx,
             inbox: rx,
+            epoch: Instant::now(),
             tokens: cfg
                 .backends
                 .iter()
@@ -305,6 +314,11 @@ impl UpstreamPool {
         t.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
+    /// `t` on the clock every shard times load reports by.
+    fn report_ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.shared.epoch).as_millis() as u64
+    }
+
     /// Whether backend `b` may take requests now.
     pub fn usable(&self, b: usize) -> bool {
         self.shared
@@ -324,11 +338,15 @@ impl UpstreamPool {
         let returned = usable & !self.was_usable.replace(usable);
         if returned != 0 && self.cfg.balance == Balance::PeakEwma {
             // Back from down or ejection: its old estimate decayed while it
-            // was away; it starts unknown.
+            // was away, and its last load report is from before; it starts
+            // unknown.
             let mut ewma = self.ewma.borrow_mut();
             for (i, e) in ewma.iter_mut().enumerate() {
                 if returned & bit(i) != 0 {
                     e.reset();
+                    self.shared.backends[i]
+                        .reported_load
+                        .store(0, Ordering::Relaxed);
                 }
             }
         }
@@ -362,7 +380,10 @@ impl UpstreamPool {
                 two_choices(&w, allowed, &mut rng, |i| inflight(i) as f64 + 1.0)
             }
             (Balance::PeakEwma, _, _) => {
-                let now = self.nanos(Instant::now());
+                let instant = Instant::now();
+                let now = self.nanos(instant);
+                let now_ms = self.report_ms(instant);
+                let report_life = self.cfg.ewma_decay.as_millis() as u64;
                 let ewma = self.ewma.borrow();
                 // What an unknown backend is predicted: the slowest known
                 // (worked out only when a candidate is unknown).
@@ -376,11 +397,13 @@ impl UpstreamPool {
                     })
                 };
                 two_choices(&w, allowed, &mut rng, |i| {
-                    let reported = u64::from(
-                        self.shared.backends[i]
-                            .reported_load
-                            .load(Ordering::Relaxed),
-                    );
+                    let b = &self.shared.backends[i];
+                    let at = b.reported_at_ms.load(Ordering::Relaxed);
+                    let reported = if now_ms.saturating_sub(at) < report_life {
+                        u64::from(b.reported_load.load(Ordering::Relaxed))
+                    } else {
+                        0
+                    };
                     let unknown = if ewma[i].observed() { 0.0 } else { unknown() };
                     ewma[i].cost(now, inflight(i), reported, unknown)
                 })
@@ -442,7 +465,11 @@ impl UpstreamPool {
                     .and_then(|v| v.trim().parse::<f64>().ok())
                     .filter(|v| v.is_finite() && *v >= 0.0)
                 {
-                    self.shared.backends[b]
+                    let shared = &self.shared.backends[b];
+                    shared
+                        .reported_at_ms
+                        .store(self.report_ms(now), Ordering::Relaxed);
+                    shared
                         .reported_load
                         .store(v.min(1e6) as u32, Ordering::Relaxed);
                 }
@@ -450,7 +477,18 @@ impl UpstreamPool {
         }
         if rhead.code >= 500 && self.cfg.eject.on_5xx {
             self.failed(b, FailKind::Status);
-        } else {
+        } else if rhead.body() == BodyKind::Empty {
+            self.succeeded(b);
+        }
+        // Otherwise the success is the body's: `completed`.
+    }
+
+    /// Backend `b`'s response (head `code`) was read to its end: a success
+    /// for the passive checks. Not at the head: a backend that sends heads
+    /// and then fails every body would have each failure's streak cleared
+    /// by the next request's head, and never be ejected.
+    pub fn completed(&self, b: usize, code: u16) {
+        if !(code >= 500 && self.cfg.eject.on_5xx) {
             self.succeeded(b);
         }
     }

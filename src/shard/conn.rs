@@ -634,6 +634,7 @@ impl ClientConn {
             }
             Err(StreamFail::Client) => Outcome::Close,
             Ok((reusable, close)) => {
+                pool.completed(backend, self.rhead.code);
                 if reusable {
                     pool.checkin(backend, up, Instant::now());
                 }

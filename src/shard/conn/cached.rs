@@ -1364,6 +1364,7 @@ impl FillJob {
             }
         }
         self.finish();
+        pool.completed(backend, rhead.code);
         if body.reusable() && !up_close && ubuf.is_empty() {
             pool.checkin(backend, up, Instant::now());
         }
