@@ -297,7 +297,22 @@ fn a_replaced_file_is_noticed() {
     std::fs::rename(&tmp, dir.join("sub/page.html")).unwrap();
     assert_eq!(get().text(), "new contents");
     std::fs::write(dir.join("sub/page.html"), b"third").unwrap();
-    assert_eq!(get().text(), "third");
+    let third = get();
+    assert_eq!(third.text(), "third");
+    // Rewritten in place with the same size and its mtime set back (`cp
+    // -p`, a reproducible build): same inode, size and mtime, new bytes.
+    let path = dir.join("sub/page.html");
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, b"THIRD").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let fourth = get();
+    assert_eq!(fourth.text(), "THIRD");
+    assert_ne!(fourth.header("etag"), third.header("etag"));
 }
 
 #[test]

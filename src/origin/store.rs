@@ -78,16 +78,20 @@ pub struct OpenFile {
     pub ino: u64,
     pub mtime: i64,
     mtime_ns: i64,
+    /// The inode's change time: every write moves it and nothing can set it
+    /// back (a file rewritten in place, keeping its inode and size, with its
+    /// mtime pinned by `cp -p` or a reproducible build, is still new).
+    ctime_ns: i64,
     pub size: u64,
     used: Cell<u64>,
 }
 
 impl OpenFile {
-    /// A strong validator from the file's identity, time and size.
+    /// A strong validator from the file's identity, times and size.
     pub fn etag(&self) -> String {
         format!(
-            "\"{:x}-{:x}-{:x}\"",
-            self.ino, self.mtime_ns as u64, self.size
+            "\"{:x}-{:x}-{:x}-{:x}\"",
+            self.ino, self.mtime_ns as u64, self.ctime_ns as u64, self.size
         )
     }
 }
@@ -214,10 +218,17 @@ impl StoreShard {
             Ok(_) => return Lookup::Forbidden,
             Err(e) => return lookup_error(e),
         };
-        let (handle, ino, mtime, mtime_nanos, size) = if meta.len() == 0 {
+        let (handle, ino, mtime, mtime_nanos, ctime_nanos, size) = if meta.len() == 0 {
             // Never opened: glommio's first open on a device probes with a
             // read, and an empty file would fool the probe (GLOMMIO.md).
-            (None, meta.ino(), meta.mtime(), mtime_ns(&meta), 0)
+            (
+                None,
+                meta.ino(),
+                meta.mtime(),
+                mtime_ns(&meta),
+                ctime_ns(&meta),
+                0,
+            )
         } else {
             let h = match self.open(&real).await {
                 Ok(h) => h,
@@ -250,6 +261,7 @@ impl StoreShard {
                 st.ino(),
                 st.mtime(),
                 mtime_ns(&st),
+                ctime_ns(&st),
                 st.len(),
             )
         };
@@ -265,6 +277,7 @@ impl StoreShard {
             ino,
             mtime,
             mtime_ns: mtime_nanos,
+            ctime_ns: ctime_nanos,
             size,
             used: Cell::new(now),
         });
@@ -315,7 +328,11 @@ impl StoreShard {
     fn open_as(&self, rel: &Path, meta: &std::fs::Metadata, now: u64) -> Option<Rc<OpenFile>> {
         let files = self.files.borrow();
         let f = files.get(rel)?;
-        if f.ino == meta.ino() && f.mtime_ns == mtime_ns(meta) && f.size == meta.len() {
+        if f.ino == meta.ino()
+            && f.mtime_ns == mtime_ns(meta)
+            && f.ctime_ns == ctime_ns(meta)
+            && f.size == meta.len()
+        {
             f.used.set(now);
             return Some(f.clone());
         }
@@ -457,6 +474,12 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
     m.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(m.mtime_nsec())
+}
+
+fn ctime_ns(m: &std::fs::Metadata) -> i64 {
+    m.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.ctime_nsec())
 }
 
 /// Waits for a ticket; forgets it if the request goes away first.
@@ -614,6 +637,7 @@ mod tests {
             ino: 0,
             mtime: 0,
             mtime_ns: 0,
+            ctime_ns: 0,
             size: 0,
             used: Cell::new(0),
         });
