@@ -629,10 +629,20 @@ impl ClientConn {
             Err(StreamFail::Backend) => {
                 // A response head is no success if the body never comes:
                 // a backend failing mid-body counts towards its ejection.
-                pool.failed(backend, FailKind::Reset);
+                // Not an early answer's (a 413 before the upload was
+                // read): closing with the upload unread resets the
+                // connection, which may cut the answer's own body; the
+                // backend only enforced its limit.
+                if !self.linger {
+                    pool.failed(backend, FailKind::Reset);
+                }
                 Outcome::Close
             }
             Err(StreamFail::Client) => Outcome::Close,
+            Err(StreamFail::ClientAfterBody) => {
+                pool.completed(backend, self.rhead.code);
+                Outcome::Close
+            }
             Ok((reusable, close)) => {
                 pool.completed(backend, self.rhead.code);
                 if reusable {
@@ -1048,7 +1058,9 @@ impl ClientConn {
                     if framing == ClientFraming::Chunked {
                         self.out.extend_from_slice(chunked::LAST_CHUNK);
                     }
-                    self.write_client(send_timeout).await?;
+                    self.write_client(send_timeout)
+                        .await
+                        .map_err(|_| StreamFail::ClientAfterBody)?;
                     // Bytes past the body are a backend protocol error:
                     // never reuse that connection.
                     let reusable = body.reusable() && !up_close && self.ubuf.is_empty();
@@ -1085,6 +1097,9 @@ impl ClientConn {
 enum StreamFail {
     /// The client went away (or would not read).
     Client,
+    /// The same, once the backend's whole response was read: the backend
+    /// did its part.
+    ClientAfterBody,
     /// The backend failed or stalled mid-body.
     Backend,
 }
