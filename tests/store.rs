@@ -234,9 +234,21 @@ fn a_deleted_file_is_let_go() {
 fn unsafe_paths_and_methods_are_refused() {
     let dir = tree("unsafe");
     let _ = std::os::unix::fs::symlink(dir.join("loop"), dir.join("loop"));
+    // A directory out of the root through a symlink: what it holds, or
+    // does not, is nobody's business (a 404 for a missing name and a 403
+    // for a present one told which files exist out there).
+    let out_dir = std::env::temp_dir().join(format!("corral-store-{}-outdir", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("present.txt"), b"secret").unwrap();
+    let _ = std::os::unix::fs::symlink(&out_dir, dir.join("outdir"));
     let long_name = format!("/{}", "n".repeat(300));
     let p = store_proxy(&dir, &[]);
     for (path, want) in [
+        ("/outdir", 403),
+        ("/outdir/present.txt", 403),
+        ("/outdir/absent.txt", 403),
+        ("/outdir/absent/deeper.txt", 403),
+        ("/outdir/present.txt/x", 403),
         ("/../etc/passwd", 403),
         ("/sub/../../etc/passwd", 403),
         ("/%2e%2e/%2e%2e/etc/passwd", 403),

@@ -195,7 +195,12 @@ impl StoreShard {
                 // Gone (or unreadable): its descriptor, if kept, goes too,
                 // so a deleted file's space is freed.
                 self.files.borrow_mut().remove(rel);
-                return lookup_error(e);
+                return match lookup_error(e) {
+                    // Not a 404 for a name under a directory out of the
+                    // root: that would tell which files exist out there.
+                    Lookup::NotFound if self.out_of_root(&full) => Lookup::Forbidden,
+                    l => l,
+                };
             }
         };
         let now = self.clock.get() + 1;
@@ -301,6 +306,23 @@ impl StoreShard {
             by_id.retain(|_, w| w.strong_count() > 0);
         }
         Lookup::Found(f)
+    }
+
+    /// Whether the deepest existing directory on the way to `full` (which
+    /// does not exist) lies out of the root through a symlink. Only asked
+    /// on a miss.
+    fn out_of_root(&self, full: &Path) -> bool {
+        let mut dir = full.parent();
+        while let Some(d) = dir {
+            if let Ok(real) = std::fs::canonicalize(d) {
+                return !real.starts_with(&self.cfg.root);
+            }
+            if d == self.cfg.root {
+                return false;
+            }
+            dir = d.parent();
+        }
+        false
     }
 
     /// The open file for `rel` if it is still the file `meta` describes.
