@@ -163,6 +163,15 @@ impl Options {
                 return Err("--rate must be positive".into());
             }
         }
+        // Durations and times are nanoseconds in a u64 from the start:
+        // bounded far below its ~584 years.
+        const LONGEST: Duration = Duration::from_secs(366 * 24 * 3600);
+        if self.duration > LONGEST {
+            return Err("--duration must be at most a year".into());
+        }
+        if self.timeout.is_zero() || self.timeout > LONGEST {
+            return Err("--timeout must be between 1ns and a year".into());
+        }
         if let Some(c) = &self.cpus {
             if c.is_empty() {
                 return Err("--cpus is empty".into());
@@ -1131,6 +1140,21 @@ fn draw(shared: &Shared, rng: &mut Rng) -> (Option<String>, Option<(u64, u64)>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_durations_are_refused_not_overflowed() {
+        let mut o = Options::new("http://127.0.0.1:1/").unwrap();
+        assert!(o.validate().is_ok());
+        o.duration = Duration::from_secs(u64::MAX);
+        assert!(o.validate().is_err());
+        o.duration = Duration::from_secs(10);
+        o.timeout = Duration::ZERO;
+        assert!(o.validate().is_err());
+        o.timeout = Duration::from_secs(20_000_000_000);
+        assert!(o.validate().is_err());
+        assert!(crate::parse_duration("18446744073709551615m").is_err());
+        assert_eq!(crate::parse_duration("2m"), Ok(Duration::from_secs(120)));
+    }
 
     #[test]
     fn parse_targets() {

@@ -42,7 +42,10 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(match unit {
         "ms" => std::time::Duration::from_millis(n),
         "s" | "" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(60 * n),
+        "m" => std::time::Duration::from_secs(
+            n.checked_mul(60)
+                .ok_or_else(|| format!("duration `{s}` is too long"))?,
+        ),
         u => return Err(format!("unknown duration unit `{u}`")),
     })
 }

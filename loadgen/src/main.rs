@@ -87,6 +87,10 @@ fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
             Some((a, b)) => {
                 let a: usize = a.parse().map_err(|_| format!("bad CPU `{p}`"))?;
                 let b: usize = b.parse().map_err(|_| format!("bad CPU `{p}`"))?;
+                // A CPU set holds CPUs 0 to 1023 (CPU_SETSIZE).
+                if b >= 1024 {
+                    return Err(format!("CPU `{p}`: CPU numbers go up to 1023"));
+                }
                 v.extend(a..=b);
             }
             None => v.push(p.parse().map_err(|_| format!("bad CPU `{p}`"))?),
