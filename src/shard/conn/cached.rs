@@ -143,6 +143,10 @@ impl ClientConn {
         }
         let fwd = if stale.is_some() {
             "fwd=stale"
+        } else if other_variant.is_some() {
+            // RFC 9211: a stored response for the URI, not for these Vary
+            // values.
+            "fwd=vary-miss"
         } else {
             "fwd=uri-miss"
         };
@@ -528,8 +532,10 @@ impl ClientConn {
                         } else {
                             match fill.source() {
                                 Source::Origin => format!("{fwd}; stored"),
-                                // Another shard's fetch stored it meanwhile.
-                                Source::Stored => "hit".to_string(),
+                                // Another shard's fetch stored it meanwhile:
+                                // this request joined that fetch (and is
+                                // counted a miss, as it arrived).
+                                Source::Stored => format!("{fwd}; collapsed"),
                                 Source::Refreshed => format!("{fwd}; fwd-status=304; stored"),
                                 Source::StaleOnError => {
                                     format!("{fwd}; detail=stale-if-error")
@@ -1358,7 +1364,7 @@ impl FillJob {
                 Ok(None) => break,
                 Err(e) => {
                     // Counts towards the backend's ejection, as before a head.
-                    pool.failed(backend, FailKind::Reset);
+                    pool.body_failed(backend, rhead.code);
                     return Err(UpstreamFail::Bad(e.to_string()));
                 }
             }
