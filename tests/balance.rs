@@ -19,6 +19,8 @@ const HANG: u8 = 1;
 const DIE: u8 = 2;
 /// Answers a head promising 100 bytes, sends 10 and closes.
 const CUT: u8 = 3;
+/// The same with a 500 head.
+const CUT_500: u8 = 4;
 
 /// A backend that names itself in every answer (`X-Backend`), counts what
 /// it serves, and can be killed (listener and connections closed), hung,
@@ -185,6 +187,10 @@ fn serve_conn(s: TcpStream, ctx: &Ctx) -> std::io::Result<()> {
             DIE => return w.shutdown(std::net::Shutdown::Both),
             CUT => {
                 w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")?;
+                return w.shutdown(std::net::Shutdown::Both);
+            }
+            CUT_500 => {
+                w.write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 100\r\n\r\n0123456789")?;
                 return w.shutdown(std::net::Shutdown::Both);
             }
             _ => {}
@@ -465,6 +471,59 @@ fn killed_and_readmitted(balance: &str) {
     } else {
         assert!(early < late * 0.8 && late > 0.2, "slow start: {shares}");
     }
+}
+
+#[test]
+fn a_5xx_cut_mid_body_is_one_failure() {
+    // With on_5xx the 500 head is a failure; its body breaking off is the
+    // same attempt, not a second one (it was counted twice, ejecting
+    // twice as fast and inflating corral_backend_failures_total).
+    let a = Backend::start("cut500");
+    a.mode.store(CUT_500, Ordering::SeqCst);
+    let path = config(
+        "cut-500",
+        &[&a],
+        &[],
+        "eject = { failures = 5, on_5xx = true, cooldown = \"30s\" }\n",
+    );
+    let p = Proxy::start(&["-c", &path, "--admin", "127.0.0.1:0"]);
+    let mut s = p.connect();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 500"));
+    assert_eq!(a.received("GET"), 1);
+    // The shard's figures reach /metrics within its stats tick.
+    let t = Instant::now();
+    let mut failures = 0.0;
+    while t.elapsed() < Duration::from_secs(5) {
+        failures = metric(p.admin_addr(), "corral_backend_failures_total", a.addr);
+        if failures > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    failures = metric(p.admin_addr(), "corral_backend_failures_total", a.addr).max(failures);
+    assert_eq!(failures, 1.0);
+}
+
+/// A per-backend metric's value from the admin listener.
+fn metric(admin: SocketAddr, name: &str, backend: SocketAddr) -> f64 {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let label = format!("backend=\"{backend}\"");
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `corral_backend_weight_ratio` of `backend`, from the admin listener.

@@ -70,7 +70,9 @@ pub fn parse_response(
     let base = buf.as_ptr() as usize;
     let off = |s: &[u8]| s.as_ptr() as usize - base;
     let code = resp.code.unwrap_or(0);
-    if !(100..=999).contains(&code) {
+    // RFC 9110 §15: 600-999 are invalid (internal codes of some
+    // libraries): a bad head, 502.
+    if !(100..=599).contains(&code) {
         return Err(UpstreamError::BadHead("invalid status code"));
     }
     let minor = resp.version.unwrap_or(1);
@@ -236,6 +238,8 @@ mod tests {
         )
         .is_err());
         assert!(parse(b"HTTP/1.1 abc OK\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 600 Internal\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 099 Low\r\n\r\n", false).is_err());
         assert!(parse(b"garbage\r\n\r\n", false).is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\n", false).unwrap().is_none());
     }

@@ -483,6 +483,14 @@ impl UpstreamPool {
         // Otherwise the success is the body's: `completed`.
     }
 
+    /// Backend `b`'s response (head `code`) broke off mid-body: a failure,
+    /// unless its 5xx head was counted as one already (`on_5xx`).
+    pub fn body_failed(&self, b: usize, code: u16) {
+        if !(code >= 500 && self.cfg.eject.on_5xx) {
+            self.failed(b, FailKind::Reset);
+        }
+    }
+
     /// Backend `b`'s response (head `code`) was read to its end: a success
     /// for the passive checks. Not at the head: a backend that sends heads
     /// and then fails every body would have each failure's streak cleared

@@ -634,7 +634,7 @@ impl ClientConn {
                 // connection, which may cut the answer's own body; the
                 // backend only enforced its limit.
                 if !self.linger {
-                    pool.failed(backend, FailKind::Reset);
+                    pool.body_failed(backend, self.rhead.code);
                 }
                 Outcome::Close
             }
