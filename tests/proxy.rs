@@ -539,7 +539,12 @@ fn a_short_deadline_fires_while_a_long_one_waits() {
 #[test]
 fn connection_cap_refuses_cleanly() {
     let origin = Origin::start();
-    let p = one_pool_proxy("cap", &origin, "max_connections = 2\n", "");
+    let p = one_pool_proxy(
+        "cap",
+        &origin,
+        "max_connections = 2\nadmin = \"127.0.0.1:0\"\n",
+        "",
+    );
     let mut held = Vec::new();
     for _ in 0..2 {
         let s = p.connect();
@@ -552,6 +557,16 @@ fn connection_cap_refuses_cleanly() {
     let out = raw_exchange(p.addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert!(out.contains("Retry-After"));
+    // Counted apart from the requests (none was read).
+    let metrics = raw_exchange(
+        p.admin_addr(),
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        metrics.contains("\ncorral_connections_refused_total 1\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("corral_requests_total{code=\"503\"}"));
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(get(p.addr, "/").status, 200);

@@ -374,6 +374,13 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
     let _ = writeln!(o, "corral_connections {}", t.connections);
     head(
         &mut o,
+        "corral_connections_refused_total",
+        "counter",
+        "Client connections refused at max_connections (each got a 503; not in corral_requests_total).",
+    );
+    let _ = writeln!(o, "corral_connections_refused_total {}", t.refused);
+    head(
+        &mut o,
         "corral_shards",
         "gauge",
         "Shards (pinned executors).",

@@ -351,6 +351,8 @@ impl CacheFigures {
 pub struct Snapshot {
     pub shard: usize,
     pub connections: u64,
+    /// Connections refused at `max_connections` (a 503 each).
+    pub refused: u64,
     pub stats: ShardStats,
     pub cache: CacheFigures,
     pub pools: Vec<PoolFigures>,
@@ -370,6 +372,7 @@ pub fn merge(mut shards: Vec<Snapshot>) -> Merged {
     let mut total = Snapshot::default();
     for s in &shards {
         total.connections += s.connections;
+        total.refused += s.refused;
         total.stats.merge(&s.stats);
         total.cache.merge(&s.cache);
         if total.pools.len() < s.pools.len() {

@@ -79,6 +79,9 @@ pub struct Shard {
     conns: Cell<usize>,
     /// Connections refused at the cap that are in their lingering close.
     refused_lingering: Cell<usize>,
+    /// Connections refused at the cap since start (their 503s are not
+    /// requests read: not in the request counts).
+    refused: Cell<u64>,
     draining: Cell<bool>,
     /// Tasks waiting for the drain, each registered while it waits.
     drain_wakers: RefCell<slab::Slab<Waker>>,
@@ -134,6 +137,7 @@ impl Shard {
                 .collect(),
             conns: Cell::new(0),
             refused_lingering: Cell::new(0),
+            refused: Cell::new(0),
             draining: Cell::new(false),
             drain_wakers: RefCell::new(slab::Slab::new()),
             drained: RefCell::new(None),
@@ -155,6 +159,7 @@ impl Shard {
         crate::admin::stats::Snapshot {
             shard: self.id,
             connections: self.conns.get() as u64,
+            refused: self.refused.get(),
             stats,
             cache: self.cache.as_ref().map_or(Default::default(), |c| {
                 crate::admin::stats::CacheFigures {
@@ -866,6 +871,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
     while let Some(stream) = accept(&shard, &listener).await {
         let sock = net::Sock::new(stream);
         if shard.conns.get() >= shard.cfg.max_connections {
+            shard.refused.set(shard.refused.get() + 1);
             // Made for each refusal: it carries the current Date.
             refusal.clear();
             crate::http::write_simple_response(
