@@ -820,9 +820,10 @@ fn a_backend_failing_every_body_is_ejected() {
         "{cut} responses cut, no ejection\n{}",
         p.stderr.lock().unwrap()
     );
-    // Three failures on one owner; reports from two shards may land a
-    // little late.
-    assert!((3..=8).contains(&cut), "{cut} cut");
+    // At least `failures` of them; the owner reads the shards' reports
+    // every 20 ms, so requests sent meanwhile still reach the backend (10
+    // once on a busy machine).
+    assert!(cut >= 3, "{cut} cut");
     a.kill();
 }
 
