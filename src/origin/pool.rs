@@ -475,7 +475,7 @@ impl UpstreamPool {
                 }
             }
         }
-        if rhead.code >= 500 && self.cfg.eject.on_5xx {
+        if self.fails_at_head(rhead.code) {
             self.failed(b, FailKind::Status);
         } else if rhead.body() == BodyKind::Empty {
             self.succeeded(b);
@@ -486,7 +486,7 @@ impl UpstreamPool {
     /// Backend `b`'s response (head `code`) broke off mid-body: a failure,
     /// unless its 5xx head was counted as one already (`on_5xx`).
     pub fn body_failed(&self, b: usize, code: u16) {
-        if !(code >= 500 && self.cfg.eject.on_5xx) {
+        if !self.fails_at_head(code) {
             self.failed(b, FailKind::Reset);
         }
     }
@@ -496,9 +496,15 @@ impl UpstreamPool {
     /// and then fails every body would have each failure's streak cleared
     /// by the next request's head, and never be ejected.
     pub fn completed(&self, b: usize, code: u16) {
-        if !(code >= 500 && self.cfg.eject.on_5xx) {
+        if !self.fails_at_head(code) {
             self.succeeded(b);
         }
+    }
+
+    /// Whether a response with status `code` is a failure from its head on
+    /// (a 5xx with `eject.on_5xx`): its body's end or break changes nothing.
+    fn fails_at_head(&self, code: u16) -> bool {
+        code >= 500 && self.cfg.eject.on_5xx
     }
 
     /// Tells the owner that a request to `b` failed.

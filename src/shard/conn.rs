@@ -126,8 +126,6 @@ pub async fn linger_close(sock: &mut Sock) {
     }
 }
 
-/// Ends with `TimedOut` when the shard begins to drain: raced against a
-/// wait between requests, so that idle connections close on shutdown.
 /// A request body write to the backend that failed: a backend that stops
 /// reading for `body_timeout` is a timeout (504), like a stalled head
 /// write; a reset or broken pipe is a 502.
@@ -138,6 +136,8 @@ fn body_send_failed(e: NetError) -> UpstreamFail {
     }
 }
 
+/// Ends with `TimedOut` when the shard begins to drain: raced against a
+/// wait between requests, so that idle connections close on shutdown.
 async fn drained<T>(shard: Rc<Shard>) -> Result<T, NetError> {
     shard.drain_signal().await;
     Err(NetError::TimedOut)

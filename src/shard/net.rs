@@ -237,15 +237,23 @@ impl Poller {
         })
     }
 
-    /// After a short read: whether urgent data may have cut it short (then
-    /// the socket stays ready); a read that found nothing (`!got`) ends that.
-    fn urgent(&self, key: usize, got: bool) -> bool {
+    /// [`Poller::take`] for reading: `None` when nothing can have come,
+    /// else whether TCP urgent data is pending (a short read may then have
+    /// stopped at its mark with more queued).
+    fn take_read(&self, key: usize) -> Option<bool> {
         match self.slots.borrow_mut().get_mut(key) {
-            Some(s) if s.urgent => {
-                s.urgent = got;
-                got
-            }
-            _ => false,
+            Some(s) => (std::mem::take(&mut s.read.ready) || s.read_ended).then_some(s.urgent),
+            None => Some(false),
+        }
+    }
+
+    /// After a short read with urgent data pending: one that returned bytes
+    /// may have stopped at the mark, so the socket stays ready; one that
+    /// found nothing ends the urgent state.
+    fn after_urgent(&self, key: usize, got: bool) {
+        if let Some(s) = self.slots.borrow_mut().get_mut(key) {
+            s.urgent = got;
+            s.read.ready |= got;
         }
     }
 
@@ -539,17 +547,17 @@ impl Sock {
             return Ok(None);
         }
         if let Some((p, key)) = &self.poll {
-            if !p.take(*key, Dir::Read) {
+            let Some(urgent) = p.take_read(*key) else {
                 return Ok(None);
-            }
+            };
             let r = self.try_recv(buf, 0)?;
             if r == Some(buf.len()) {
                 // There may be more: the next read tries at once.
                 p.mark(*key, Dir::Read);
-            } else if p.urgent(*key, r.is_some()) {
-                // Stopped at an urgent mark: the rest came with the edge
-                // already taken.
-                p.mark(*key, Dir::Read);
+            } else if urgent {
+                // Perhaps stopped at an urgent mark: the rest came with the
+                // edge already taken.
+                p.after_urgent(*key, r.is_some());
             }
             return Ok(r);
         }
