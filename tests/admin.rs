@@ -247,10 +247,17 @@ fn access_log_and_periodic_summary() {
     let p = Proxy::start(&["-c", &cfg]);
     hammer(&p, "/size/10", 5);
     hammer(&p, "/status/503", 1);
+    // An HTTP/1.0 request, then one that does not parse on the same
+    // connection: the second is logged as "-", not with the first's version.
+    let bad = raw_exchange(
+        p.addr,
+        b"GET /size/10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET\x01 / HTTP/1.1\r\n\r\n",
+    );
+    assert!(bad.contains(" 400 "), "{bad}");
     let t = Instant::now();
     let lines = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.lines().count() >= 6 || t.elapsed() > Duration::from_secs(5) {
+        if text.lines().count() >= 8 || t.elapsed() > Duration::from_secs(5) {
             break text;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -259,12 +266,18 @@ fn access_log_and_periodic_summary() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(entries.len(), 6, "{lines}");
+    assert_eq!(entries.len(), 8, "{lines}");
+    let unparsed = entries.iter().find(|e| e["status"] == 400).unwrap();
+    assert_eq!(unparsed["version"], "-", "{lines}");
+    assert_eq!(unparsed["method"], "-", "{lines}");
+    assert!(entries
+        .iter()
+        .any(|e| e["version"] == "HTTP/1.0" && e["status"] == 200));
     // Each shard flushes its own buffer: lines of different connections
     // may interleave in any order.
     let ok: Vec<_> = entries
         .iter()
-        .filter(|e| e["target"] == "/size/10")
+        .filter(|e| e["target"] == "/size/10" && e["version"] == "HTTP/1.1")
         .collect();
     assert_eq!(ok.len(), 5);
     assert!(ok

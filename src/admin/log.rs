@@ -42,7 +42,9 @@ pub struct Entry<'a> {
     pub client: &'a str,
     pub method: &'a [u8],
     pub target: &'a [u8],
-    pub minor: u8,
+    /// The request's HTTP/1.x minor version; `None` when no request line
+    /// parsed (the line then reads `"-"`, as Apache writes it).
+    pub minor: Option<u8>,
     pub status: u16,
     pub bytes: u64,
     pub duration_us: u64,
@@ -132,10 +134,16 @@ fn common(out: &mut Vec<u8>, e: &Entry<'_>, time: &str) {
     out.extend_from_slice(b" - - [");
     out.extend_from_slice(time.as_bytes());
     out.extend_from_slice(b"] \"");
-    escaped(out, e.method, false);
-    out.push(b' ');
-    escaped(out, e.target, false);
-    let _ = writeln!(out, " HTTP/1.{}\" {} {}", e.minor, e.status, e.bytes);
+    match e.minor {
+        Some(minor) => {
+            escaped(out, e.method, false);
+            out.push(b' ');
+            escaped(out, e.target, false);
+            let _ = write!(out, " HTTP/1.{minor}");
+        }
+        None => out.push(b'-'),
+    }
+    let _ = writeln!(out, "\" {} {}", e.status, e.bytes);
 }
 
 fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
@@ -145,10 +153,17 @@ fn json(out: &mut Vec<u8>, e: &Entry<'_>) {
     escaped(out, e.method, true);
     out.extend_from_slice(b"\",\"target\":\"");
     escaped(out, e.target, true);
+    out.extend_from_slice(b"\",\"version\":\"");
+    match e.minor {
+        Some(minor) => {
+            let _ = write!(out, "HTTP/1.{minor}");
+        }
+        None => out.push(b'-'),
+    }
     let _ = writeln!(
         out,
-        "\",\"version\":\"HTTP/1.{}\",\"status\":{},\"bytes\":{},\"duration_us\":{},\"cache\":\"{}\"}}",
-        e.minor, e.status, e.bytes, e.duration_us, e.cache
+        "\",\"status\":{},\"bytes\":{},\"duration_us\":{},\"cache\":\"{}\"}}",
+        e.status, e.bytes, e.duration_us, e.cache
     );
 }
 
@@ -172,7 +187,7 @@ mod tests {
             client: "127.0.0.1",
             method: b"GET",
             target,
-            minor: 1,
+            minor: Some(1),
             status: 200,
             bytes: 1024,
             duration_us: 250,
@@ -196,5 +211,29 @@ mod tests {
         assert_eq!(v["target"], "/x\"\n");
         assert_eq!(v["status"], 200);
         assert_eq!(v["cache"], "hit");
+        assert_eq!(v["version"], "HTTP/1.1");
+    }
+
+    #[test]
+    fn a_request_that_did_not_parse_is_logged_as_a_dash() {
+        let e = Entry {
+            method: b"-",
+            target: b"-",
+            minor: None,
+            status: 400,
+            ..entry(b"-")
+        };
+        let mut out = Vec::new();
+        common(&mut out, &e, &clf_time(1_795_763_911));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "127.0.0.1 - - [27/Nov/2026:07:18:31 +0000] \"-\" 400 1024\n"
+        );
+        let mut out = Vec::new();
+        json(&mut out, &e);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["version"], "-");
+        assert_eq!(v["method"], "-");
+        assert_eq!(v["status"], 400);
     }
 }

@@ -277,16 +277,18 @@ impl ClientConn {
                 .record_at(self.status, self.class, us, period);
         }
         if let Some(log) = &self.shard.log {
-            let (method, target) = if self.req_method_len == 0 {
-                (&b"-"[..], &b"-"[..])
+            let (method, target, minor) = if self.req_method_len == 0 {
+                // No request line parsed: self.head is an earlier request's.
+                (&b"-"[..], &b"-"[..], None)
             } else {
-                self.req_line.split_at(self.req_method_len)
+                let (m, t) = self.req_line.split_at(self.req_method_len);
+                (m, t, Some(self.head.minor))
             };
             log.write(&Entry {
                 client: &self.peer_ip,
                 method,
                 target,
-                minor: self.head.minor,
+                minor,
                 status: self.status,
                 bytes: self.sock.sent - sent_before,
                 duration_us: us,
