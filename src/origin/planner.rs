@@ -107,6 +107,8 @@ pub struct PlannerStats {
     pub blocks_read: u64,
     /// Of those, the wanted ones (the rest were read to merge over a gap).
     pub blocks_wanted: u64,
+    /// Merged reads that failed and were split into reads of one block.
+    pub split_reads: u64,
 }
 
 struct Ticket {
@@ -123,6 +125,8 @@ pub struct Planner {
     cache: Store<Arc<[u8]>>,
     inflight: HashSet<(FileId, u64)>,
     pending: BTreeSet<(FileId, u64)>,
+    /// Pending blocks to be read alone: a merged read over them failed.
+    alone: HashSet<(FileId, u64)>,
     waiters: HashMap<(FileId, u64), Vec<(usize, usize)>>,
     tickets: slab::Slab<Ticket>,
     pub stats: PlannerStats,
@@ -139,6 +143,7 @@ impl Planner {
             cache: Store::new(cache_bytes),
             inflight: HashSet::new(),
             pending: BTreeSet::new(),
+            alone: HashSet::new(),
             waiters: HashMap::new(),
             tickets: slab::Slab::new(),
             stats: PlannerStats::default(),
@@ -213,6 +218,7 @@ impl Planner {
                     if w.is_empty() {
                         self.waiters.remove(&b);
                         self.pending.remove(&b);
+                        self.alone.remove(&b);
                     }
                 }
             }
@@ -231,13 +237,26 @@ impl Planner {
 
     /// The reads for every pending block; their blocks are in flight from now.
     pub fn plan(&mut self) -> Vec<Read> {
-        let pending: Vec<(FileId, u64)> = std::mem::take(&mut self.pending).into_iter().collect();
+        let (alone, pending): (Vec<(FileId, u64)>, Vec<(FileId, u64)>) =
+            std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|b| self.alone.contains(b));
         // A gap may not span a block being read (it would be read twice at
-        // once) nor one already cached (it would be read again for nothing).
-        let (inflight, cache) = (&self.inflight, &self.cache);
-        let reads = merge(&pending, &self.p, |f, b| {
-            inflight.contains(&(f, b)) || cache.peek(key(f, b)).is_some()
+        // once), one already cached (it would be read again for nothing) nor
+        // one to be read alone.
+        let (inflight, cache, lone) = (&self.inflight, &self.cache, &self.alone);
+        let mut reads = merge(&pending, &self.p, |f, b| {
+            inflight.contains(&(f, b)) || cache.peek(key(f, b)).is_some() || lone.contains(&(f, b))
         });
+        for (file, first) in alone {
+            self.alone.remove(&(file, first));
+            reads.push(Read {
+                file,
+                first,
+                count: 1,
+                wanted: 1,
+            });
+        }
         let mut served: Vec<usize> = Vec::new();
         for r in &reads {
             served.clear();
@@ -303,6 +322,27 @@ impl Planner {
             }
         }
         done
+    }
+
+    /// A read failed with an I/O error. A read of one block fails the
+    /// requests waiting on it ([`Self::fail`]); a merged one fails nobody
+    /// yet: its blocks that requests still wait on are read again, each
+    /// alone, at the next plan, so that one bad block fails only the
+    /// requests that need it, not the neighbours it was merged with. The
+    /// tickets that failed.
+    pub fn fail_or_split(&mut self, r: &Read) -> Vec<usize> {
+        if r.count == 1 {
+            return self.fail(r);
+        }
+        for b in r.first..r.first + r.count {
+            self.inflight.remove(&(r.file, b));
+            if self.waiters.contains_key(&(r.file, b)) {
+                self.pending.insert((r.file, b));
+                self.alone.insert((r.file, b));
+            }
+        }
+        self.stats.split_reads += 1;
+        Vec::new()
     }
 
     /// Drops every cached block of `file` (it was replaced or closed).
@@ -414,6 +454,67 @@ mod tests {
         assert_eq!(pl.take(b).unwrap().concat(), vec![9; 16]);
     }
 
+    #[test]
+    fn a_failed_merged_read_is_split_and_fails_only_the_bad_blocks_requests() {
+        let mut pl = Planner::new(params(), 1 << 20);
+        let a = pl.request(1, 0, 1);
+        let b = pl.request(1, 2, 2);
+        let c = pl.request(1, 3, 4);
+        let reads = pl.plan();
+        assert_eq!(reads.len(), 1, "{reads:?}");
+        assert_eq!(reads[0].count, 5);
+        // The merged read fails: nobody fails yet, each block is pending
+        // alone.
+        assert!(pl.fail_or_split(&reads[0]).is_empty());
+        assert!(!pl.is_done(a) && !pl.is_done(b) && !pl.is_done(c));
+        // A request arriving now for a block of the run joins its lone read.
+        let d = pl.request(1, 2, 2);
+        let mut alone = pl.plan();
+        alone.sort_by_key(|r| r.first);
+        assert_eq!(
+            alone.iter().map(|r| (r.first, r.count)).collect::<Vec<_>>(),
+            vec![(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+        );
+        // Block 2 is bad: b and d fail, a and c get their bytes.
+        for r in &alone {
+            let done = if r.first == 2 {
+                pl.fail_or_split(r)
+            } else {
+                pl.complete(r, &[r.first as u8; 16])
+            };
+            if r.first == 2 {
+                assert_eq!(done.len(), 2);
+            }
+        }
+        assert!(pl.take(b).is_none() && pl.take(d).is_none());
+        assert_eq!(pl.take(a).unwrap().concat(), [[0u8; 16], [1; 16]].concat());
+        assert_eq!(pl.take(c).unwrap().concat(), [[3u8; 16], [4; 16]].concat());
+        assert_eq!(pl.stats.split_reads, 1);
+        // Blocks read alone merge again later.
+        let e = pl.request(1, 20, 21);
+        assert_eq!(pl.plan().len(), 1);
+        pl.cancel(e);
+    }
+
+    #[test]
+    fn a_split_block_nobody_waits_for_any_more_is_not_read() {
+        let mut pl = Planner::new(params(), 1 << 20);
+        let a = pl.request(1, 0, 0);
+        let b = pl.request(1, 1, 1);
+        let reads = pl.plan();
+        assert_eq!(reads.len(), 1);
+        pl.fail_or_split(&reads[0]);
+        pl.cancel(a);
+        let again = pl.plan();
+        assert_eq!(
+            again.iter().map(|r| (r.first, r.count)).collect::<Vec<_>>(),
+            vec![(1, 1)]
+        );
+        pl.complete(&again[0], &[7; 16]);
+        assert_eq!(pl.take(b).unwrap().concat(), vec![7; 16]);
+        assert!(pl.alone.is_empty() && pl.waiters.is_empty());
+    }
+
     proptest! {
         /// A seeded simulation: requests arrive, plans and completions run in
         /// random order. Every request gets exactly its bytes; no block is in
@@ -431,6 +532,9 @@ mod tests {
             // With a cache that holds everything, no block is ever read twice.
             let mut ever: HashSet<(FileId, u64)> = HashSet::new();
             let roomy = budget >= 10_000;
+            // Tickets failed by a lone read, and blocks whose lone read failed.
+            let mut failed: HashSet<usize> = HashSet::new();
+            let mut bad: HashSet<(FileId, u64)> = HashSet::new();
             for _ in 0..400 {
                 match rng.below(4) {
                     0 | 1 => {
@@ -454,9 +558,25 @@ mod tests {
                         let r = flying.swap_remove(rng.below(flying.len() as u64) as usize);
                         for b in r.first..r.first + r.count {
                             busy.remove(&(r.file, b));
+                            // A split block is read again.
+                            ever.remove(&(r.file, b));
+                        }
+                        if bad.contains(&(r.file, r.first)) && r.count == 1 || rng.below(8) == 0 {
+                            // An I/O error: a merged read is split, a lone
+                            // read fails its requests.
+                            for t in pl.fail_or_split(&r) {
+                                failed.insert(t);
+                            }
+                            if r.count == 1 {
+                                bad.insert((r.file, r.first));
+                            }
+                            continue;
                         }
                         let (pos, len) = r.bytes(p.block_size);
                         let data: Vec<u8> = (pos..pos + len as u64).map(|x| byte(r.file, x)).collect();
+                        for b in r.first..r.first + r.count {
+                            ever.insert((r.file, b));
+                        }
                         pl.complete(&r, &data);
                     }
                     _ => {}
@@ -465,7 +585,13 @@ mod tests {
                 while k < open.len() {
                     let (t, f, first, last) = open[k];
                     if pl.is_done(t) {
-                        let got = pl.take(t).unwrap().concat();
+                        let Some(got) = pl.take(t) else {
+                            // Only a lone read's failure fails a request.
+                            prop_assert!(failed.remove(&t));
+                            open.swap_remove(k);
+                            continue;
+                        };
+                        let got = got.concat();
                         let want: Vec<u8> = (first * p.block_size..(last + 1) * p.block_size)
                             .map(|x| byte(f, x))
                             .collect();

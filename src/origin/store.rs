@@ -424,11 +424,7 @@ impl StoreShard {
             store: self.clone(),
             ticket: Some(t),
         };
-        if self.planner.borrow().has_pending() && !self.pending.replace(true) {
-            if let Some(w) = self.reader.borrow_mut().take() {
-                w.wake();
-            }
-        }
+        self.kick();
         (&mut wait).await;
         let t = wait.ticket.take().unwrap_or(t);
         self.planner
@@ -477,18 +473,34 @@ impl StoreShard {
                     }
                     Err(e) => {
                         eprintln!(
-                            "corral: store {}: reading {} failed: {e}",
+                            "corral: store {}: reading {} failed: {e}{}",
                             self.cfg.name,
-                            f.path.display()
+                            f.path.display(),
+                            if r.count > 1 {
+                                " (reading its blocks one by one)"
+                            } else {
+                                ""
+                            }
                         );
                         self.figures.borrow_mut().read_errors += 1;
-                        self.planner.borrow_mut().fail(&r)
+                        self.planner.borrow_mut().fail_or_split(&r)
                     }
                 }
             }
             _ => self.planner.borrow_mut().fail(&r),
         };
         self.wake(done);
+        // A split read's blocks are pending again.
+        self.kick();
+    }
+
+    /// Wakes the reader task if blocks wait to be read.
+    fn kick(&self) {
+        if self.planner.borrow().has_pending() && !self.pending.replace(true) {
+            if let Some(w) = self.reader.borrow_mut().take() {
+                w.wake();
+            }
+        }
     }
 }
 
