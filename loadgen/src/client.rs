@@ -276,6 +276,39 @@ impl ResponseReader {
     }
 
     /// The connection reached EOF: completes a close-delimited response.
+    /// Body bytes of the current response that may be received without
+    /// being looked at: the rest of a Content-Length body, of a chunk's
+    /// data, or (`u64::MAX`) of a close-delimited body; 0 elsewhere.
+    pub fn skippable(&self) -> u64 {
+        match self.state {
+            State::Length { left } | State::ChunkData { left } => left,
+            State::UntilClose => u64::MAX,
+            _ => 0,
+        }
+    }
+
+    /// Counts `n` body bytes (at most [`Self::skippable`]) as received
+    /// without their bytes. If they were the last of a Content-Length body,
+    /// the next [`Self::feed`], even of no bytes, completes the response
+    /// ([`Self::skipped_to_end`]).
+    pub fn skip(&mut self, n: u64) {
+        match &mut self.state {
+            State::Length { left } | State::ChunkData { left } => {
+                let n = n.min(*left);
+                *left -= n;
+                self.body_bytes += n;
+            }
+            State::UntilClose => self.body_bytes += n,
+            _ => {}
+        }
+    }
+
+    /// Whether a skip reached the end of a Content-Length body: the
+    /// response completes at the next feed.
+    pub fn skipped_to_end(&self) -> bool {
+        self.state == State::Length { left: 0 }
+    }
+
     pub fn eof(&mut self) -> Result<Option<Completed>, ReadError> {
         match self.state {
             State::Head => Ok(None),
@@ -334,6 +367,52 @@ mod tests {
                 .collect();
             assert_eq!(summary, want, "step {step}");
         }
+    }
+
+    #[test]
+    fn skipped_body_bytes_count_and_framing_holds() {
+        // A Content-Length body skipped in two steps, a chunk's data
+        // skipped, then a close-delimited body: every response completes
+        // with its byte count, and what follows each still parses.
+        let mut r = ResponseReader::new();
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\nab";
+        let p = r.feed(head, false).unwrap();
+        assert_eq!((p.consumed, p.done), (head.len(), None));
+        assert_eq!(r.skippable(), 9998);
+        r.skip(5000);
+        assert!(!r.skipped_to_end());
+        r.skip(4998);
+        assert!(r.skipped_to_end());
+        let p = r.feed(b"", false).unwrap();
+        assert_eq!(
+            p.done,
+            Some(Completed {
+                status: 200,
+                close: false,
+                body_bytes: 10000
+            })
+        );
+        assert_eq!(r.skippable(), 0);
+        let p = r
+            .feed(
+                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\nxy",
+                false,
+            )
+            .unwrap();
+        assert_eq!(p.done, None);
+        assert_eq!(r.skippable(), 0x1000 - 2);
+        r.skip(0x1000 - 2);
+        assert!(!r.skipped_to_end());
+        let p = r.feed(b"\r\n0\r\n\r\n", false).unwrap();
+        assert_eq!(
+            p.done.map(|d| (d.status, d.body_bytes)),
+            Some((201, 0x1000))
+        );
+        let p = r.feed(b"HTTP/1.0 200 OK\r\n\r\nabc", false).unwrap();
+        assert_eq!(p.done, None);
+        assert_eq!(r.skippable(), u64::MAX);
+        r.skip(7);
+        assert_eq!(r.eof().unwrap().map(|d| d.body_bytes), Some(10));
     }
 
     #[test]

@@ -28,6 +28,13 @@ pub const SPIN_YIELDS: u32 = 16;
 /// worker outlived its run by more than all its timeouts before this existed
 /// (the watchdog in `run` still guards against anything else).
 const NUDGE: Duration = Duration::from_millis(100);
+/// Body bytes left in a response from which loadgen receives them without
+/// copying them out (`MSG_TRUNC`); below it, one ordinary read that may
+/// also take the next response is cheaper.
+const SKIP_MIN: u64 = 4096;
+/// The most bytes the first read of a response takes (the head and the
+/// start of the body; the rest of a large body is skipped, see SKIP_MIN).
+const HEAD_READ: usize = 32 * 1024;
 /// Pause before reconnecting after a connect error.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 /// Gap between herd rounds, so every connection is parked and ready.
@@ -575,20 +582,44 @@ impl Conn {
             self.end -= self.start;
             self.start = 0;
         }
+        // The rest of a large body is received without being copied out
+        // (`MSG_TRUNC`: TCP drops the bytes in the kernel), as a server
+        // sending it with `sendfile` copies none: only its length matters
+        // here. Otherwise the first read of a response takes at most
+        // HEAD_READ bytes, so that a large body mostly arrives that way.
+        let skip = if self.start == self.end {
+            self.reader.skippable()
+        } else {
+            0
+        };
+        let (len, flags) = if skip >= SKIP_MIN {
+            (
+                skip.min(self.buf.len() as u64) as usize,
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        } else if self.end == 0 && self.reader.idle() {
+            (HEAD_READ.min(self.buf.len()), libc::MSG_DONTWAIT)
+        } else {
+            (self.buf.len() - self.end, libc::MSG_DONTWAIT)
+        };
+        let to = if flags & libc::MSG_TRUNC != 0 {
+            0
+        } else {
+            self.end
+        };
         let spin = shared.opts.spin_yields;
         for attempt in 0..=spin {
-            let space = &mut self.buf[self.end..];
-            // SAFETY: a valid writable slice and our own open fd.
-            let n = unsafe {
-                libc::recv(
-                    self.fd,
-                    space.as_mut_ptr().cast(),
-                    space.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let space = &mut self.buf[to..to + len];
+            // SAFETY: a valid writable slice and our own open fd (with
+            // MSG_TRUNC the kernel writes nothing; the slice is valid for
+            // its length all the same).
+            let n = unsafe { libc::recv(self.fd, space.as_mut_ptr().cast(), space.len(), flags) };
             if n > 0 {
-                self.end += n as usize;
+                if flags & libc::MSG_TRUNC != 0 {
+                    self.reader.skip(n as u64);
+                } else {
+                    self.end += n as usize;
+                }
                 return Io::Ok;
             }
             if n == 0 {
@@ -923,7 +954,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         let mut completed_any = false;
         loop {
             // Parse what is buffered.
-            while c.start < c.end {
+            while c.start < c.end || c.reader.skipped_to_end() {
                 let Some(front) = inflight.front() else { break };
                 match c.reader.feed(&c.buf[c.start..c.end], front.head) {
                     Ok(p) => {

@@ -67,6 +67,29 @@ fn server() -> (String, Arc<AtomicUsize>) {
                             std::thread::sleep(Duration::from_millis(700));
                             w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
                         }
+                        // Large bodies, which loadgen drops unread
+                        // (MSG_TRUNC) past their first read.
+                        "/big" => {
+                            let mut m = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n".to_vec();
+                            m.resize(m.len() + 300_000, b'b');
+                            w.write_all(&m)
+                        }
+                        "/bigchunked" => {
+                            let mut m = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                            for _ in 0..3 {
+                                m.extend_from_slice(b"186a0\r\n");
+                                m.resize(m.len() + 100_000, b'c');
+                                m.extend_from_slice(b"\r\n");
+                            }
+                            m.extend_from_slice(b"0\r\n\r\n");
+                            w.write_all(&m)
+                        }
+                        "/bigclose" => {
+                            let mut m = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+                            m.resize(m.len() + 200_000, b'd');
+                            let _ = w.write_all(&m);
+                            return;
+                        }
                         "/slow" => {
                             std::thread::sleep(Duration::from_secs(3));
                             return;
@@ -104,6 +127,29 @@ fn counts_every_framing() {
     assert_eq!(r.stats.requests(), 50);
     assert_eq!(r.stats.body_bytes, 50 * 11);
     assert_eq!(r.stats.errors(), 0);
+}
+
+#[test]
+fn large_bodies_are_counted_whole_and_framing_holds() {
+    // Past the first read, loadgen drops the rest of a body in the kernel
+    // (MSG_TRUNC): the byte counts stay exact, and with four requests
+    // pipelined the next response's head is never dropped with a body.
+    let (base, _) = server();
+    for (path, body, pipeline) in [
+        ("/big", 300_000u64, 4),
+        ("/big", 300_000, 1),
+        ("/bigchunked", 300_000, 4),
+        ("/bigclose", 200_000, 1),
+    ] {
+        let r = run(&format!("{base}{path}"), |o| {
+            o.requests = Some(60);
+            o.pipeline = pipeline;
+        });
+        assert_eq!(r.stats.requests(), 60, "{path}");
+        assert_eq!(r.stats.status[&200], 60, "{path}");
+        assert_eq!(r.stats.body_bytes, 60 * body, "{path}");
+        assert_eq!(r.stats.errors(), 0, "{path}");
+    }
 }
 
 #[test]
