@@ -18,6 +18,9 @@ use std::sync::Arc;
 /// replaced file are never mixed with the new one's.
 pub type FileId = u32;
 
+/// A block of a file.
+type Block = (FileId, u64);
+
 /// The largest block index (blocks are numbered by `u32`).
 pub const MAX_BLOCK: u64 = u32::MAX as u64;
 
@@ -237,10 +240,9 @@ impl Planner {
 
     /// The reads for every pending block; their blocks are in flight from now.
     pub fn plan(&mut self) -> Vec<Read> {
-        let (alone, pending): (Vec<(FileId, u64)>, Vec<(FileId, u64)>) =
-            std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|b| self.alone.contains(b));
+        let (alone, pending): (Vec<Block>, Vec<Block>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|b| self.alone.contains(b));
         // A gap may not span a block being read (it would be read twice at
         // once), one already cached (it would be read again for nothing) nor
         // one to be read alone.
