@@ -380,6 +380,14 @@ fn malformed_requests_get_4xx_and_close() {
         (b"GET / HTTP/1.1\r\nHost: t\r\nX: a\rb\r\n\r\n", "400"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "400"),
         (b"GET / HTTP/1.1\r\n\r\n", "400"),
+        // Hosts that one reader would route by one name and another read as
+        // a different one: userinfo, a path, a space, an empty authority.
+        (b"GET http://public.example:1@admin.internal/ HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a.example:80@evil\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a.example/x\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nHost: a.example:8o\r\n\r\n", "400"),
+        (b"GET http://:80/x HTTP/1.1\r\nHost: t\r\n\r\n", "400"),
     ];
     for (req, code) in cases {
         let out = raw_exchange(p.addr, req);

@@ -178,6 +178,40 @@ fn absolute_form(t: &[u8]) -> Option<(Range<usize>, Range<usize>)> {
     Some((start..end, end..t.len()))
 }
 
+/// Whether `v` is `uri-host [":" port]` (RFC 3986 §3.2.2–3.2.3, RFC 9110
+/// §7.2): an IP literal in brackets, or a reg-name of unreserved,
+/// percent-encoded and sub-delim characters (which covers IPv4), then an
+/// optional colon and digits. Empty is valid (RFC 9112 §3.2: a target
+/// without an authority is sent with an empty Host).
+pub fn valid_authority(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = memchr::memchr(b']', v) else {
+            return false;
+        };
+        let inner = &v[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|&c| c.is_ascii_alphanumeric() || b":.%-_~".contains(&c))
+        {
+            return false;
+        }
+        (&v[..0], &v[end + 1..])
+    } else {
+        match memchr::memchr(b':', v) {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &v[v.len()..]),
+        }
+    };
+    let reg_name = |c: u8| c.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&c);
+    host.iter().all(|&c| reg_name(c))
+        && match port.split_first() {
+            None => true,
+            Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
+}
+
 /// Parses the head at the start of `buf` into `head` (whose field table is
 /// reused). `Ok(false)` means the head is incomplete and within limits.
 pub fn parse_request(
@@ -320,9 +354,23 @@ pub fn parse_request(
         }
     }
 
-    // RFC 9112 §3.2: a 1.1 request without exactly one Host is a 400.
+    // RFC 9112 §3.2: a 1.1 request without exactly one Host is a 400, and
+    // so is one whose Host (or absolute-form authority) is not a valid
+    // `uri-host [":" port]`: a value with userinfo (`a@b`), spaces or a
+    // path would be routed by one host and read by the backend as another.
     if minor == 1 && head.host.is_none() {
         return Err(ClientError::BadRequest("missing Host"));
+    }
+    if let Some(r) = head.host.clone() {
+        if !valid_authority(&buf[r]) {
+            return Err(ClientError::BadRequest("invalid Host"));
+        }
+    }
+    if let Some(r) = authority.clone() {
+        // RFC 9110 §4.2.1: an http URI's host is not empty (`http://:80/`).
+        if !valid_authority(&buf[r.clone()]) || buf[r].first() == Some(&b':') {
+            return Err(ClientError::BadRequest("invalid Host"));
+        }
     }
     // §3.2.2: an absolute-form target's authority replaces `Host`.
     if authority.is_some() {
@@ -397,6 +445,45 @@ const KNOWN_CODINGS: &[&[u8]] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "",
+            "t",
+            "a.example",
+            "a.example:8080",
+            "a.example:",
+            "A-b_c~d.e.",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "[fe80::1%25eth0]",
+            "xn--bcher-kva.example",
+            "a%2Eb",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a@b",
+            "a.example:80@evil",
+            "a/b",
+            "a b",
+            "a:8o",
+            "a:1:2",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:x",
+            "a\\b",
+            "a\"b",
+            "<a>",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     const LIMITS: HeadLimits = HeadLimits {
         max_header_bytes: 8192,
