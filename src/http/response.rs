@@ -2,7 +2,7 @@
 //! length rules. Pure.
 
 use super::request::Field;
-use super::{list_elements, name_is, parse_content_length, BodyKind};
+use super::{list_elements, name_is, parse_content_length, trim_ows, BodyKind};
 use std::mem::MaybeUninit;
 
 /// The most header fields accepted in an upstream response.
@@ -89,7 +89,10 @@ pub fn parse_response(
     head.fields.clear();
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
-    let mut te_chunked_last = false;
+    // The transfer codings, parameters stripped: the only one corral
+    // decodes is a single `chunked`.
+    let mut te_chunked = 0usize;
+    let mut te_other = false;
     let mut conn_close = false;
     let mut conn_keep_alive = false;
     for h in resp.headers.iter() {
@@ -110,7 +113,12 @@ pub fn parse_response(
         } else if name_is(name, b"transfer-encoding") {
             te_seen = true;
             for c in list_elements(h.value) {
-                te_chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                let c = trim_ows(c.split(|&b| b == b';').next().unwrap_or(c));
+                if c.eq_ignore_ascii_case(b"chunked") {
+                    te_chunked += 1;
+                } else {
+                    te_other = true;
+                }
             }
         } else if name_is(name, b"connection") {
             for t in list_elements(h.value) {
@@ -127,14 +135,16 @@ pub fn parse_response(
         if head_request || (100..200).contains(&code) || code == 204 || code == 304 {
             BodyKind::Empty
         } else if te_seen {
-            // RFC 9112 §6.3 (3): Transfer-Encoding overrides Content-Length; a
-            // final coding other than chunked means read until close.
-            if te_chunked_last {
-                BodyKind::Chunked
-            } else {
-                head.close = true;
-                BodyKind::Close
+            // RFC 9112 §6.3 (3): Transfer-Encoding overrides Content-Length.
+            // Any coding but one `chunked` (`gzip`, `gzip, chunked`,
+            // `chunked, chunked`, none) is one corral cannot decode, and
+            // Transfer-Encoding is hop-by-hop: forwarding the bytes without
+            // it would hand the client (and the cache) coded content as if
+            // it were plain. A 502, as nginx answers.
+            if te_chunked != 1 || te_other {
+                return Err(UpstreamError::BadHead("unsupported Transfer-Encoding"));
             }
+            BodyKind::Chunked
         } else {
             match content_length {
                 Some(n) => BodyKind::Length(n),
@@ -211,6 +221,38 @@ mod tests {
         .unwrap();
         assert_eq!(h.body(), BodyKind::Chunked);
         assert!(h.close);
+        // Only a single `chunked` is decoded (parameters and case aside);
+        // any other coding is a 502, except where no body follows.
+        for te in [
+            "chunked;ext=1",
+            "Chunked ",
+            "chunked\r\nTransfer-Encoding: ",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let h = parse(raw.as_bytes(), false).unwrap().unwrap();
+            assert_eq!(h.body(), BodyKind::Chunked, "{te}");
+        }
+        for te in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, chunked",
+            "chunked\r\nTransfer-Encoding: chunked",
+            "chunked, gzip",
+            "",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            assert!(parse(raw.as_bytes(), false).is_err(), "{te:?}");
+            let raw = format!("HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: {te}\r\n\r\n");
+            assert_eq!(
+                parse(raw.as_bytes(), false).unwrap().unwrap().body(),
+                BodyKind::Empty
+            );
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            assert_eq!(
+                parse(raw.as_bytes(), true).unwrap().unwrap().body(),
+                BodyKind::Empty
+            );
+        }
         // HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 §6.1),
         // read as chunked, never reused, keep-alive or not.
         let h = parse(
