@@ -230,9 +230,10 @@ fn expect_100_continue() {
         b"PUT /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
     )
     .unwrap();
-    let mut buf = [0u8; 25];
+    // corral's own interim answer carries its Via, as every response does.
+    let mut buf = [0u8; 42];
     s.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\nVia: 1.1 corral\r\n\r\n");
     s.write_all(b"data").unwrap();
     let resp = read_response(&mut BufReader::new(s), false).unwrap();
     let sum: u64 = b"data".iter().map(|&b| b as u64).sum();
@@ -1110,6 +1111,51 @@ fn interim_responses_restart_the_wait_for_the_final_head() {
         let r = get(p.addr, "/copy");
         assert_eq!((r.status, r.text().as_str()), (200, "done"), "cache {size}");
     }
+}
+
+#[test]
+fn interim_and_204_answers_lose_their_content_length_and_carry_via() {
+    // RFC 9110 §8.6: no Content-Length in a 1xx or a 204 (a lax recipient
+    // would take the next bytes for a body); §7.6.3: this hop in the Via
+    // of every message forwarded, interim ones included.
+    let backend = head_only_backend(|s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nContent-Length: 7\r\nVia: 1.1 edge\r\n\r\n\
+              HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Done: 1\r\n\r\n",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let b = backend.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1", "--cache-size", "0"]);
+    let mut s = p.connect();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while got.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (early, last) = text.split_once("\r\n\r\n").unwrap();
+    assert!(early.starts_with("HTTP/1.1 103 "), "{text}");
+    assert!(early.contains("Link: </a.css>; rel=preload"), "{text}");
+    assert!(early.contains("Via: 1.1 edge, 1.1 corral"), "{text}");
+    assert!(
+        !early.to_ascii_lowercase().contains("content-length"),
+        "{text}"
+    );
+    assert!(last.starts_with("HTTP/1.1 204 "), "{text}");
+    assert!(
+        last.contains("X-Done: 1") && last.contains("Via: 1.1 corral"),
+        "{text}"
+    );
+    assert!(
+        !last.to_ascii_lowercase().contains("content-length"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -275,36 +275,11 @@ pub fn write_client_response(
         out.extend_from_slice(reason);
     }
     out.extend_from_slice(b"\r\n");
-    let mut via_done = false;
-    let mut dated = false;
-    let hop = HopByHop::new(buf, &head.fields);
-    // This hop goes at the end of the Via list (RFC 9110 §7.6.3): on the
-    // backend's last Via line, or on a line of its own.
-    let last_via = head
-        .fields
-        .iter()
-        .rposition(|f| name_is(f.name(buf), b"via"));
-    for (i, f) in head.fields.iter().enumerate() {
-        let name = f.name(buf);
-        if hop.is(name) {
-            continue;
-        }
-        dated |= name_is(name, b"date");
-        if name_is(name, b"content-length") && framing != ClientFraming::NoBody {
-            continue;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(f.value(buf));
-        if Some(i) == last_via {
-            out.extend_from_slice(b", 1.1 corral");
-            via_done = true;
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    if !via_done {
-        out.extend_from_slice(b"Via: 1.1 corral\r\n");
-    }
+    // Content-Length is the client framing's, except on a HEAD's or a 304's
+    // answer (the representation's length); never on a 204 or a 1xx (RFC
+    // 9110 §8.6).
+    let keep_length = framing == ClientFraming::NoBody && head.code >= 200 && head.code != 204;
+    let dated = copy_fields(out, buf, head, keep_length);
     if !dated {
         // A recipient with a clock dates a response that has no Date
         // before forwarding it (RFC 9110 §6.6.1).
@@ -322,22 +297,50 @@ pub fn write_client_response(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes an interim (1xx) response through to the client.
-pub fn write_interim(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
-    let _ = write!(out, "HTTP/1.1 {} ", head.code);
-    out.extend_from_slice(head.reason(buf));
-    out.extend_from_slice(b"\r\n");
+/// Copies a backend response's end-to-end fields (Content-Length only if
+/// `keep_length`) and adds this hop to its `Via` list; whether it has a
+/// `Date`.
+fn copy_fields(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead, keep_length: bool) -> bool {
+    let mut via_done = false;
+    let mut dated = false;
     let hop = HopByHop::new(buf, &head.fields);
-    for f in &head.fields {
+    // This hop goes at the end of the Via list (RFC 9110 §7.6.3): on the
+    // backend's last Via line, or on a line of its own.
+    let last_via = head
+        .fields
+        .iter()
+        .rposition(|f| name_is(f.name(buf), b"via"));
+    for (i, f) in head.fields.iter().enumerate() {
         let name = f.name(buf);
         if hop.is(name) {
+            continue;
+        }
+        dated |= name_is(name, b"date");
+        if !keep_length && name_is(name, b"content-length") {
             continue;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(f.value(buf));
+        if Some(i) == last_via {
+            out.extend_from_slice(b", 1.1 corral");
+            via_done = true;
+        }
         out.extend_from_slice(b"\r\n");
     }
+    if !via_done {
+        out.extend_from_slice(b"Via: 1.1 corral\r\n");
+    }
+    dated
+}
+
+/// Writes an interim (1xx) response through to the client: its fields
+/// but Content-Length (RFC 9110 §8.6), with this hop in its `Via`.
+pub fn write_interim(out: &mut Vec<u8>, buf: &[u8], head: &ResponseHead) {
+    let _ = write!(out, "HTTP/1.1 {} ", head.code);
+    out.extend_from_slice(head.reason(buf));
+    out.extend_from_slice(b"\r\n");
+    copy_fields(out, buf, head, false);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -797,7 +797,10 @@ impl ClientConn {
                 let deadline = Instant::now() + cfg.limits.body_timeout;
                 if self
                     .sock
-                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+                    .write_all(
+                        b"HTTP/1.1 100 Continue\r\nVia: 1.1 corral\r\n\r\n",
+                        deadline,
+                    )
                     .await
                     .is_err()
                 {
