@@ -92,6 +92,9 @@ struct State {
     alone: bool,
     /// Where the response came from (for the first reader's Cache-Status).
     source: Source,
+    /// Relayed from another shard's fetch: every reader here, the first
+    /// included, joined that fetch (collapsed).
+    relayed: bool,
     wakers: Vec<Waker>,
     /// The readers still there that have started: they keep what they
     /// need of an exclusive stream, which is paced on the fastest of them
@@ -201,6 +204,7 @@ impl Fill {
                 exclusive: false,
                 alone: false,
                 source: Source::Origin,
+                relayed: false,
                 wakers: Vec::new(),
                 cursors: slab::Slab::new(),
                 next_id: 0,
@@ -268,6 +272,16 @@ impl Fill {
 
     pub fn set_source(&self, source: Source) {
         self.state.borrow_mut().source = source;
+    }
+
+    /// Whether the response is relayed from another shard's fetch.
+    pub fn relayed(&self) -> bool {
+        self.state.borrow().relayed
+    }
+
+    /// Marks the response as another shard's fetch, relayed.
+    pub fn set_relayed(&self) {
+        self.state.borrow_mut().relayed = true;
     }
 
     /// The head is known; `cacheable` decides whether every reader may read.

@@ -587,3 +587,24 @@ pub fn write_config(name: &str, text: &str) -> String {
     std::fs::write(&p, text).unwrap();
     p.to_string_lossy().into_owned()
 }
+
+/// The sum of every sample of metric `name` (whatever its labels) on the
+/// admin listener's `/metrics`.
+#[allow(dead_code)]
+pub fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut BufReader::new(s), false).unwrap();
+    let samples: Vec<f64> = r
+        .text()
+        .lines()
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!samples.is_empty(), "no {name}");
+    samples.iter().sum()
+}

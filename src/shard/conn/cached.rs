@@ -204,6 +204,17 @@ impl ClientConn {
         }
     }
 
+    /// Counts a request answered by joining another's fetch (a reader not
+    /// first, or any reader of a fetch relayed from another shard), where
+    /// that answer starts going out.
+    fn count_collapsed(&self, first: bool, fill: &Fill) {
+        if !first || fill.relayed() {
+            if let Some(cache) = &self.shard.cache {
+                ShardCache::bump(&cache.collapsed);
+            }
+        }
+    }
+
     /// The 504 of `only-if-cached` when the cache cannot answer.
     async fn not_in_cache(&mut self) -> Outcome {
         self.inbuf.consume(self.head.head_len);
@@ -486,6 +497,7 @@ impl ClientConn {
                             (meta.etag.as_deref(), meta.facts.last_modified);
                         if two_xx && precondition_fails(buf, &self.head, etag, last_modified) {
                             self.inbuf.consume(self.head.head_len);
+                            self.count_collapsed(reader.first, &fill);
                             self.send_error(412, "precondition failed", close).await;
                             return Some(self.keep_or_close());
                         }
@@ -525,7 +537,15 @@ impl ClientConn {
                             return None;
                         }
                         extra.push_str(&self.set_cookie);
-                        let status_text = if !reader.first {
+                        // The first reader of a fetch relayed from
+                        // another shard joined that fetch too.
+                        let joined = !reader.first
+                            || (fill.relayed()
+                                && matches!(
+                                    fill.source(),
+                                    Source::Origin | Source::Refreshed | Source::Stored
+                                ));
+                        let status_text = if joined {
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
                             format!("{fwd}; detail=uncacheable")
@@ -569,6 +589,7 @@ impl ClientConn {
                         head_sent = true;
                         if no_body {
                             self.inbuf.consume(self.head.head_len);
+                            self.count_collapsed(reader.first, &fill);
                             if self.write_client(body_timeout).await.is_err() {
                                 return Some(Outcome::Close);
                             }
@@ -588,11 +609,7 @@ impl ClientConn {
                 // Counted here, where another request's fetch answers it
                 // (not at joining, nor at its head: a follower may still be
                 // sent to the origin on its own until its first bytes).
-                if !reader.first {
-                    if let Some(cache) = &self.shard.cache {
-                        ShardCache::bump(&cache.collapsed);
-                    }
-                }
+                self.count_collapsed(reader.first, &fill);
             }
             match step {
                 Next::Chunk(c) => {
@@ -794,6 +811,9 @@ impl FillJob {
             result,
             Err(UpstreamFail::Bad(_) | UpstreamFail::Timeout(_) | UpstreamFail::NoBackend)
         );
+        if origin_error {
+            self.hold_refreshes();
+        }
         if origin_error && self.stale_usable() {
             // stale-if-error: the stored response answers for the origin.
             self.serve_stale();
@@ -930,6 +950,21 @@ impl FillJob {
         }
     }
 
+    /// A revalidation of a stored response failed at the origin (a 5xx,
+    /// whether or not stale-if-error answered it; no connection; a
+    /// timeout), here or on the shard whose fetch this one relayed:
+    /// stale-while-revalidate hits start no refresh for `hit_for_miss`,
+    /// so a failing origin is not asked back to back.
+    fn hold_refreshes(&self) {
+        if self.stale.is_none() {
+            return;
+        }
+        if let Some(cache) = self.shard.cache.as_ref() {
+            let until = Instant::now() + self.shard.cfg.cache.hit_for_miss;
+            cache.collapse.hold_refresh(self.fill.key, until);
+        }
+    }
+
     /// Another shard fetches this key: copy its response into this shard's
     /// fill as it arrives.
     async fn relay(&self, shared: Arc<SharedFill>) {
@@ -966,7 +1001,11 @@ impl FillJob {
                         self.fill.go_alone();
                         return;
                     }
+                    if meta.status >= 500 || matches!(source, Source::StaleOnError) {
+                        self.hold_refreshes();
+                    }
                     self.fill.set_source(source);
+                    self.fill.set_relayed();
                     self.fill.start(meta, true);
                     started = true;
                 }
@@ -1280,6 +1319,7 @@ impl FillJob {
                 return Ok(());
             }
             if rhead.code >= 500 && self.stale_usable() {
+                self.hold_refreshes();
                 self.serve_stale();
                 return Ok(());
             }
@@ -1332,14 +1372,9 @@ impl FillJob {
         meta.target = self.head.target(&self.request).to_vec();
         let meta = Arc::new(meta);
         self.start(meta.clone(), shared);
-        if error_shared && self.stale.is_some() {
-            // A revalidation got an error: stale-while-revalidate hits
-            // start no refresh for a while, so a failing origin is not
-            // asked back to back (requests that must revalidate still
-            // collapse onto one fetch).
-            cache
-                .collapse
-                .hold_refresh(self.fill.key, Instant::now() + cfg.hit_for_miss);
+        if error_shared {
+            // Requests that must revalidate still collapse onto one fetch.
+            self.hold_refreshes();
         }
         ubuf.consume(rhead.head_len);
         let up_close = rhead.close;
