@@ -1076,6 +1076,32 @@ fn a_transfer_coding_corral_cannot_decode_is_a_502_and_not_stored() {
 }
 
 #[test]
+fn a_response_larger_than_a_shard_s_share_of_the_cache_is_not_said_stored() {
+    // 8 MiB over 2 shards: 3.75 MiB partitions, below the default 8 MiB
+    // max_object_size. A 6 MB response can never be stored: it passes
+    // through marked uncacheable (not "stored", then fetched again as if
+    // it had been dropped), and start-up says where the limit went.
+    let body = vec![b'z'; 6_000_000];
+    let origin = scripted_origin(move |_, s| {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).is_ok() && s.write_all(&body).is_ok()
+    });
+    let b = origin.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "2", "--cache-size", "8MiB"]);
+    for _ in 0..2 {
+        let r = get(p.addr, "/big");
+        assert_eq!((r.status, r.body.len()), (200, 6_000_000));
+        let cs = r.header("Cache-Status").unwrap();
+        assert!(cs.contains("uncacheable") && !cs.contains("stored"), "{cs}");
+    }
+    let err = p.stderr.lock().unwrap().clone();
+    assert!(err.contains("pass through unstored"), "{err}");
+}
+
+#[test]
 fn a_follower_of_a_fill_that_outgrows_the_cache_gets_the_whole_body() {
     // The fill's head arrives, a second client joins it, then the body
     // comes in one burst past max_object_size: the fill stops being shared

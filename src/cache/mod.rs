@@ -160,6 +160,15 @@ impl PurgeLog {
 /// of the forgotten ones was meant for it).
 const PURGE_LOG: usize = 1024;
 
+/// The largest object a cache of `size_bytes` over `shards` can store: an
+/// object lives in its owner shard's partition (the budget less the hot
+/// sets' sixteenth, over the shards), with room left for its head and
+/// bookkeeping (its cost is body, fields and a flat 256 bytes).
+pub fn largest_storable(size_bytes: u64, shards: usize) -> u64 {
+    let part = (size_bytes - size_bytes / HOT_SET_SHARE) / shards.max(1) as u64;
+    part - (part / 2).min(64 << 10)
+}
+
 impl Partitions {
     pub fn new(budget_bytes: u64, shards: usize) -> Partitions {
         let shards = shards.max(1);
@@ -341,7 +350,7 @@ impl Partitions {
 const HOT_HIT_SAMPLE: u64 = 16;
 
 /// Share of the cache budget for the shards' hot sets.
-const HOT_SET_SHARE: u64 = 16;
+pub(crate) const HOT_SET_SHARE: u64 = 16;
 
 /// One shard's cache: a view of the process's partitions, its hot set (L1)
 /// of popular objects owned by other shards, its collapse table, and its
@@ -566,6 +575,20 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::key_hash;
+
+    #[test]
+    fn the_largest_storable_object_fits_its_partition() {
+        use super::{largest_storable, HOT_SET_SHARE};
+        // 8 MiB over 2 shards: partitions of 3.75 MiB, less 64 KiB.
+        assert_eq!(largest_storable(8 << 20, 2), (15 << 18) - (64 << 10));
+        // A tiny partition keeps half for the head and bookkeeping.
+        assert_eq!(largest_storable(16 * 1024, 1), 7680);
+        for (size, shards) in [(1u64 << 30, 1), (64 << 20, 16), (1 << 20, 7)] {
+            let part = (size - size / HOT_SET_SHARE) / shards as u64;
+            let most = largest_storable(size, shards);
+            assert!(most < part && most >= part / 2, "{size} {shards}");
+        }
+    }
 
     #[test]
     fn purge_compares_decoded_origin_form_paths() {

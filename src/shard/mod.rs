@@ -501,6 +501,20 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             );
         }
     }
+    let mut cfg = cfg;
+    if cfg.cache.size_bytes > 0 {
+        // A response larger than its owner's partition could never be
+        // stored: it streams through unstored (and is remembered as
+        // uncacheable) rather than being shared, said `stored` and dropped.
+        let most = crate::cache::largest_storable(cfg.cache.size_bytes, cfg.shards);
+        if cfg.cache.max_object_bytes > most {
+            eprintln!(
+                "corral: cache.max_object_size ({} bytes) is more than a shard's share of the cache holds: responses over {most} bytes pass through unstored",
+                cfg.cache.max_object_bytes
+            );
+            cfg.cache.max_object_bytes = most;
+        }
+    }
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -508,7 +522,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
     // The hot sets take 1/16 of the budget; the partitions the rest.
     let partitions = (cfg.cache.size_bytes > 0).then(|| {
         Arc::new(crate::cache::Partitions::new(
-            cfg.cache.size_bytes - cfg.cache.size_bytes / 16,
+            cfg.cache.size_bytes - cfg.cache.size_bytes / crate::cache::HOT_SET_SHARE,
             cfg.shards,
         ))
     });
