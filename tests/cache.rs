@@ -1160,29 +1160,47 @@ fn a_304_that_sets_a_cookie_is_not_stored_for_others() {
     // Revalidation merges the 304's fields into the stored response; a
     // Set-Cookie among them makes it per-user: the client that revalidated
     // gets it, the next client must not get that cookie from the cache.
-    let origin = scripted_origin(|head, s| {
-        let out: &[u8] = if head.to_ascii_lowercase().contains("if-none-match") {
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\nSet-Cookie: sid=X\r\n\r\n"
-        } else {
-            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"v1\"\r\nContent-Length: 3\r\n\r\none"
-        };
-        s.write_all(out).is_ok()
-    });
-    let b = origin.to_string();
-    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
-    assert_eq!(get(p.addr, "/c").text(), "one");
-    std::thread::sleep(Duration::from_millis(2100));
-    let mine = get(p.addr, "/c");
-    assert_eq!(mine.text(), "one");
-    assert_eq!(mine.header("Set-Cookie"), Some("sid=X"));
-    for _ in 0..3 {
-        let other = get(p.addr, "/c");
-        assert_eq!(other.text(), "one");
-        assert_eq!(
-            other.header("Set-Cookie"),
-            None,
-            "another client got the cookie"
+    // Also with a body larger than a lagging reader may fall behind a
+    // stream (8 MiB): the stored body is served whole to the one reader,
+    // not cut into a 502.
+    for (len, size) in [(3usize, "64MiB"), (10 << 20, "256MiB")] {
+        let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let expect = String::from_utf8(body.clone()).unwrap();
+        let origin = scripted_origin(move |head, s| {
+            if head.to_ascii_lowercase().contains("if-none-match") {
+                s.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: max-age=600\r\nSet-Cookie: sid=X\r\n\r\n").is_ok()
+            } else {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"v1\"\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).is_ok() && s.write_all(&body).is_ok()
+            }
+        });
+        let cfg = write_config(
+            &format!("cookie304-{len}"),
+            &format!(
+                "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+                 [cache]\nsize = \"{size}\"\nmax_object_size = \"32MiB\"\n\
+                 [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+            ),
         );
+        let p = Proxy::start(&["-c", &cfg]);
+        assert_eq!(get(p.addr, "/c").text(), expect);
+        std::thread::sleep(Duration::from_millis(2100));
+        let mine = get(p.addr, "/c");
+        assert_eq!((mine.status, mine.body.len()), (200, len));
+        assert!(mine.text() == expect);
+        assert_eq!(mine.header("Set-Cookie"), Some("sid=X"));
+        for _ in 0..3 {
+            let other = get(p.addr, "/c");
+            assert!(other.text() == expect);
+            assert_eq!(
+                other.header("Set-Cookie"),
+                None,
+                "another client got the cookie"
+            );
+        }
     }
 }
 

@@ -301,10 +301,21 @@ impl Fill {
     /// [`MAX_LAG`] behind are cut and the chunks every remaining reader
     /// has taken are released, so memory stays bounded.
     pub fn push(&self, chunk: Arc<[u8]>) {
+        self.push_inner(chunk, true);
+    }
+
+    /// [`Self::push`] for a body held whole already (a stored response
+    /// served through the fill): its readers are not cut for lagging, as
+    /// keeping it for them costs nothing its copy does not.
+    pub fn push_held(&self, chunk: Arc<[u8]>) {
+        self.push_inner(chunk, false);
+    }
+
+    fn push_inner(&self, chunk: Arc<[u8]>, cut: bool) {
         let mut st = self.state.borrow_mut();
         st.bytes += chunk.len() as u64;
         st.chunks.push(chunk);
-        if st.exclusive {
+        if st.exclusive && cut {
             let bytes = st.bytes;
             let behind: Vec<(usize, u64)> = st
                 .cursors

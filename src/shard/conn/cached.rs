@@ -850,7 +850,17 @@ impl FillJob {
     }
 
     fn push(&self, chunk: Arc<[u8]>) {
-        self.fill.push(chunk.clone());
+        self.push_with(chunk, false);
+    }
+
+    /// `held`: the chunk is a stored body, held whole (see
+    /// [`Fill::push_held`]).
+    fn push_with(&self, chunk: Arc<[u8]>, held: bool) {
+        if held {
+            self.fill.push_held(chunk.clone());
+        } else {
+            self.fill.push(chunk.clone());
+        }
         // Relayed while shared, and once demoted too, every chunk (relays
         // read by index; the shared fill keeps only what they have not
         // copied); an uncacheable fill has its one reader here.
@@ -1099,7 +1109,7 @@ impl FillJob {
     fn serve_stored(&self, o: &Object, shareable: bool) {
         let age = o.timing.current_age(unix_now());
         self.start(with_age(&o.meta, age), shareable);
-        self.push(Arc::from(&o.body[..]));
+        self.push_with(Arc::from(&o.body[..]), true);
         self.finish();
     }
 
