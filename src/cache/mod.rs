@@ -541,6 +541,33 @@ impl ShardCache {
     }
 
     /// Drops `key` process-wide; whether it was stored.
+    /// [`Self::remove`], but only while `key` still holds `old`: a copy
+    /// stored since (a newer response) stays. Whether it was removed.
+    pub fn remove_if_still(&self, key: u64, old: &object::Object) -> bool {
+        let same = |o: &object::Object| std::sync::Arc::ptr_eq(&o.meta, &old.meta);
+        let removed = {
+            let mut p = self.parts.part(key);
+            if p.peek(key).is_some_and(same) {
+                p.remove(key);
+                true
+            } else {
+                false
+            }
+        };
+        let mut hot = self.hot.borrow_mut();
+        if hot.peek(key).is_some_and(|(o, _)| same(o)) {
+            hot.remove(key);
+        }
+        drop(hot);
+        if removed {
+            // Other shards' hot copies of it go too (see remove()).
+            self.parts
+                .purges
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        removed
+    }
+
     pub fn remove(&self, key: u64) -> bool {
         self.hot.borrow_mut().remove(key);
         let removed = self.parts.part(key).remove(key).is_some();

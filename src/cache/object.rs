@@ -566,6 +566,22 @@ mod tests {
     }
 
     #[test]
+    fn removing_a_revalidated_copy_spares_a_newer_one() {
+        // A 304 path drops the copy it revalidated, not one stored since.
+        use crate::cache::{Partitions, ShardCache};
+        let cache = ShardCache::new(0, Arc::new(Partitions::new(1 << 20, 1)), 1 << 20);
+        let head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\n\r\n";
+        let old = object(meta(head), b"old".to_vec());
+        let new = object(meta(head), b"new".to_vec());
+        assert!(cache.insert(7, old.clone()));
+        assert!(cache.insert(7, new.clone()));
+        assert!(!cache.remove_if_still(7, &old));
+        assert_eq!(&cache.find(7, 0, |_| Vec::new()).unwrap().body[..], b"new");
+        assert!(cache.remove_if_still(7, &new));
+        assert!(cache.find(7, 0, |_| Vec::new()).is_err());
+    }
+
+    #[test]
     fn an_objects_cost_is_what_it_holds() {
         let head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"v1\"\r\nContent-Length: 1024\r\n\r\n";
         let m = meta(head);

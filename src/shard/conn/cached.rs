@@ -1158,7 +1158,7 @@ impl FillJob {
         self.fill.set_source(Source::Refreshed);
         self.serve_stored(&obj, shareable);
         if !shareable {
-            cache.remove(cache.slot_of(self.key, old));
+            cache.remove_if_still(cache.slot_of(self.key, old), old);
             let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
             cache
                 .collapse
@@ -1305,7 +1305,7 @@ impl FillJob {
                         // stored (RFC 9111 §4.3.4: it must not update it):
                         // the stored copy goes, and the waiting requests go
                         // to the origin on their own.
-                        cache.remove(cache.slot_of(self.key, old));
+                        cache.remove_if_still(cache.slot_of(self.key, old), old);
                         self.fill.go_alone();
                         if let Some(p) = &self.publish {
                             p.fill.fail(0);
