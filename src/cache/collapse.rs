@@ -270,6 +270,12 @@ impl Fill {
         self.state.borrow().source
     }
 
+    /// The purge count when the fill began (when its first request found
+    /// the key missing or stale).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn set_source(&self, source: Source) {
         self.state.borrow_mut().source = source;
     }

@@ -1173,7 +1173,11 @@ impl FillJob {
     }
 
     async fn fetch(&self, cache: &ShardCache) -> Result<(), UpstreamFail> {
-        let generation = cache.purge_generation();
+        // Purges since the fill began count, not only since this fetch: a
+        // background refresh is polled after its stale hit returned, and a
+        // purge in between must keep its answer (a 304 merged into the
+        // purged copy, above all) out of the cache.
+        let generation = self.fill.generation();
         let pool = &self.shard.pools[self.pool_idx];
         let request_time = unix_now();
         let mut ubuf = Buf::take(UPSTREAM_BUF);
