@@ -124,11 +124,15 @@ impl ChunkedDecoder {
                             continue; // re-examine this byte
                         }
                     };
-                    if digits >= 16 {
+                    // Leading zeros are allowed (`0000000000000001a`);
+                    // a size past u64 is not.
+                    if self.remaining >> 60 != 0 {
                         return Err(ChunkError::BadSize);
                     }
                     self.remaining = (self.remaining << 4) | u64::from(v);
-                    self.state = State::Size { digits: digits + 1 };
+                    self.state = State::Size {
+                        digits: digits.saturating_add(1),
+                    };
                     self.bump_line()?;
                 }
                 State::SizeWs => match b {
@@ -356,6 +360,15 @@ mod tests {
     #[test]
     fn large_size_and_incomplete() {
         assert_eq!(decode_all(b"ffffffffffffffff\r\nab").unwrap(), None);
+        // Leading zeros do not count against the size; a size past u64 is
+        // refused.
+        assert_eq!(
+            decode_all(b"00000000000000000005\r\nhello\r\n0\r\n\r\n")
+                .unwrap()
+                .map(|(body, _)| body),
+            Some(b"hello".to_vec())
+        );
+        assert!(decode_all(b"10000000000000000\r\n").is_err());
         assert_eq!(decode_all(b"5\r\nhel").unwrap(), None);
         assert_eq!(decode_all(b"0\r\n\r\n").unwrap(), Some((vec![], 5)));
     }

@@ -272,12 +272,17 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
     let mut any = false;
     for part in value.split(|&b| b == b',') {
         let part = trim_ows(part);
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+        // Leading zeros are digits like any (`007`); overflow is caught below.
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
             return None;
         }
         let mut n: u64 = 0;
         for &d in part {
             n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        // At most 19 significant digits, as before leading zeros counted.
+        if n > 9_999_999_999_999_999_999 {
+            return None;
         }
         if found.is_some_and(|f| f != n) {
             return None;
@@ -309,6 +314,16 @@ mod tests {
         assert_eq!(parse_content_length(b"0x10"), None);
         assert_eq!(parse_content_length(b"99999999999999999999"), None);
         assert_eq!(parse_content_length(b"18446744073709551615"), None);
+        // Leading zeros are digits like any (RFC 9110 §8.6: 1*DIGIT).
+        assert_eq!(parse_content_length(b"00000000000000000001"), Some(1));
+        assert_eq!(
+            parse_content_length(b"0000000000000000000000000000042, 42"),
+            Some(42)
+        );
+        assert_eq!(
+            parse_content_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
         assert_eq!(
             parse_content_length(b"1844674407370955161"),
             Some(1844674407370955161)
