@@ -755,7 +755,9 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             format!("must be between 1 and 1024, not {shards}"),
         );
     }
-    let cpus = cpus.map(|c| (0..shards).map(|i| c[i % c.len()]).collect());
+    // Only for a valid count: an absurd one (already an error) must not be
+    // allocated first.
+    let cpus = cpus.map(|c| (0..shards.clamp(1, 1024)).map(|i| c[i % c.len()]).collect());
     let admin_key = if ov.admin.is_some() {
         "--admin"
     } else {
@@ -764,7 +766,7 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     let admin = match ov.admin.clone().or(file.server.admin.clone()) {
         None => None,
         // A bare port (`9090` or `:9090`) listens on loopback.
-        Some(a) => match resolve(&match a.trim_start_matches(':').parse::<u16>() {
+        Some(a) => match resolve(&match a.strip_prefix(':').unwrap_or(&a).parse::<u16>() {
             Ok(port) => format!("127.0.0.1:{port}"),
             Err(_) => a,
         }) {
@@ -1411,13 +1413,14 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
     }
 
     let block_bytes: u64 = stores.iter().map(|s| s.cache_bytes).sum();
-    if cache_size > 0 && block_bytes > cache_size {
-        // They come out of the cache's budget: more than all of it leaves
-        // the response cache nothing, and the process over its budget.
+    if cache_size > 0 && block_bytes >= cache_size {
+        // They come out of the cache's budget: all of it leaves the
+        // response cache nothing (caching silently off), more the process
+        // over its budget.
         err(
             "store",
             format!(
-                "the stores' block caches ({block_bytes} bytes) exceed the cache size ({cache_size} bytes) they come out of"
+                "the stores' block caches ({block_bytes} bytes) leave nothing of the cache size ({cache_size} bytes) they come out of for the response cache"
             ),
         );
     }
@@ -1766,6 +1769,26 @@ backends = [{ addr = "127.0.0.1:3" }]
             .unwrap_err()
             .to_string()
             .contains("server.admin"));
+        // "::1" is an address without a port, not port 1.
+        assert!(c("::1").unwrap_err().to_string().contains("server.admin"));
+    }
+
+    #[test]
+    fn an_absurd_shard_count_is_an_error_not_an_allocation() {
+        // With a CPU list, the per-shard CPUs were built before the range
+        // error was returned: a panic (capacity overflow) or an abort.
+        for shards in [1025usize, 1 << 40, usize::MAX] {
+            let file =
+                parse_file("[[pool]]\nname = \"d\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n")
+                    .unwrap();
+            let ov = Overrides {
+                shards: Some(shards),
+                cpus: Some("0".into()),
+                ..Default::default()
+            };
+            let e = build(file, &ov, 2).unwrap_err();
+            assert!(e.to_string().contains("--shards"), "{e}");
+        }
     }
 
     #[test]
@@ -1871,6 +1894,9 @@ backends = [{ addr = "127.0.0.1:9001" }]
             )
         };
         let e = cfg(&text("1GiB")).unwrap_err();
+        assert!(e.0.iter().any(|e| e.key == "store"), "{e}");
+        // All of it would turn caching off without a word.
+        let e = cfg(&text("64MiB")).unwrap_err();
         assert!(e.0.iter().any(|e| e.key == "store"), "{e}");
         let c = cfg(&text("16MiB")).unwrap();
         assert_eq!(c.cache.size_bytes, 48 << 20);

@@ -327,6 +327,66 @@ fn head_on_the_admin_listener_has_no_body() {
 }
 
 #[test]
+fn odd_admin_requests_get_their_answers() {
+    let origin = Origin::start();
+    let cfg = write_config(
+        "admin-odd",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\nadmin = \"127.0.0.1:0\"\n\
+             [limits]\nmax_header_bytes = \"256KiB\"\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let a = p.admin_addr();
+    // An absolute-form target is its path (RFC 9112 §3.2.2).
+    assert_eq!(admin(a, "GET", &format!("http://{a}/metrics")).status, 200);
+    // A head within the configured limit but past 64 KiB is answered
+    // (the read buffer stopped at 64 KiB: no answer at all).
+    let big = "a".repeat(100 * 1024);
+    let mut s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    assert_eq!(
+        read_response(&mut BufReader::new(s), false).unwrap().status,
+        200
+    );
+    // One past the limit gets its 431, even with more of it still coming
+    // (read and dropped, not a reset under the answer).
+    let huge = "a".repeat(300 * 1024);
+    let s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = write!(
+            w,
+            "GET /status HTTP/1.1\r\nHost: a\r\nX-Big: {huge}{huge}\r\n\r\n"
+        );
+    });
+    let r = read_response(&mut BufReader::new(s), false).unwrap();
+    assert_eq!(r.status, 431);
+    writer.join().unwrap();
+    // A malformed request after a HEAD on the same connection: its 400
+    // has its body (the HEAD's "no body" was carried over).
+    let s = TcpStream::connect(a).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, true).unwrap().status, 200);
+    w.write_all(b"GET\x01 / HTTP/1.1\r\n\r\n").unwrap();
+    let bad = read_response(&mut r, false).unwrap();
+    assert_eq!(bad.status, 400);
+    assert!(!bad.body.is_empty());
+}
+
+#[test]
 fn backends_are_labelled_as_configured() {
     // A backend given by name is labelled by that name, not by the
     // address it resolved to (labels stay put when DNS changes).

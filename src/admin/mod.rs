@@ -193,13 +193,22 @@ impl AdminConn {
                     Ok(true) => break true,
                     Ok(false) => {}
                     Err(e) => {
+                        // No request parsed: the answer has its body even
+                        // after a HEAD on this connection.
+                        self.head_request = false;
                         let _ = self
                             .respond(e.status(), "text/plain", e.reason().as_bytes(), true)
                             .await;
+                        // Lingering, as the client listener does: closing
+                        // with the rest of the request unread would reset
+                        // the connection under the answer.
+                        crate::shard::conn::linger_close(&mut self.sock).await;
                         return;
                     }
                 }
-                let space = buf.space(4096, 64 * 1024);
+                // Room past the head limit, so that an oversized head is a
+                // 431 rather than a full buffer read as end of stream.
+                let space = buf.space(4096, (limits.max_header_bytes + 4096).max(64 * 1024));
                 match self.sock.read(space, deadline).await {
                     Ok(0) | Err(_) => break false,
                     Ok(n) => buf.advance(n),
@@ -209,7 +218,9 @@ impl AdminConn {
                 return;
             }
             let bytes = buf.filled();
-            let target = String::from_utf8_lossy(head.target(bytes)).into_owned();
+            // In origin form: `GET http://admin:9090/metrics` is /metrics
+            // (RFC 9112 §3.2.2).
+            let target = String::from_utf8_lossy(head.origin_target(bytes)).into_owned();
             let method = head.method();
             let has_body = head.body() != crate::http::BodyKind::Empty;
             let close = head.close || has_body;
@@ -258,7 +269,12 @@ impl AdminConn {
                 _ => self.respond(404, "text/plain", b"not found\n", close).await,
             };
             if r.is_err() || close {
-                self.sock.shutdown_write();
+                if has_body && r.is_ok() {
+                    // Its body was not read (no endpoint takes one).
+                    crate::shard::conn::linger_close(&mut self.sock).await;
+                } else {
+                    self.sock.shutdown_write();
+                }
                 return;
             }
         }
