@@ -303,6 +303,68 @@ fn access_log_and_periodic_summary() {
 }
 
 #[test]
+fn the_access_log_keeps_every_line_through_a_graceful_stop() {
+    // Lines still in the shards' buffers at SIGTERM reach the file before
+    // the process ends (the writer thread used to be left behind), and a
+    // log that cannot be written counts what it lost.
+    // The log is a FIFO whose reader waits a second before reading: at
+    // the stop, the writer is still blocked on it with buffers queued.
+    let origin = Origin::start();
+    let dir = std::env::temp_dir().join(format!("corral-test-{}-alog-stop", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.fifo");
+    let _ = std::fs::remove_file(&log);
+    let c = std::ffi::CString::new(log.display().to_string()).unwrap();
+    // SAFETY: a valid C string path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&fifo).unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        text
+    });
+    let b = origin.addr.to_string();
+    let path = log.display().to_string();
+    let mut p = Proxy::start(&["--backend", &b, "--shards", "2", "--access-log", &path]);
+    for _ in 0..4 {
+        hammer(&p, "/size/10", 500);
+    }
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0));
+    let text = reader.join().unwrap();
+    assert_eq!(text.lines().count(), 2000);
+    let _ = std::fs::remove_file(&log);
+    // /dev/full: every write fails; the bytes are counted as dropped.
+    let p = Proxy::start(&[
+        "--backend",
+        &b,
+        "--shards",
+        "1",
+        "--access-log",
+        "/dev/full",
+        "--admin",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "50ms",
+    ]);
+    hammer(&p, "/size/10", 2000);
+    let t = Instant::now();
+    let mut dropped = 0.0;
+    while dropped == 0.0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        dropped = metric_sum(p.admin_addr(), "corral_access_log_dropped_bytes_total");
+    }
+    assert!(dropped > 0.0);
+    assert!(p
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("cannot write the access log"));
+}
+
+#[test]
 fn head_on_the_admin_listener_has_no_body() {
     // HEAD then GET on one kept-alive admin connection: the HEAD's head only
     // (its Content-Length is what GET would send), then the GET's answer.

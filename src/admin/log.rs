@@ -6,14 +6,26 @@
 use crate::config::{AccessLog, LogFormat};
 use std::cell::{Cell, RefCell};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A shard hands its buffer over at this size (or every 50 ms).
 pub const FLUSH_AT: usize = 64 * 1024;
 /// Buffers in flight to the writer before new ones are dropped.
 const QUEUE: usize = 64;
 
-/// Starts the writer thread; the sender every shard clones.
-pub fn start_writer(cfg: &AccessLog) -> std::io::Result<crossbeam_channel::Sender<Vec<u8>>> {
+/// The writer thread, as the shards and the process's end see it.
+pub struct Writer {
+    /// Every shard's sender is a clone.
+    pub tx: crossbeam_channel::Sender<Vec<u8>>,
+    /// Bytes the writer could not write (disk full, I/O error): counted with
+    /// the dropped ones.
+    pub lost: Arc<AtomicU64>,
+    pub handle: std::thread::JoinHandle<()>,
+}
+
+/// Starts the writer thread.
+pub fn start_writer(cfg: &AccessLog) -> std::io::Result<Writer> {
     let mut out: Box<dyn Write + Send> = match &cfg.path {
         None => Box::new(std::io::stderr()),
         Some(p) => Box::new(
@@ -24,17 +36,24 @@ pub fn start_writer(cfg: &AccessLog) -> std::io::Result<crossbeam_channel::Sende
         ),
     };
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(QUEUE);
-    std::thread::Builder::new()
+    let lost = Arc::new(AtomicU64::new(0));
+    let counted = lost.clone();
+    let handle = std::thread::Builder::new()
         .name("corral-access-log".into())
         .spawn(move || {
+            let mut said = false;
             for buf in rx {
-                if out.write_all(&buf).is_err() {
-                    eprintln!("corral: cannot write the access log; lines are lost");
+                if let Err(e) = out.write_all(&buf).and_then(|()| out.flush()) {
+                    counted.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    if !said {
+                        // Once: a full disk would otherwise say it per buffer.
+                        eprintln!("corral: cannot write the access log ({e}); lines are lost and counted in corral_access_log_dropped_bytes_total");
+                        said = true;
+                    }
                 }
-                let _ = out.flush();
             }
         })?;
-    Ok(tx)
+    Ok(Writer { tx, lost, handle })
 }
 
 /// What one log line says.
@@ -61,17 +80,32 @@ pub struct ShardLog {
     /// The formatted time of the second last formatted.
     stamp: RefCell<(i64, String)>,
     pub dropped: Cell<u64>,
+    /// The writer's own losses, reported by one shard only.
+    lost: Option<Arc<AtomicU64>>,
 }
 
 impl ShardLog {
-    pub fn new(format: LogFormat, tx: crossbeam_channel::Sender<Vec<u8>>) -> ShardLog {
+    /// `lost`: the writer's count of bytes it failed to write, for the one
+    /// shard that reports it (the counter is process-wide).
+    pub fn new(
+        format: LogFormat,
+        tx: crossbeam_channel::Sender<Vec<u8>>,
+        lost: Option<Arc<AtomicU64>>,
+    ) -> ShardLog {
         ShardLog {
             format,
             tx,
             buf: RefCell::new(Vec::with_capacity(FLUSH_AT + 1024)),
             stamp: RefCell::new((i64::MIN, String::new())),
             dropped: Cell::new(0),
+            lost,
         }
+    }
+
+    /// Bytes of this shard's lines dropped (the writer behind), plus, on
+    /// the reporting shard, those the writer failed to write.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped.get() + self.lost.as_ref().map_or(0, |l| l.load(Ordering::Relaxed))
     }
 
     /// Appends one line; hands the buffer over when it is full.

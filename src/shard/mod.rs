@@ -97,7 +97,11 @@ impl Shard {
             .map(|p| crate::cache::ShardCache::new(id, p, cfg.cache.size_bytes));
         let pools = &common.pools;
         let log = match (&cfg.access_log, &common.log) {
-            (Some(l), Some(tx)) => Some(crate::admin::log::ShardLog::new(l.format, tx.clone())),
+            (Some(l), Some((tx, lost))) => Some(crate::admin::log::ShardLog::new(
+                l.format,
+                tx.clone(),
+                (id == 0).then(|| lost.clone()),
+            )),
             _ => None,
         };
         let stores = cfg
@@ -154,7 +158,7 @@ impl Shard {
         let now = crate::admin::stats::period_of(std::time::Instant::now());
         let mut stats = self.stats.borrow().snapshot(now);
         if let Some(l) = &self.log {
-            stats.log_dropped = l.dropped.get();
+            stats.log_dropped = l.dropped_bytes();
         }
         crate::admin::stats::Snapshot {
             shard: self.id,
@@ -386,12 +390,19 @@ fn reserve(listen: &[SocketAddr]) -> Result<(Vec<SocketAddr>, Vec<socket2::Socke
 }
 
 /// A running proxy: its bound addresses and a way to stop it.
+/// The longest the process waits at its end for the access log's last
+/// buffers to be written.
+const LOG_DRAIN: Duration = Duration::from_secs(5);
+
 pub struct Running {
     pub addrs: Vec<SocketAddr>,
     /// The admin listener's address, if there is one.
     pub admin: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// The access log's writer thread, which ends once every shard (and
+    /// its sender) has.
+    log_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -405,10 +416,21 @@ impl Running {
         self.stop.clone()
     }
 
-    /// Waits for every shard to finish.
+    /// Waits for every shard to finish, then for the access log writer to
+    /// write what they handed it last (their final flush), for at most
+    /// LOG_DRAIN.
     pub fn join(self) {
         for h in self.handles {
             let _ = h.join();
+        }
+        if let Some(w) = self.log_writer {
+            let until = Instant::now() + LOG_DRAIN;
+            while !w.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if w.is_finished() {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -546,7 +568,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
             .map(|_| Arc::new(Mailbox::new(64)))
             .collect(),
     );
-    let log = match &cfg.access_log {
+    let mut writer = match &cfg.access_log {
         Some(l) => Some(crate::admin::log::start_writer(l).map_err(|e| {
             StartError(format!(
                 "cannot open the access log {}: {e}",
@@ -555,6 +577,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         })?),
         None => None,
     };
+    let log = writer.as_ref().map(|w| (w.tx.clone(), w.lost.clone()));
     let mut admin = match cfg.admin {
         Some(a) => {
             let s = listen_socket(a, false)
@@ -649,11 +672,18 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         stop.store(true, Ordering::SeqCst);
         return Err(StartError(format!("cannot start the nudger thread: {e}")));
     }
+    // Only the shards hold senders now: the writer ends when they have.
+    drop(log);
+    let log_writer = writer.take().map(|w| {
+        drop(w.tx);
+        w.handle
+    });
     Ok(Running {
         addrs,
         admin: admin_addr,
         stop,
         handles,
+        log_writer,
     })
 }
 
@@ -681,8 +711,11 @@ struct Common {
     pools: Arc<Vec<Arc<PoolShared>>>,
     /// Each shard's mailbox for statistics requests.
     mailboxes: Arc<Vec<Arc<Mailbox<crate::admin::StatsRequest>>>>,
-    /// The access log writer, if any.
-    log: Option<crossbeam_channel::Sender<Vec<u8>>>,
+    /// The access log writer's sender and its count of lost bytes, if any.
+    log: Option<(
+        crossbeam_channel::Sender<Vec<u8>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    )>,
     /// The admin listener's socket (shard 0 only).
     admin: Option<socket2::Socket>,
     started: Instant,
