@@ -534,12 +534,116 @@ fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
                 errors.push(e);
                 match own.and_then(|l| lines.get_mut(l - 1)) {
                     Some(entry) => *entry = "",
-                    None => return (None, errors),
+                    // Inside an inline table or an entry over several
+                    // lines: go on over the parsed tree (no line numbers).
+                    None => return parse_tree_all(&lines.join("\n"), errors),
                 }
             }
         }
     }
     (None, errors)
+}
+
+/// [`parse_file_all`] past an error it cannot leave out by line: the text
+/// parsed as a TOML tree, each offending entry reported and taken out of
+/// the tree, until the rest deserializes (then validated only if every
+/// entry left out was an unknown key) or a syntax error or a missing field
+/// that a removal caused stops it.
+fn parse_tree_all(
+    text: &str,
+    mut errors: Vec<ConfigError>,
+) -> (Option<FileConfig>, Vec<ConfigError>) {
+    let Ok(mut tree) = text.parse::<toml::Table>() else {
+        return (None, errors);
+    };
+    let mut only_unknown = errors
+        .iter()
+        .all(|e| e.message.starts_with("unknown field"));
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        let e = match serde_path_to_error::deserialize::<_, FileConfig>(toml::Value::Table(
+            tree.clone(),
+        )) {
+            Ok(file) => return (only_unknown.then_some(file), errors),
+            Err(e) => e,
+        };
+        let key = e.path().to_string();
+        let message = e.into_inner().message().to_string();
+        let caused = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+            .is_some_and(|f| removed.iter().any(|r| *r == format!("{key}.{f}")));
+        if caused || key == "." || key.is_empty() || !remove_path(&mut tree, &key) {
+            if !caused && !errors.iter().any(|x| x.key == key) {
+                errors.push(ConfigError { key, message });
+            }
+            return (None, errors);
+        }
+        only_unknown &= message.starts_with("unknown field");
+        // The line-based pass may have reported this one already (with its
+        // line): once.
+        if !errors.iter().any(|x| x.key == key) {
+            errors.push(ConfigError {
+                key: key.clone(),
+                message,
+            });
+        }
+        removed.push(key);
+    }
+    (None, errors)
+}
+
+/// Takes the entry at `path` (`pool[0].backends[1].weight`) out of `tree`;
+/// whether there was one.
+fn remove_path(tree: &mut toml::Table, path: &str) -> bool {
+    // Segments: names and [indices].
+    let mut segs: Vec<Seg> = Vec::new();
+    for part in path.split('.') {
+        let (name, rest) = part.split_once('[').unwrap_or((part, ""));
+        if !name.is_empty() {
+            segs.push(Ok(name.to_string()));
+        }
+        for idx in rest.split('[') {
+            match idx.trim_end_matches(']').parse::<usize>() {
+                Ok(i) => segs.push(Err(i)),
+                Err(_) if idx.is_empty() => {}
+                Err(_) => return false,
+            }
+        }
+    }
+    let Some((last, walk)) = segs.split_last() else {
+        return false;
+    };
+    let mut root = toml::Value::Table(std::mem::take(tree));
+    let done = remove_in(&mut root, walk, last);
+    if let toml::Value::Table(t) = root {
+        *tree = t;
+    }
+    done
+}
+
+/// A step of a path: a key, or an array index.
+type Seg = Result<String, usize>;
+
+fn remove_in(v: &mut toml::Value, walk: &[Seg], last: &Seg) -> bool {
+    match walk.split_first() {
+        Some((seg, rest)) => {
+            let next = match (seg, v) {
+                (Ok(name), toml::Value::Table(t)) => t.get_mut(name),
+                (Err(i), toml::Value::Array(a)) => a.get_mut(*i),
+                _ => None,
+            };
+            next.is_some_and(|n| remove_in(n, rest, last))
+        }
+        None => match (last, v) {
+            (Ok(name), toml::Value::Table(t)) => t.remove(name).is_some(),
+            (Err(i), toml::Value::Array(a)) if *i < a.len() => {
+                a.remove(*i);
+                true
+            }
+            _ => false,
+        },
+    }
 }
 
 /// Parses a hash key: `uri`, `ip`, `header:NAME` or `cookie:NAME`.
@@ -1581,14 +1685,37 @@ mod tests {
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert!(file.is_none() && keys == ["pool[0].name"], "{errors:?}");
         // An error inside an inline table, or in an entry over several
-        // lines, stops there (leaving it out would change the file).
-        for text in [
-            "[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", x = 1 }]\nbogus = 1\n",
-            "[server]\nbogus = [1,\n2]\nalso = 1\n",
-        ] {
-            let (file, errors) = parse_file_all(text);
-            assert!(file.is_none() && errors.len() == 1, "{errors:?}");
-        }
+        // lines, is taken out of the parsed tree: the report goes on (the
+        // later ones without line numbers), and with unknown keys only,
+        // the meaning is checked too.
+        let (file, errors) = parse_file_all(
+            "[[pool]]\nname = \"a\"\nbackends = [{ addr = \"127.0.0.1:1\", wieght = 2 }]\nbogus = 1\n\
+             health = { path = \"/h\", intervall = \"1s\" }\n[limits]\nidle_timeout = \"forever\"\n",
+        );
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "pool[0].backends[0].wieght",
+                "pool[0].bogus",
+                "pool[0].health.intervall"
+            ],
+            "{errors:?}"
+        );
+        let more = build(file.unwrap(), &Overrides::default(), 4).unwrap_err();
+        assert_keys(&more, &["limits.idle_timeout"]);
+        let (file, errors) =
+            parse_file_all("[server]\nbogus = [1,\n2]\nalso = 1\nshards = \"x\"\n");
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(file.is_none(), "{errors:?}");
+        assert_eq!(
+            keys,
+            ["server.bogus", "server.also", "server.shards"],
+            "{errors:?}"
+        );
+        // A syntax error still stops the report.
+        let (file, errors) = parse_file_all("[server]\nbogus = [1,\n2]\nx = = 1\n");
+        assert!(file.is_none() && errors.len() == 1, "{errors:?}");
     }
 
     /// Every key of `want` is among the errors' keys.
