@@ -509,13 +509,8 @@ fn parse_file_all(text: &str) -> (Option<FileConfig>, Vec<ConfigError>) {
                 // After a line was left out: a syntax error it caused, or a
                 // field reported missing because its wrong-typed entry was
                 // left out (already reported), ends the report.
-                let missing = e
-                    .message
-                    .strip_prefix("missing field `")
-                    .and_then(|m| m.split('`').next())
-                    .map(|f| format!("{}.{f}", e.key));
-                let caused = e.key == "(top level)"
-                    || missing.is_some_and(|m| errors.iter().any(|x| x.key == m));
+                let caused =
+                    e.key == "(top level)" || left_out_missing(&errors, &e.key, &e.message);
                 if caused && !errors.is_empty() {
                     return (None, errors);
                 }
@@ -559,7 +554,6 @@ fn parse_tree_all(
     let mut only_unknown = errors
         .iter()
         .all(|e| e.message.starts_with("unknown field"));
-    let mut removed: Vec<String> = Vec::new();
     for _ in 0..100 {
         let e = match serde_path_to_error::deserialize::<_, FileConfig>(toml::Value::Table(
             tree.clone(),
@@ -569,10 +563,7 @@ fn parse_tree_all(
         };
         let key = e.path().to_string();
         let message = e.into_inner().message().to_string();
-        let caused = message
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next())
-            .is_some_and(|f| removed.iter().any(|r| *r == format!("{key}.{f}")));
+        let caused = left_out_missing(&errors, &key, &message);
         if caused || key == "." || key.is_empty() || !remove_path(&mut tree, &key) {
             if !caused && !errors.iter().any(|x| x.key == key) {
                 errors.push(ConfigError { key, message });
@@ -583,14 +574,19 @@ fn parse_tree_all(
         // The line-based pass may have reported this one already (with its
         // line): once.
         if !errors.iter().any(|x| x.key == key) {
-            errors.push(ConfigError {
-                key: key.clone(),
-                message,
-            });
+            errors.push(ConfigError { key, message });
         }
-        removed.push(key);
     }
     (None, errors)
+}
+
+/// Whether an error at `key` says a field is missing that was reported
+/// (and left out) already: it was of the wrong type, not missing.
+fn left_out_missing(errors: &[ConfigError], key: &str, message: &str) -> bool {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+        .is_some_and(|f| errors.iter().any(|x| x.key == format!("{key}.{f}")))
 }
 
 /// Takes the entry at `path` (`pool[0].backends[1].weight`) out of `tree`;

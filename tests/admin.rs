@@ -227,13 +227,19 @@ fn purge_drops_every_variant_of_a_path() {
     assert_eq!(v["purged"], 1, "{}", r.text());
 }
 
+/// `file` in a test folder of its own (`name`), not there yet.
+fn fresh_path(name: &str, file: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("corral-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(file);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
 #[test]
 fn access_log_and_periodic_summary() {
     let origin = Origin::start();
-    let dir = std::env::temp_dir().join(format!("corral-test-{}-alog", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let _ = std::fs::remove_file(&log);
+    let log = fresh_path("alog", "access.log");
     let cfg = write_config(
         "alog",
         &format!(
@@ -310,10 +316,7 @@ fn the_access_log_keeps_every_line_through_a_graceful_stop() {
     // The log is a FIFO whose reader waits a second before reading: at
     // the stop, the writer is still blocked on it with buffers queued.
     let origin = Origin::start();
-    let dir = std::env::temp_dir().join(format!("corral-test-{}-alog-stop", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.fifo");
-    let _ = std::fs::remove_file(&log);
+    let log = fresh_path("alog-stop", "access.fifo");
     let c = std::ffi::CString::new(log.display().to_string()).unwrap();
     // SAFETY: a valid C string path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);

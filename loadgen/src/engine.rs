@@ -592,7 +592,9 @@ impl Conn {
         } else {
             0
         };
-        let (len, flags) = if skip >= SKIP_MIN {
+        // (The buffer is empty when skipping: `end` is 0.)
+        let trunc = skip >= SKIP_MIN;
+        let (len, flags) = if trunc {
             (
                 skip.min(self.buf.len() as u64) as usize,
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,
@@ -602,20 +604,15 @@ impl Conn {
         } else {
             (self.buf.len() - self.end, libc::MSG_DONTWAIT)
         };
-        let to = if flags & libc::MSG_TRUNC != 0 {
-            0
-        } else {
-            self.end
-        };
         let spin = shared.opts.spin_yields;
         for attempt in 0..=spin {
-            let space = &mut self.buf[to..to + len];
+            let space = &mut self.buf[self.end..self.end + len];
             // SAFETY: a valid writable slice and our own open fd (with
             // MSG_TRUNC the kernel writes nothing; the slice is valid for
             // its length all the same).
             let n = unsafe { libc::recv(self.fd, space.as_mut_ptr().cast(), space.len(), flags) };
             if n > 0 {
-                if flags & libc::MSG_TRUNC != 0 {
+                if trunc {
                     self.reader.skip(n as u64);
                 } else {
                     self.end += n as usize;

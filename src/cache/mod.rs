@@ -541,8 +541,9 @@ impl ShardCache {
     }
 
     /// Drops `key` process-wide; whether it was stored.
-    /// [`Self::remove`], but only while `key` still holds `old`: a copy
-    /// stored since (a newer response) stays. Whether it was removed.
+    /// Removes what `key` holds (and this shard's hot copy) while it is
+    /// still `old`: a copy stored since (a newer response) stays. Whether
+    /// it was removed.
     pub fn remove_if_still(&self, key: u64, old: &object::Object) -> bool {
         let same = |o: &object::Object| std::sync::Arc::ptr_eq(&o.meta, &old.meta);
         let removed = {
@@ -560,24 +561,13 @@ impl ShardCache {
         }
         drop(hot);
         if removed {
-            // Other shards' hot copies of it go too (see remove()).
+            // Other shards' hot copies of it go too. After the removal: a
+            // shard that sees the new generation must not find the object
+            // still in its partition and copy it back into its hot set.
             self.parts
                 .purges
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
-        removed
-    }
-
-    pub fn remove(&self, key: u64) -> bool {
-        self.hot.borrow_mut().remove(key);
-        let removed = self.parts.part(key).remove(key).is_some();
-        // After the removal: a shard that sees the new generation must not
-        // find the object still in its partition and copy it back into its
-        // hot set. Bumped even when the owner had nothing: a hot copy may
-        // have outlived the owner's.
-        self.parts
-            .purges
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         removed
     }
 }
