@@ -167,6 +167,20 @@ pub struct Backend {
     pub weight: u32,
 }
 
+impl Backend {
+    /// How logs name it: as configured, with the address it resolved to
+    /// when that differs (`app.internal:8080 (10.0.0.5:8080)`), so that
+    /// the name metrics and `/status` use finds it in the log too.
+    pub fn describe(&self) -> String {
+        let addr = self.addr.to_string();
+        if self.name == addr {
+            addr
+        } else {
+            format!("{} ({addr})", self.name)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub name: String,
@@ -713,10 +727,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_long)?),
         "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_long)?),
         "us" | "µs" => Duration::from_micros(n),
-        "" => return Err(format!("duration `{s}` needs a unit (ms, s, m)")),
+        "" => return Err(format!("duration `{s}` needs a unit (us, ms, s, m, h)")),
         u => {
             return Err(format!(
-                "unknown duration unit `{u}` in `{s}` (use ms, s, m)"
+                "unknown duration unit `{u}` in `{s}` (use us, ms, s, m, h)"
             ))
         }
     };

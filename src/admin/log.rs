@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A shard hands its buffer over at this size (or every 50 ms).
+/// A shard hands its buffer over at this size (or at its 100 ms housekeeping tick).
 pub const FLUSH_AT: usize = 64 * 1024;
 /// Buffers in flight to the writer before new ones are dropped.
 const QUEUE: usize = 64;

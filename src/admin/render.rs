@@ -221,7 +221,7 @@ pub fn prometheus(m: &Merged, v: &View) -> String {
         &mut o,
         "corral_backend_failures_total",
         "counter",
-        "Failed requests to the backend (connect, reset, timeout).",
+        "Failed requests to the backend (connect, reset, timeout, a body cut short, a 5xx counted by eject.on_5xx).",
         &|pi, bi| fig(pi, bi).map_or(0, |f| f.failures).to_string(),
     );
     head(

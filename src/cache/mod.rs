@@ -163,7 +163,8 @@ const PURGE_LOG: usize = 1024;
 /// The largest object a cache of `size_bytes` over `shards` can store: an
 /// object lives in its owner shard's partition (the budget less the hot
 /// sets' sixteenth, over the shards), with room left for its head and
-/// bookkeeping (its cost is body, fields and a flat 256 bytes).
+/// bookkeeping (its cost is body, fields, its metadata and the index
+/// entry's allowance, see `object::Meta::footprint`).
 pub fn largest_storable(size_bytes: u64, shards: usize) -> u64 {
     let part = (size_bytes - size_bytes / HOT_SET_SHARE) / shards.max(1) as u64;
     part - (part / 2).min(64 << 10)

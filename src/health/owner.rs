@@ -101,7 +101,7 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
             }
         }
         for (b, c, why) in &changes {
-            let addr = cfg.backends[*b].addr;
+            let addr = cfg.backends[*b].describe();
             let name = &cfg.name;
             match c {
                 Change::Down => eprintln!("corral: pool {name}: backend {addr} is DOWN ({why})"),

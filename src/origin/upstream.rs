@@ -55,18 +55,22 @@ pub async fn connection(
     {
         return Ok((s, true));
     }
-    let addr = pool.cfg.backends[b].addr;
-    match Sock::connect(addr, pool.cfg.connect_timeout).await {
+    let backend = &pool.cfg.backends[b];
+    match Sock::connect(backend.addr, pool.cfg.connect_timeout).await {
         Ok(s) => Ok((s, false)),
         Err(NetError::TimedOut) => {
             pool.failed(b, FailKind::ConnectTimeout);
             Err(UpstreamFail::Timeout(format!(
-                "connect to {addr} timed out"
+                "connect to {} timed out",
+                backend.describe()
             )))
         }
         Err(NetError::Io(e)) => {
             pool.failed(b, FailKind::Connect);
-            Err(UpstreamFail::Bad(format!("connect to {addr} failed: {e}")))
+            Err(UpstreamFail::Bad(format!(
+                "connect to {} failed: {e}",
+                backend.describe()
+            )))
         }
     }
 }

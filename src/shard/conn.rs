@@ -572,7 +572,7 @@ impl ClientConn {
                     }
                     Err(UpstreamFail::Stale) => {
                         pool.failed(backend, FailKind::Reset);
-                        let addr = pool.cfg.backends[backend].addr;
+                        let addr = pool.cfg.backends[backend].describe();
                         break (502, format!("{addr} closed the connection"), repeatable);
                     }
                     Err(UpstreamFail::Bad(m)) => {
@@ -598,7 +598,7 @@ impl ClientConn {
             // socket: answer, then close.
             match attempts.retry(retryable) {
                 Ok(next) => {
-                    let addr = pool.cfg.backends[next].addr;
+                    let addr = pool.cfg.backends[next].describe();
                     self.log(&format!("{msg}; retrying on {addr}"));
                     let names = &pool.backend_names;
                     retarget_host(&mut up_head, &self.head, &names[backend], &names[next]);
