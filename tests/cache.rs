@@ -1835,3 +1835,94 @@ fn an_http10_client_sees_a_reset_when_a_fill_of_unknown_length_dies() {
     assert!(text.ends_with("hello"), "{text}");
     assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset), "{text}");
 }
+
+#[test]
+fn a_slow_steady_reader_gets_a_large_hit_whole() {
+    // body_timeout bounds each wait for the client to take bytes (nginx's
+    // send_timeout), not the whole body: a 16 MiB hit read at about 6 MB/s
+    // takes some 2.5 s against a 1 s body_timeout. It was one deadline for
+    // the whole body, and the reader was cut off. (Each wait is for the
+    // kernel to report room, when a third of the send buffer is free: at
+    // this pace about 0.2 s.)
+    const SIZE: usize = 16 << 20;
+    let origin = Origin::start();
+    let path = write_config(
+        "slow-reader",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+             [limits]\nbody_timeout = \"1s\"\n\
+             [cache]\nmax_object_size = \"32MiB\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &path]);
+    let url = format!("/big/{SIZE}");
+    let first = get(p.addr, &url);
+    assert_eq!(first.body.len(), SIZE);
+    assert_eq!(
+        first.header("Cache-Status"),
+        Some("corral; fwd=uri-miss; stored")
+    );
+    // The copy is in the cache once the fill has ended (just after its
+    // reader's last byte).
+    let t = Instant::now();
+    while !get(p.addr, &url)
+        .header("Cache-Status")
+        .unwrap_or("")
+        .starts_with("corral; hit")
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "never a hit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = p.connect();
+    // A small receive buffer, so that the proxy's writes wait on the reader.
+    let small: libc::c_int = 16 * 1024;
+    // SAFETY: setsockopt on an open socket with a valid int.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    let mut w = s.try_clone().unwrap();
+    write!(w, "GET {url} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    use std::io::{BufRead, Read};
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let mut hit = false;
+    let mut head = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        hit |= line
+            .to_ascii_lowercase()
+            .starts_with("cache-status: corral; hit");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert!(hit, "the second request is a hit: {head}");
+    let started = Instant::now();
+    let mut body = Vec::with_capacity(SIZE);
+    let mut buf = vec![0u8; 64 * 1024];
+    while body.len() < SIZE {
+        let n = r.read(&mut buf).unwrap();
+        assert!(n > 0, "cut off after {} of {SIZE} bytes", body.len());
+        body.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(body == big_body(SIZE), "the body differs");
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "the read was not slow: {:?}",
+        started.elapsed()
+    );
+}

@@ -1089,11 +1089,9 @@ impl ClientConn {
     }
 
     /// Writes and clears `self.out`.
+    /// `timeout` bounds each wait for the client to take bytes.
     async fn write_client(&mut self, timeout: std::time::Duration) -> Result<(), ()> {
-        let r = self
-            .sock
-            .write_all(&self.out, Instant::now() + timeout)
-            .await;
+        let r = self.sock.write_all_idle(&self.out, timeout).await;
         self.out.clear();
         r.map_err(|_| ())
     }

@@ -638,16 +638,30 @@ impl Sock {
 
     /// Writes all of `buf`, waiting until `deadline`.
     pub async fn write_all(&mut self, buf: &[u8], deadline: Instant) -> Result<(), NetError> {
-        self.send_all(buf, 0, deadline).await
+        self.send_all(buf, 0, deadline, None).await
     }
 
-    /// `write_all` with extra `send` flags (`MSG_MORE`) for the direct sends.
+    /// Writes all of `buf`, failing only when `idle` passes without the
+    /// peer taking a byte (nginx's `send_timeout`): a client reading a large
+    /// body slowly but steadily is not cut off.
+    pub async fn write_all_idle(&mut self, buf: &[u8], idle: Duration) -> Result<(), NetError> {
+        self.send_all(buf, 0, round_now() + idle, Some(idle)).await
+    }
+
+    /// `write_all` with extra `send` flags (`MSG_MORE`) for the direct sends;
+    /// with `idle`, the deadline moves on by it whenever bytes go out.
     async fn send_all(
         &mut self,
         mut buf: &[u8],
         flags: libc::c_int,
-        deadline: Instant,
+        mut deadline: Instant,
+        idle: Option<Duration>,
     ) -> Result<(), NetError> {
+        let progress = |deadline: &mut Instant| {
+            if let Some(idle) = idle {
+                *deadline = round_now() + idle;
+            }
+        };
         while !buf.is_empty() {
             // SAFETY: buf is a valid slice for its whole length.
             let n = unsafe {
@@ -666,13 +680,16 @@ impl Sock {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {}
+                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {
+                    progress(&mut deadline);
+                }
                 Some(libc::EAGAIN) => {
                     // The send buffer is full: let glommio wait for room.
                     match Box::pin(until(deadline, self.stream.write(buf))).await {
                         Some(Ok(n)) => {
                             buf = &buf[n..];
                             self.sent += n as u64;
+                            progress(&mut deadline);
                         }
                         Some(Err(e)) => return Err(NetError::Io(e)),
                         None => return Err(NetError::TimedOut),
@@ -693,14 +710,15 @@ impl Sock {
     /// non-blocking on first use (glommio's own reads and writes do not
     /// depend on the flag). When the socket is full, the shard's poller waits
     /// for room; without one, the next byte of `body` goes through the
-    /// ordinary write, which waits, and sendfile goes on after it.
+    /// ordinary write, which waits, and sendfile goes on after it. It fails
+    /// when `idle` passes without the peer taking a byte.
     pub async fn write_file(
         &mut self,
         head: &[u8],
         body: &[u8],
         file: RawFd,
         offset: usize,
-        deadline: Instant,
+        idle: Duration,
     ) -> Result<(), NetError> {
         if !self.nonblocking {
             // SAFETY: fcntl on our own open fd.
@@ -709,11 +727,13 @@ impl Sock {
             if flags < 0
                 || unsafe { libc::fcntl(self.fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
             {
-                return self.write_two(head, body, deadline).await;
+                return self.write_two(head, body, idle).await;
             }
             self.nonblocking = true;
         }
-        self.send_all(head, libc::MSG_MORE, deadline).await?;
+        self.send_all(head, libc::MSG_MORE, round_now() + idle, Some(idle))
+            .await?;
+        let mut deadline = round_now() + idle;
         let mut done = 0;
         while done < body.len() {
             let mut off = (offset + done) as libc::off_t;
@@ -728,11 +748,14 @@ impl Sock {
             match e.raw_os_error() {
                 _ if n == 0 => return Err(NetError::Io(io::ErrorKind::UnexpectedEof.into())),
                 Some(libc::EINTR) => {}
-                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {}
+                Some(libc::EAGAIN) if self.wait_edge(Dir::Write, deadline).await? => {
+                    deadline = round_now() + idle;
+                }
                 Some(libc::EAGAIN) => {
                     // No room: one byte the ordinary way, which waits for it.
                     self.write_all(&body[done..done + 1], deadline).await?;
                     done += 1;
+                    deadline = round_now() + idle;
                 }
                 _ => return Err(NetError::Io(e)),
             }
@@ -741,12 +764,13 @@ impl Sock {
     }
 
     /// Writes `head` then `body` with one `sendmsg` where the socket takes
-    /// both, without copying them together first; the rest as `write_all`.
+    /// both, without copying them together first; the rest as
+    /// `write_all_idle`.
     pub async fn write_two(
         &mut self,
         head: &[u8],
         body: &[u8],
-        deadline: Instant,
+        idle: Duration,
     ) -> Result<(), NetError> {
         let iov = [
             libc::iovec {
@@ -777,10 +801,10 @@ impl Sock {
         };
         self.sent += sent as u64;
         if sent < head.len() {
-            self.write_all(&head[sent..], deadline).await?;
-            self.write_all(body, deadline).await
+            self.write_all_idle(&head[sent..], idle).await?;
+            self.write_all_idle(body, idle).await
         } else {
-            self.write_all(&body[sent - head.len()..], deadline).await
+            self.write_all_idle(&body[sent - head.len()..], idle).await
         }
     }
 

@@ -301,24 +301,25 @@ impl ClientConn {
         }
         .write(&mut self.out);
         self.inbuf.consume(self.head.head_len);
+        // body_timeout bounds each wait for the client to take bytes, not
+        // the whole body: a large object to a slow reader takes long.
         let timeout = self.shard.cfg.limits.body_timeout;
         let body = &obj.body[part.clone()];
-        let deadline = round_now() + timeout;
         let sent = if head_only || body.len() <= INLINE_BODY {
             if !head_only {
                 self.out.extend_from_slice(body);
             }
-            self.sock.write_all(&self.out, deadline).await
+            self.sock.write_all(&self.out, round_now() + timeout).await
         } else if let Some(file) = obj.body.file().filter(|_| body.len() >= FILE_MIN) {
             // Boxed, like the next one: large bodies only, and their write
             // state would otherwise sit in every idle connection.
             Box::pin(
                 self.sock
-                    .write_file(&self.out, body, file, part.start, deadline),
+                    .write_file(&self.out, body, file, part.start, timeout),
             )
             .await
         } else {
-            Box::pin(self.sock.write_two(&self.out, body, deadline)).await
+            Box::pin(self.sock.write_two(&self.out, body, timeout)).await
         };
         self.out.clear();
         if sent.is_err() {
@@ -631,12 +632,26 @@ impl ClientConn {
                             }
                             return Some(self.keep_or_close());
                         }
-                    } else if chunked_out {
-                        chunked::encode_chunk_head(&mut self.out, c.len());
-                        self.out.extend_from_slice(&c);
-                        self.out.extend_from_slice(chunked::CHUNK_END);
                     } else {
-                        self.out.extend_from_slice(&c);
+                        if chunked_out {
+                            chunked::encode_chunk_head(&mut self.out, c.len());
+                        }
+                        if c.len() > INLINE_BODY {
+                            // A large chunk (a whole stored body, pushed at
+                            // once) is written from the fill's own buffer,
+                            // not copied into this reader's.
+                            let r =
+                                Box::pin(self.sock.write_two(&self.out, &c, body_timeout)).await;
+                            self.out.clear();
+                            if r.is_err() {
+                                return Some(Outcome::Close);
+                            }
+                        } else {
+                            self.out.extend_from_slice(&c);
+                        }
+                        if chunked_out {
+                            self.out.extend_from_slice(chunked::CHUNK_END);
+                        }
                     }
                     if self.write_client(body_timeout).await.is_err() {
                         return Some(Outcome::Close);
