@@ -4,7 +4,8 @@
 use clap::{Args, Parser, Subcommand};
 use corral::config::{self, Overrides};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -159,20 +160,22 @@ fn run(args: &RunArgs) -> ExitCode {
         }
     };
     let shards = cfg.shards;
-    let running = match corral::shard::start(cfg) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("corral: cannot start: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let stop = running.stop_flag();
+    // Handlers first: a SIGTERM while the shards start (which can take a
+    // while) stops them cleanly too.
+    let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("corral: cannot install a signal handler: {e}");
             return ExitCode::from(2);
         }
     }
+    let running = match corral::shard::start_with(cfg, stop.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("corral: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
     for a in &running.addrs {
         println!("corral: listening on {a} ({shards} shards)");
     }

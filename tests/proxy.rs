@@ -636,6 +636,100 @@ fn graceful_shutdown_finishes_in_flight_requests() {
 }
 
 #[test]
+fn a_request_sent_during_shutdown_does_not_reset_the_answer_before_it() {
+    // The stop comes while a request is at the origin, and the client
+    // pipelines another meanwhile: the first is answered with `Connection:
+    // close` and the connection then ends with a FIN. Closing with the
+    // second request unread in the socket sent a reset instead, which
+    // can destroy the answer on its way (the client saw ECONNRESET).
+    let origin = Origin::start();
+    let mut p = proxy_for(&origin, &["--shards", "1"]);
+    let s = p.connect();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"GET /delay/600 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    p.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(150));
+    w.write_all(b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(s);
+    let first = read_response(&mut r, false).unwrap();
+    assert_eq!((first.status, first.text().as_str()), (200, "late"));
+    assert_eq!(first.header("Connection"), Some("close"));
+    let mut rest = Vec::new();
+    let end = r.read_to_end(&mut rest);
+    assert!(
+        matches!(end, Ok(0)),
+        "the connection ends with a FIN after the answer: {end:?}"
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn empty_lines_between_requests_are_ignored() {
+    // RFC 9112 §2.2: a CRLF after a request (some clients end a body with
+    // one) is not the start of a head: no header_timeout, no 408.
+    let origin = Origin::start();
+    let cfg = write_config(
+        "blank-lines",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+             [limits]\nheader_timeout = \"300ms\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let s = p.connect();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().text(), "ok /a");
+    std::thread::sleep(Duration::from_millis(800));
+    w.write_all(b"\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let b = read_response(&mut r, false).unwrap();
+    assert_eq!((b.status, b.text().as_str()), (200, "ok /b"));
+}
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed_after_header_timeout() {
+    // Its first byte is awaited for header_timeout, not idle_timeout (as
+    // nginx's client_header_timeout, HAProxy's timeout http-request):
+    // empty connections cannot hold places for a minute. Silently, as
+    // nginx does; once a request was answered, idle_timeout applies.
+    let origin = Origin::start();
+    let cfg = write_config(
+        "first-byte",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+             [limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"20s\"\n\
+             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
+            origin.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let mut silent = p.connect();
+    let t = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let mut used = p.connect();
+    used.write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut r = BufReader::new(used.try_clone().unwrap());
+    assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+    // Past header_timeout, the kept-alive connection is still open.
+    std::thread::sleep(Duration::from_millis(800));
+    used.write_all(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut r, false).unwrap().text(), "ok /b");
+}
+
+#[test]
 fn an_idle_proxy_stops_on_sigint_and_sigterm() {
     // Every shard parked with nothing to do: the housekeeping timer sees the
     // flag, and the nudger's bytes wake the shards should that timer's own

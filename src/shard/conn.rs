@@ -84,6 +84,11 @@ pub struct ClientConn {
     /// The connection ends while the client may still be sending (an
     /// error answered before its request was read whole): close lingering.
     linger: bool,
+    /// No request has begun on this connection yet: its first byte is
+    /// awaited for `header_timeout`, not `idle_timeout` (nginx's
+    /// `client_header_timeout`, HAProxy's `timeout http-request`), so that
+    /// connections that send nothing do not hold places for long.
+    fresh: bool,
     /// The current exchange got an interim (1xx) answer back: response
     /// bytes came, so its failure is not retried elsewhere.
     interim_back: bool,
@@ -136,6 +141,19 @@ fn body_send_failed(e: NetError) -> UpstreamFail {
     }
 }
 
+/// Drops empty lines (CR, LF) at the start of `buf`, where a request line
+/// is expected.
+fn skip_blank_lines(buf: &mut Buf) {
+    let n = buf
+        .filled()
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if n > 0 {
+        buf.consume(n);
+    }
+}
+
 /// Ends with `TimedOut` when the shard begins to drain: raced against a
 /// wait between requests, so that idle connections close on shutdown.
 async fn drained<T>(shard: Rc<Shard>) -> Result<T, NetError> {
@@ -164,6 +182,7 @@ impl ClientConn {
             set_cookie: String::new(),
             hint: Hint::default(),
             linger: false,
+            fresh: true,
             interim_back: false,
             status: 0,
             class: Class::Pass,
@@ -190,7 +209,12 @@ impl ClientConn {
                 eprintln!("corral: a connection task panicked; the shard goes on");
                 return;
             }
-            if self.linger && !self.sock.resets() {
+            // Also when the client may have sent more than was answered
+            // (pipelined requests unread at a close, or at shutdown): a
+            // close with unread bytes is a reset, which can destroy the
+            // last response on its way.
+            let unread = !self.inbuf.is_empty() || !self.sock.quiet();
+            if (self.linger || unread) && !self.sock.resets() {
                 Box::pin(self.linger_close()).await;
             }
             release_out(&mut self.out);
@@ -257,6 +281,9 @@ impl ClientConn {
             self.record(started, sent);
             match outcome {
                 Outcome::KeepAlive if !self.shard.draining() => {}
+                // At shutdown, a request the client had already sent
+                // (pipelined) is answered too, with `Connection: close`.
+                Outcome::KeepAlive if self.has_request_buffered() => {}
                 _ => return,
             }
         }
@@ -315,18 +342,37 @@ impl ClientConn {
         (self.shard.cfg.limits.max_header_bytes + 1024).max(CLIENT_BUF)
     }
 
+    /// Whether the input buffer holds the whole head of a next request.
+    fn has_request_buffered(&mut self) -> bool {
+        skip_blank_lines(&mut self.inbuf);
+        let limits = self.shard.head_limits;
+        let mut head = RequestHead::default();
+        !self.inbuf.is_empty()
+            && matches!(
+                parse_request(self.inbuf.filled(), &limits, &mut head),
+                Ok(true)
+            )
+    }
+
     /// Reads and parses the next request head. `Ok(false)`: the connection
     /// ended between requests (EOF, idle timeout, shutdown).
     async fn read_head(&mut self) -> Result<bool, ClientError> {
         let limits = &self.shard.cfg.limits;
         let head_limits = self.shard.head_limits;
+        // Empty lines before a request line are ignored (RFC 9112 §2.2):
+        // a stray CRLF after a body does not start a head (and its
+        // header_timeout, and a 408).
+        skip_blank_lines(&mut self.inbuf);
         let mut started = !self.inbuf.is_empty();
         let mut deadline = round_now()
             + if started {
                 limits.header_timeout
+            } else if self.fresh {
+                limits.header_timeout.min(limits.idle_timeout)
             } else {
                 limits.idle_timeout
             };
+        self.fresh = false;
         loop {
             if started && parse_request(self.inbuf.filled(), &head_limits, &mut self.head)? {
                 return Ok(true);
@@ -370,6 +416,15 @@ impl ClientConn {
                         match woke {
                             // Readable: the next round reads (with a buffer).
                             Ok(()) => continue,
+                            // The stop came, but so may have a request
+                            // whose edge the poller has not collected yet:
+                            // it is read and answered (with close), not
+                            // dropped with a reset.
+                            Err(NetError::TimedOut)
+                                if self.shard.draining() && self.sock.has_pending() =>
+                            {
+                                continue
+                            }
                             Err(e) => Err(e),
                         }
                     }
@@ -380,6 +435,10 @@ impl ClientConn {
                 Ok(n) => {
                     self.inbuf.advance(n);
                     if !started {
+                        skip_blank_lines(&mut self.inbuf);
+                        if self.inbuf.is_empty() {
+                            continue;
+                        }
                         started = true;
                         deadline = round_now() + limits.header_timeout;
                     }

@@ -399,6 +399,8 @@ pub struct Running {
     /// The admin listener's address, if there is one.
     pub admin: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
+    /// Cleared once every shard has ended: the nudger runs until then.
+    nudging: Arc<AtomicBool>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
     /// The access log's writer thread, which ends once every shard (and
     /// its sender) has.
@@ -411,11 +413,6 @@ impl Running {
         self.stop.store(true, Ordering::SeqCst);
     }
 
-    /// The flag that stops the shards when set (for signal handlers).
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
     /// Waits for every shard to finish, then for the access log writer to
     /// write what they handed it last (their final flush), for at most
     /// LOG_DRAIN.
@@ -423,6 +420,7 @@ impl Running {
         for h in self.handles {
             let _ = h.join();
         }
+        self.nudging.store(false, Ordering::Relaxed);
         if let Some(w) = self.log_writer {
             let until = Instant::now() + LOG_DRAIN;
             while !w.is_finished() && Instant::now() < until {
@@ -497,6 +495,13 @@ pub fn allowed_cpus() -> Option<Vec<usize>> {
 
 /// Starts every shard and returns once all of them listen.
 pub fn start(cfg: Config) -> Result<Running, StartError> {
+    start_with(cfg, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`start`] with the flag that stops the shards made beforehand, so that
+/// signal handlers can be set before start-up (a stop during it is then
+/// a drain and a clean exit, not the default action's kill).
+pub fn start_with(cfg: Config, stop: Arc<AtomicBool>) -> Result<Running, StartError> {
     check_io_uring()?;
     check_affinity(cfg.cpus.as_deref())?;
     if let Some(note) = memlock_note() {
@@ -538,7 +543,6 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         }
     }
     let cfg = Arc::new(cfg);
-    let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let shared_fills = Arc::new(crate::cache::shared::SharedFills::default());
     // The hot sets take 1/16 of the budget; the partitions the rest.
@@ -655,13 +659,15 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         }
     }
     drop(holds);
-    // The nudger: a byte to every shard each NUDGE, until the stop, so that
-    // a missed timer wake-up costs at most that long (see shard_main).
-    let nudge_stop = stop.clone();
+    // The nudger: a byte to every shard each NUDGE, until every shard has
+    // ended (the drain too waits on timers: its own, a stuck client's), so
+    // that a missed timer wake-up costs at most that long (see shard_main).
+    let nudging = Arc::new(AtomicBool::new(true));
+    let nudge_on = nudging.clone();
     let nudger = std::thread::Builder::new()
         .name("corral-nudge".into())
         .spawn(move || {
-            while !nudge_stop.load(Ordering::Relaxed) {
+            while nudge_on.load(Ordering::Relaxed) {
                 std::thread::sleep(NUDGE);
                 for mut w in &wakes {
                     let _ = w.write(b"n"); // full: already woken
@@ -682,6 +688,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
         addrs,
         admin: admin_addr,
         stop,
+        nudging,
         handles,
         log_writer,
     })
@@ -841,8 +848,10 @@ async fn shard_main(
     for t in accept_tasks {
         t.await;
     }
-    // Until the last connection ends (its guard wakes us) or the timeout.
-    futures_lite::future::or(glommio::timer::sleep(cfg.drain_timeout), {
+    // Until the last connection ends (its guard wakes us) or the timeout;
+    // the nudger's bytes go on waking the executor meanwhile, so that the
+    // drain's timers (its own, its connections') are not missed either.
+    let drained = futures_lite::future::or(glommio::timer::sleep(cfg.drain_timeout), {
         let shard = &shard;
         std::future::poll_fn(move |cx| {
             if shard.conns.get() == 0 {
@@ -851,8 +860,19 @@ async fn shard_main(
             *shard.drained.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         })
-    })
-    .await;
+    });
+    let nudged = async {
+        loop {
+            if glommio::net::wait_readable(woken.as_raw_fd())
+                .await
+                .is_err()
+            {
+                glommio::timer::sleep(NUDGE).await;
+            }
+            while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
+        }
+    };
+    futures_lite::future::or(drained, nudged).await;
     if shard.conns.get() > 0 {
         eprintln!(
             "corral[{id}]: drain timeout: closing {} connections",

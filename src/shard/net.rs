@@ -564,6 +564,20 @@ impl Sock {
         Ok(self.try_recv(buf, 0)?)
     }
 
+    /// Whether bytes are waiting to be read (not EOF, not an error), looked
+    /// at directly, whatever edges the poller has collected; if so the
+    /// socket is marked ready, so the next read takes them.
+    pub fn has_pending(&self) -> bool {
+        let mut b = [0u8; 1];
+        let pending = matches!(self.try_recv(&mut b, libc::MSG_PEEK), Ok(Some(1)));
+        if pending {
+            if let Some((p, key)) = &self.poll {
+                p.mark(*key, Dir::Read);
+            }
+        }
+        pending
+    }
+
     /// Whether [`Sock::wait_readable`] can wait (the socket is in the
     /// shard's epoll set); without one, waiting needs a read in flight.
     pub fn waits_without_buffer(&self) -> bool {
