@@ -71,7 +71,8 @@ impl Default for ResponseReader {
     }
 }
 
-/// The most bytes of a response head accepted.
+/// The most bytes of a response head accepted: a connection's whole read
+/// buffer (engine.rs).
 const MAX_HEAD: usize = 64 * 1024;
 
 impl ResponseReader {
@@ -109,7 +110,10 @@ impl ResponseReader {
                         &mut headers,
                     ) {
                         Ok(httparse::Status::Partial) => {
-                            if buf.len() - i > MAX_HEAD {
+                            // A head as large as the connection's whole
+                            // buffer cannot complete: an error, not a wait
+                            // for room that never comes.
+                            if buf.len() - i >= MAX_HEAD {
                                 return Err(ReadError::BadHead);
                             }
                             return Ok(Progress {

@@ -153,8 +153,11 @@ impl Options {
         if self.threads == 0 || self.threads > self.connections {
             return Err("--threads must be between 1 and --connections".into());
         }
-        if self.pipeline == 0 {
-            return Err("--pipeline must be at least 1".into());
+        if self.pipeline == 0 || self.pipeline > MAX_PIPELINE {
+            return Err(format!("--pipeline must be between 1 and {MAX_PIPELINE}"));
+        }
+        if self.connections > MAX_CONNECTIONS {
+            return Err(format!("--connections must be at most {MAX_CONNECTIONS}"));
         }
         if self.range.is_some() != self.object_size.is_some() {
             return Err("--range and --object-size go together".into());
@@ -166,8 +169,8 @@ impl Options {
             return Err("--herd is closed loop with one request per connection".into());
         }
         if let Some(r) = self.rate {
-            if r.is_nan() || r <= 0.0 {
-                return Err("--rate must be positive".into());
+            if !r.is_finite() || r <= 0.0 {
+                return Err("--rate must be a positive number".into());
             }
         }
         // Durations and times are nanoseconds in a u64 from the start:
@@ -290,6 +293,12 @@ impl Shared {
     }
 }
 
+/// The most requests one connection keeps in flight (`--pipeline`): a
+/// closed-loop connection builds them all at once.
+const MAX_PIPELINE: usize = 4096;
+/// The most connections (each is a descriptor and a task).
+const MAX_CONNECTIONS: usize = 1 << 22;
+
 /// Runs the load and returns the merged report.
 pub fn run(opts: Options) -> Result<Report, String> {
     opts.validate()?;
@@ -364,16 +373,31 @@ pub fn run(opts: Options) -> Result<Report, String> {
     }
     drop(done_tx);
     // A watchdog: every request is bounded by `timeout`, so all workers end
-    // by then; if one does not, say so instead of hanging.
+    // by then; if one does not, say so instead of hanging. With
+    // `--requests` the run has no set length: it fires when no request has
+    // ended for that long (plus the open loop's gap between two sends).
+    let stall = 2 * opts.timeout
+        + Duration::from_secs(5)
+        + opts.rate.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64((1.0 / r).min(86_400.0))
+        });
     let patience = match opts.requests {
-        Some(_) => Duration::from_secs(3600),
-        None => opts.duration,
-    } + 2 * opts.timeout
-        + Duration::from_secs(5);
-    let deadline = shared.start + patience;
+        Some(_) => stall,
+        None => opts.duration + stall,
+    };
+    let mut deadline = shared.start + patience;
+    let mut ended = 0;
     let mut stats = Stats::default();
     let mut finished = 0;
     while finished < opts.threads {
+        if opts.requests.is_some() {
+            let now_ended = shared.completed.load(Ordering::Relaxed)
+                + shared.unanswered.load(Ordering::Relaxed);
+            if now_ended != ended {
+                ended = now_ended;
+                deadline = Instant::now() + patience;
+            }
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match done_rx.recv_timeout(left.min(NUDGE)) {
             Ok(s) => {
@@ -938,7 +962,10 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
                     let t = t.min(shared.end_ns());
                     let now = shared.now_ns();
                     if t > now {
-                        glommio::timer::sleep(Duration::from_nanos(t - now)).await;
+                        // In slices: with `--requests` the run may end
+                        // (every request answered) long before this slot.
+                        let slice = Duration::from_nanos(t - now).min(NUDGE);
+                        glommio::timer::sleep(slice).await;
                     }
                     continue;
                 }
@@ -982,7 +1009,13 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             if completed_any || inflight.is_empty() {
                 continue 'run;
             }
-            match c.fill(&shared, deadline).await {
+            let got = match c.fill(&shared, deadline).await {
+                // A response whose bytes keep coming is still bounded by
+                // its timeout (and an open loop's next send by its slot).
+                Io::Ok if shared.now_ns() >= deadline => Io::TimedOut,
+                got => got,
+            };
+            match got {
                 Io::Ok => {}
                 Io::TimedOut => {
                     if shared.now_ns() >= timeout_at {

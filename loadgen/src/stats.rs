@@ -200,6 +200,14 @@ fn json_escape(s: &str) -> String {
     o
 }
 
+/// The value at percentile `p` (0..=100), as HdrHistogram's own
+/// `getValueAtPercentile`: `p / 100 * count` is nudged down before it is
+/// rounded up to a rank, so that floating point error does not move it one
+/// rank up (99.9 / 100 is 0.9990000000000001: p99.9 of 1000 values was the
+/// largest, not the 999th).
+pub fn at_percentile(h: &Histogram<u64>, p: f64) -> u64 {
+    h.value_at_quantile((p / 100.0 - 1e-12).clamp(0.0, 1.0))
+}
 fn fmt_us(us: f64) -> String {
     if us >= 1_000_000.0 {
         format!("{:.2}s", us / 1e6)
@@ -238,12 +246,7 @@ impl Report {
         );
         let _ = writeln!(o, "  Latency distribution");
         for p in PERCENTILES {
-            let _ = writeln!(
-                o,
-                "  {:>7}%  {}",
-                p,
-                fmt_us(h.value_at_percentile(p) as f64)
-            );
+            let _ = writeln!(o, "  {:>7}%  {}", p, fmt_us(at_percentile(h, p) as f64));
         }
         let _ = writeln!(o, "      max  {}", fmt_us(h.max() as f64));
         let _ = writeln!(
@@ -343,12 +346,12 @@ impl Report {
         let _ = write!(
             o,
             "\"latency_us\": {{\"p50\": {}, \"p75\": {}, \"p90\": {}, \"p99\": {}, \"p999\": {}, \"p9999\": {}, \"max\": {}, \"mean\": {:.3}}}",
-            h.value_at_percentile(50.0),
-            h.value_at_percentile(75.0),
-            h.value_at_percentile(90.0),
-            h.value_at_percentile(99.0),
-            h.value_at_percentile(99.9),
-            h.value_at_percentile(99.99),
+            at_percentile(h, 50.0),
+            at_percentile(h, 75.0),
+            at_percentile(h, 90.0),
+            at_percentile(h, 99.0),
+            at_percentile(h, 99.9),
+            at_percentile(h, 99.99),
             h.max(),
             h.mean()
         );
@@ -443,7 +446,7 @@ pub fn svg(h: &Histogram<u64>, title: &str) -> String {
                 let nines = i as f64 / 100.0;
                 let q = 1.0 - 10f64.powf(-nines);
                 let p = (q * 100.0).min(100.0);
-                (nines, h.value_at_percentile(p) as f64 / 1000.0)
+                (nines, at_percentile(h, p) as f64 / 1000.0)
             })
             .collect()
     };
@@ -516,6 +519,24 @@ fn sub_buckets(sigfig: u8) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_are_ranks_without_floating_point_drift() {
+        let mut h = new_histogram();
+        for v in 1..=1000u64 {
+            h.record(v).unwrap();
+        }
+        // 99.9 / 100 * 1000 is 999.0000000000001: rounded up, that was
+        // rank 1000 (the max) instead of 999.
+        assert_eq!(h.value_at_percentile(99.9), 1000);
+        assert_eq!(at_percentile(&h, 99.9), 999);
+        assert_eq!(at_percentile(&h, 50.0), 500);
+        assert_eq!(at_percentile(&h, 75.0), 750);
+        assert_eq!(at_percentile(&h, 99.0), 990);
+        assert_eq!(at_percentile(&h, 99.99), 1000);
+        assert_eq!(at_percentile(&h, 100.0), 1000);
+        assert_eq!(at_percentile(&h, 0.0), 1);
+    }
 
     #[test]
     fn merge_is_exact() {

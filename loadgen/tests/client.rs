@@ -90,6 +90,14 @@ fn server() -> (String, Arc<AtomicUsize>) {
                             let _ = w.write_all(&m);
                             return;
                         }
+                        "/endless" => {
+                            // A body that keeps coming, as fast as it is
+                            // read (a read seldom finds the socket empty).
+                            let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n");
+                            let chunk = vec![b'e'; 64 * 1024];
+                            while w.write_all(&chunk).is_ok() {}
+                            return;
+                        }
                         "/slow" => {
                             std::thread::sleep(Duration::from_secs(3));
                             return;
@@ -229,6 +237,46 @@ fn timeouts_and_connect_errors_are_counted_apart() {
     assert!(r.stats.connect_errors > 0);
     assert_eq!(r.stats.timeouts, 0);
     assert_eq!(r.stats.requests(), 0);
+}
+
+#[test]
+fn a_response_whose_bytes_keep_coming_still_times_out() {
+    // A body that never ends is a timeout, and the run ends on time. (The
+    // timeout was looked at only when a read found nothing; a server that
+    // always has the next bytes waiting would have kept a response alive
+    // past it. This writer is not that fast here: the test guards the
+    // behaviour, it did not fail before the fix.)
+    let (base, _) = server();
+    let started = std::time::Instant::now();
+    let r = run(&format!("{base}/endless"), |o| {
+        o.duration = Duration::from_millis(600);
+        o.timeout = Duration::from_millis(300);
+        o.connections = 2;
+    });
+    assert!(r.stats.timeouts >= 2, "{:?}", r.stats);
+    assert_eq!(r.stats.requests(), 0, "{:?}", r.stats);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_request_count_at_a_slow_rate_ends_with_its_last_answer() {
+    // 20 requests at 10/s over 64 connections: the run ends after about
+    // 2 s, when the last is answered. The connections whose first send
+    // time lay later (up to 6.4 s) slept until it, and the run with them.
+    let (base, _) = server();
+    let started = std::time::Instant::now();
+    let r = run(&format!("{base}/len"), |o| {
+        o.rate = Some(10.0);
+        o.requests = Some(20);
+        o.connections = 64;
+    });
+    assert_eq!(r.stats.requests(), 20);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(3500), "{took:?}");
 }
 
 #[test]
