@@ -126,6 +126,10 @@ impl ResponseReader {
                             let status = resp.code.unwrap_or(0);
                             let mut length = None;
                             let mut chunked = false;
+                            // A Transfer-Encoding whose last coding is not
+                            // chunked: the body runs to the close, whatever
+                            // Content-Length says (RFC 9112 §6.3).
+                            let mut coded = false;
                             let mut close = resp.version == Some(0);
                             for h in resp.headers.iter() {
                                 if h.name.eq_ignore_ascii_case("content-length") {
@@ -140,6 +144,7 @@ impl ResponseReader {
                                         h.value.rsplit(|&b| b == b',').next().is_some_and(|v| {
                                             v.trim_ascii().eq_ignore_ascii_case(b"chunked")
                                         });
+                                    coded = !chunked;
                                 } else if h.name.eq_ignore_ascii_case("connection") {
                                     for t in h.value.split(|&b| b == b',') {
                                         let t = t.trim_ascii();
@@ -170,7 +175,7 @@ impl ResponseReader {
                                     digits: 0,
                                     ext: false,
                                 }
-                            } else if let Some(len) = length {
+                            } else if let Some(len) = length.filter(|_| !coded) {
                                 if len == 0 {
                                     return Ok(self.finish(i));
                                 }
@@ -431,6 +436,21 @@ mod tests {
                 (404, 0, false),
                 (200, 11, true),
             ],
+        );
+    }
+
+    #[test]
+    fn a_coding_other_than_chunked_runs_to_the_close() {
+        // RFC 9112 §6.3: Transfer-Encoding without chunked last overrides
+        // Content-Length; the body ends with the connection.
+        reads_at_every_split(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabcdef",
+            &[(200, 6, true)],
+        );
+        // gzip then chunked (in two fields) is chunked.
+        reads_at_every_split(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+            &[(200, 2, false)],
         );
     }
 
