@@ -149,6 +149,20 @@ fn chunked_both_ways_and_close_delimited() {
     let resp = read_response(&mut r, false).unwrap();
     let sum: u64 = b"hello world".iter().map(|&b| b as u64).sum();
     assert_eq!(resp.text(), format!("11 {sum}"));
+    // 5000 one-byte chunks (batched into a few writes to the backend, not
+    // one each), in two pieces of a chunk split mid-way.
+    let mut body = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for i in 0..5000u32 {
+        body.extend_from_slice(format!("1\r\n{}\r\n", (b'a' + (i % 26) as u8) as char).as_bytes());
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let (a, b) = body.split_at(body.len() / 2 + 1);
+    w.write_all(a).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    w.write_all(b).unwrap();
+    let resp = read_response(&mut r, false).unwrap();
+    let sum: u64 = (0..5000u64).map(|i| b'a' as u64 + i % 26).sum();
+    assert_eq!(resp.text(), format!("5000 {sum}"));
     // Chunked response body.
     w.write_all(b"GET /chunked/12345 HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();

@@ -109,6 +109,10 @@ fn whole_files_ranges_and_validators() {
     assert!(r.body == big[big.len() - 10..]);
     let r = ask(&p, "/big.bin", "Range: bytes=999990-\r\n");
     assert!(r.body == big[999_990..]);
+    // Two Range lines are one list of two ranges: answered whole, as a
+    // multi-range request (the last line won).
+    let r = ask(&p, "/b4097", "Range: bytes=0-1\r\nRange: bytes=2-3\r\n");
+    assert_eq!((r.status, r.body.len()), (200, 4097));
     let r = ask(&p, "/b4097", "Range: bytes=5000-6000\r\n");
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some("bytes */4097"));
@@ -249,6 +253,11 @@ fn unsafe_paths_and_methods_are_refused() {
         ("/missing", 404),
         // A path through a file, a name too long, a symlink loop.
         ("/one/x", 404),
+        // A file named as a directory (nginx: ENOTDIR, 404); a directory
+        // named as one is still a directory.
+        ("/one/", 404),
+        ("/sub/", 403),
+        ("/sub/page.html/", 404),
         (long_name.as_str(), 404),
         ("/loop", 403),
         ("/a%00b", 400),

@@ -425,6 +425,11 @@ pub fn range_ask(buf: &[u8], req: &RequestHead, len: u64) -> RangeAsk {
             return RangeAsk::Whole;
         }
         if name_is(f.name(buf), b"range") {
+            if range.is_some() {
+                // Two field lines make one list: several ranges, which
+                // are answered whole (the last one used to win).
+                return RangeAsk::Whole;
+            }
             range = Some(crate::http::trim_ows(f.value(buf)));
         }
     }

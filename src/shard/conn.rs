@@ -45,6 +45,9 @@ enum Outcome {
 
 /// How long a closing connection reads and drops what its client still
 /// sends ([`ClientConn::linger_close`]), and how much at most.
+/// A chunked request body is re-encoded and sent to the backend in writes
+/// of about this much (or less, when the client has sent nothing more).
+const BODY_BATCH: usize = 16 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
@@ -973,6 +976,10 @@ impl ClientConn {
             BodyKind::Chunked => {
                 let mut dec = ChunkedDecoder::new();
                 let mut total: u64 = 0;
+                // Re-encoded chunks are batched: a body of tiny chunks
+                // costs a write per BODY_BATCH or per read from the client,
+                // not a system call (and a packet) per chunk.
+                self.out.clear();
                 loop {
                     if !self.inbuf.is_empty() {
                         match dec.decode(self.inbuf.filled()) {
@@ -984,37 +991,51 @@ impl ClientConn {
                             }) => {
                                 total += len as u64;
                                 if total > limits.max_body_bytes {
+                                    self.out.clear();
                                     return Err(UpstreamFail::Client(ClientError::BodyTooLarge));
                                 }
-                                self.out.clear();
                                 chunked::encode_chunk_head(&mut self.out, len);
                                 self.out
                                     .extend_from_slice(&self.inbuf.filled()[start..start + len]);
                                 self.out.extend_from_slice(chunked::CHUNK_END);
                                 self.inbuf.consume(consumed);
-                                let deadline = Instant::now() + limits.body_timeout;
-                                up.write_all(&self.out, deadline)
-                                    .await
-                                    .map_err(body_send_failed)?;
+                                if self.out.len() >= BODY_BATCH {
+                                    let deadline = Instant::now() + limits.body_timeout;
+                                    let r = up.write_all(&self.out, deadline).await;
+                                    self.out.clear();
+                                    r.map_err(body_send_failed)?;
+                                }
                                 continue;
                             }
                             Ok(Decoded::Done { consumed }) => {
                                 self.inbuf.consume(consumed);
+                                self.out.extend_from_slice(chunked::LAST_CHUNK);
                                 let deadline = Instant::now() + limits.body_timeout;
-                                up.write_all(chunked::LAST_CHUNK, deadline)
-                                    .await
-                                    .map_err(body_send_failed)?;
+                                let r = up.write_all(&self.out, deadline).await;
+                                self.out.clear();
+                                r.map_err(body_send_failed)?;
                                 return Ok(());
                             }
                             Err(e) => {
+                                self.out.clear();
                                 return Err(UpstreamFail::Client(ClientError::BadRequest(
                                     e.reason(),
-                                )))
+                                )));
                             }
                         }
                     }
+                    // Before waiting on the client, send what is batched.
+                    if !self.out.is_empty() {
+                        let deadline = Instant::now() + limits.body_timeout;
+                        let r = up.write_all(&self.out, deadline).await;
+                        self.out.clear();
+                        r.map_err(body_send_failed)?;
+                    }
                     let deadline = Instant::now() + limits.body_timeout;
-                    self.read_body_bytes(max, deadline).await?;
+                    if let Err(e) = self.read_body_bytes(max, deadline).await {
+                        self.out.clear();
+                        return Err(e);
+                    }
                 }
             }
             BodyKind::Empty | BodyKind::Close => {}
@@ -1104,9 +1125,9 @@ impl ClientConn {
                             self.out.extend_from_slice(chunked::CHUNK_END);
                         }
                         _ if self.out.is_empty() && n >= COALESCE_BODY => {
-                            // Large pieces go out straight from the buffer.
-                            let deadline = Instant::now() + send_timeout;
-                            let r = self.sock.write_all(data, deadline).await;
+                            // Large pieces go out straight from the buffer;
+                            // the timeout bounds each wait for the client.
+                            let r = self.sock.write_all_idle(data, send_timeout).await;
                             self.ubuf.consume(n);
                             r.map_err(|_| ())?;
                             continue;

@@ -27,7 +27,10 @@ pub enum BadPath {
 }
 
 /// The request path (without query), percent-decoded, as a relative path
-/// of normal components: `.` and empty segments dropped, `..` refused.
+/// of normal components: `.` and empty segments dropped, `..` refused. A
+/// path ending in `/` (but `/` itself) keeps a final `.`, so that it names
+/// a directory: `/a.txt/` is not the file `a.txt` (a 404, as nginx's
+/// ENOTDIR), `/dir/` is the directory.
 pub fn decode_path(path: &[u8]) -> Result<PathBuf, BadPath> {
     let (raw, clean) = crate::http::percent_decode(path);
     if !clean {
@@ -43,6 +46,9 @@ pub fn decode_path(path: &[u8]) -> Result<PathBuf, BadPath> {
             b".." => return Err(BadPath::Traversal),
             s => rel.push(std::ffi::OsStr::from_bytes(s)),
         }
+    }
+    if raw.len() > 1 && raw.ends_with(b"/") && !rel.as_os_str().is_empty() {
+        rel.push(".");
     }
     Ok(rel)
 }
@@ -196,10 +202,7 @@ impl ClientConn {
         self.out.extend_from_slice(b"\r\n");
         let timeout = shard.cfg.limits.body_timeout;
         if head_only || range.is_empty() {
-            let r = self
-                .sock
-                .write_all(&self.out, Instant::now() + timeout)
-                .await;
+            let r = self.sock.write_all_idle(&self.out, timeout).await;
             self.out.clear();
             return if r.is_err() {
                 Outcome::Close
@@ -255,10 +258,8 @@ impl ClientConn {
                 return self.cut_short(&msg, timeout).await;
             }
             first_window = false;
-            let r = self
-                .sock
-                .write_all(&self.out, Instant::now() + timeout)
-                .await;
+            // body_timeout bounds each wait for the client, not a window.
+            let r = self.sock.write_all_idle(&self.out, timeout).await;
             self.out.clear();
             if r.is_err() {
                 return Outcome::Close;
@@ -277,10 +278,7 @@ impl ClientConn {
     /// so the client sees a truncated message, never a short complete one.
     async fn cut_short(&mut self, why: &str, timeout: std::time::Duration) -> Outcome {
         self.log(&format!("{why}; closing the connection"));
-        let _ = self
-            .sock
-            .write_all(&self.out, Instant::now() + timeout)
-            .await;
+        let _ = self.sock.write_all_idle(&self.out, timeout).await;
         self.out.clear();
         self.sock.set_reset_on_close();
         Outcome::Close
@@ -306,6 +304,7 @@ mod tests {
     fn paths_decode_safely() {
         assert_eq!(decode_path(b"/a/b.txt"), Ok(PathBuf::from("a/b.txt")));
         assert_eq!(decode_path(b"/a%20b/./c//d"), Ok(PathBuf::from("a b/c/d")));
+        assert_eq!(decode_path(b"/a.txt/"), Ok(PathBuf::from("a.txt/.")));
         assert_eq!(decode_path(b"/"), Ok(PathBuf::new()));
         assert_eq!(decode_path(b"/../etc/passwd"), Err(BadPath::Traversal));
         assert_eq!(decode_path(b"/a/%2e%2e/%2E%2E/x"), Err(BadPath::Traversal));
