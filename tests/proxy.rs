@@ -310,6 +310,50 @@ fn large_bodies_stream_with_bounded_memory() {
     );
 }
 
+/// Sockets in CLOSE_WAIT whose remote end is `port` (this network
+/// namespace's, from /proc/net/tcp): the proxy's side of connections the
+/// origin on `port` closed.
+fn close_wait_to(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "08"
+                && f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+#[test]
+fn pooled_connections_the_backend_closed_are_let_go() {
+    // The origin closes each connection 20 ms after its answer: the
+    // pooled socket is dropped at the next sweep (about a second), not
+    // held in CLOSE_WAIT for keepalive_timeout (30 s).
+    let origin = Origin::start();
+    let port = origin.addr.port();
+    let p = proxy_for(&origin, &["--shards", "1"]);
+    for _ in 0..3 {
+        assert_eq!(get(p.addr, "/oneshot").text(), "once");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    while close_wait_to(port) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} sockets still in CLOSE_WAIT",
+            close_wait_to(port)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get(p.addr, "/x").text(), "ok /x");
+}
+
 #[test]
 fn backend_down_is_502() {
     // A port with nothing listening: bind, note the port, close.

@@ -584,8 +584,12 @@ impl UpstreamPool {
             // EOF or stray bytes (a late 408, say) waiting: it is checked,
             // whatever the caller asked, so those bytes are never read as
             // the next response.
-            if now.duration_since(since) < self.cfg.keepalive_timeout
-                && ((!verify && sock.quiet()) || sock.idle_is_alive())
+            // Also checked after a second idle: a backend's stray answer
+            // at its own idle timeout may have come after the poller's
+            // last look this round.
+            let idled = now.duration_since(since);
+            if idled < self.cfg.keepalive_timeout
+                && ((!verify && idled < VERIFY_AFTER && sock.quiet()) || sock.idle_is_alive())
             {
                 return Some(sock);
             }
@@ -603,13 +607,17 @@ impl UpstreamPool {
         }
     }
 
-    /// Drops idle connections older than the keep-alive timeout, and every
-    /// idle connection to a backend that is not usable.
+    /// Drops idle connections older than the keep-alive timeout, every idle
+    /// connection to a backend that is not usable, and those the poller saw
+    /// stir that the backend closed (or sent stray bytes on): they held a
+    /// descriptor in CLOSE_WAIT until the keep-alive timeout.
     pub fn sweep(&self, now: Instant) {
         for (b, idle) in self.idle.iter().enumerate() {
             let usable = self.usable(b);
-            idle.borrow_mut().retain(|(_, since)| {
-                usable && now.duration_since(*since) < self.cfg.keepalive_timeout
+            idle.borrow_mut().retain(|(sock, since)| {
+                usable
+                    && now.duration_since(*since) < self.cfg.keepalive_timeout
+                    && (sock.quiet() || sock.idle_is_alive())
             });
         }
     }
@@ -621,6 +629,10 @@ impl UpstreamPool {
         }
     }
 }
+
+/// An idle pooled connection older than this is checked (one `recv` with
+/// `MSG_PEEK`) before reuse even for a request that could be retried.
+const VERIFY_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a failure report may wait in the owner's inbox, at most, while
 /// reports come in.
