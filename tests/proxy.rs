@@ -730,16 +730,12 @@ fn empty_lines_between_requests_are_ignored() {
     // RFC 9112 §2.2: a CRLF after a request (some clients end a body with
     // one) is not the start of a head: no header_timeout, no 408.
     let origin = Origin::start();
-    let cfg = write_config(
+    let p = one_pool_proxy(
         "blank-lines",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
-             [limits]\nheader_timeout = \"300ms\"\n\
-             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
+        &origin,
+        "[limits]\nheader_timeout = \"300ms\"\n",
+        "",
     );
-    let p = Proxy::start(&["-c", &cfg]);
     let s = p.connect();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -761,16 +757,12 @@ fn a_connection_that_sends_nothing_is_closed_after_header_timeout() {
     // empty connections cannot hold places for a minute. Silently, as
     // nginx does; once a request was answered, idle_timeout applies.
     let origin = Origin::start();
-    let cfg = write_config(
+    let p = one_pool_proxy(
         "first-byte",
-        &format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
-             [limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"20s\"\n\
-             [[pool]]\nname = \"o\"\nbackends = [{{ addr = \"{}\" }}]\n",
-            origin.addr
-        ),
+        &origin,
+        "[limits]\nheader_timeout = \"300ms\"\nidle_timeout = \"20s\"\n",
+        "",
     );
-    let p = Proxy::start(&["-c", &cfg]);
     let mut silent = p.connect();
     let t = Instant::now();
     assert!(closed_within(&mut silent, Duration::from_secs(5)));

@@ -43,11 +43,12 @@ enum Outcome {
     Close,
 }
 
-/// How long a closing connection reads and drops what its client still
-/// sends ([`ClientConn::linger_close`]), and how much at most.
 /// A chunked request body is re-encoded and sent to the backend in writes
 /// of about this much (or less, when the client has sent nothing more).
 const BODY_BATCH: usize = 16 * 1024;
+
+/// How long a closing connection reads and drops what its client still
+/// sends ([`ClientConn::linger_close`]), and how much at most.
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
@@ -870,6 +871,8 @@ impl ClientConn {
                 }
             }
             if let Err(e) = self.send_body(up, req_body, body_left).await {
+                // Body bytes batched for the backend are not the client's.
+                self.out.clear();
                 // The backend may have answered before taking the whole body
                 // (a 413 or 401) and closed or stopped reading: its answer,
                 // if it is here, is the response. The client's connection
@@ -991,7 +994,6 @@ impl ClientConn {
                             }) => {
                                 total += len as u64;
                                 if total > limits.max_body_bytes {
-                                    self.out.clear();
                                     return Err(UpstreamFail::Client(ClientError::BodyTooLarge));
                                 }
                                 chunked::encode_chunk_head(&mut self.out, len);
@@ -1000,47 +1002,42 @@ impl ClientConn {
                                 self.out.extend_from_slice(chunked::CHUNK_END);
                                 self.inbuf.consume(consumed);
                                 if self.out.len() >= BODY_BATCH {
-                                    let deadline = Instant::now() + limits.body_timeout;
-                                    let r = up.write_all(&self.out, deadline).await;
-                                    self.out.clear();
-                                    r.map_err(body_send_failed)?;
+                                    self.flush_body(up).await?;
                                 }
                                 continue;
                             }
                             Ok(Decoded::Done { consumed }) => {
                                 self.inbuf.consume(consumed);
                                 self.out.extend_from_slice(chunked::LAST_CHUNK);
-                                let deadline = Instant::now() + limits.body_timeout;
-                                let r = up.write_all(&self.out, deadline).await;
-                                self.out.clear();
-                                r.map_err(body_send_failed)?;
-                                return Ok(());
+                                return self.flush_body(up).await;
                             }
                             Err(e) => {
-                                self.out.clear();
                                 return Err(UpstreamFail::Client(ClientError::BadRequest(
                                     e.reason(),
-                                )));
+                                )))
                             }
                         }
                     }
                     // Before waiting on the client, send what is batched.
                     if !self.out.is_empty() {
-                        let deadline = Instant::now() + limits.body_timeout;
-                        let r = up.write_all(&self.out, deadline).await;
-                        self.out.clear();
-                        r.map_err(body_send_failed)?;
+                        self.flush_body(up).await?;
                     }
                     let deadline = Instant::now() + limits.body_timeout;
-                    if let Err(e) = self.read_body_bytes(max, deadline).await {
-                        self.out.clear();
-                        return Err(e);
-                    }
+                    self.read_body_bytes(max, deadline).await?;
                 }
             }
             BodyKind::Empty | BodyKind::Close => {}
         }
         Ok(())
+    }
+
+    /// Writes the request body batched in `self.out` to the backend, and
+    /// clears it.
+    async fn flush_body(&mut self, up: &mut Sock) -> Result<(), UpstreamFail> {
+        let deadline = Instant::now() + self.shard.cfg.limits.body_timeout;
+        let r = up.write_all(&self.out, deadline).await;
+        self.out.clear();
+        r.map_err(body_send_failed)
     }
 
     /// Reads more request body from the client into `inbuf`.

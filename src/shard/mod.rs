@@ -389,11 +389,11 @@ fn reserve(listen: &[SocketAddr]) -> Result<(Vec<SocketAddr>, Vec<socket2::Socke
     Ok((addrs, holds))
 }
 
-/// A running proxy: its bound addresses and a way to stop it.
 /// The longest the process waits at its end for the access log's last
 /// buffers to be written.
 const LOG_DRAIN: Duration = Duration::from_secs(5);
 
+/// A running proxy: its bound addresses and a way to stop it.
 pub struct Running {
     pub addrs: Vec<SocketAddr>,
     /// The admin listener's address, if there is one.
@@ -501,7 +501,7 @@ pub fn start(cfg: Config) -> Result<Running, StartError> {
 /// [`start`] with the flag that stops the shards made beforehand, so that
 /// signal handlers can be set before start-up (a stop during it is then
 /// a drain and a clean exit, not the default action's kill).
-pub fn start_with(cfg: Config, stop: Arc<AtomicBool>) -> Result<Running, StartError> {
+pub fn start_with(mut cfg: Config, stop: Arc<AtomicBool>) -> Result<Running, StartError> {
     check_io_uring()?;
     check_affinity(cfg.cpus.as_deref())?;
     if let Some(note) = memlock_note() {
@@ -528,7 +528,6 @@ pub fn start_with(cfg: Config, stop: Arc<AtomicBool>) -> Result<Running, StartEr
             );
         }
     }
-    let mut cfg = cfg;
     if cfg.cache.size_bytes > 0 {
         // A response larger than its owner's partition could never be
         // stored: it streams through unstored (and is remembered as
@@ -694,6 +693,19 @@ pub fn start_with(cfg: Config, stop: Arc<AtomicBool>) -> Result<Running, StartEr
     })
 }
 
+/// Waits for the nudger's next byte on the shard's wake socket (a tick, if
+/// the socket cannot be waited on) and takes what is there.
+async fn next_nudge(mut woken: &UnixStream) {
+    if glommio::net::wait_readable(woken.as_raw_fd())
+        .await
+        .is_err()
+    {
+        glommio::timer::sleep(NUDGE).await;
+    }
+    let mut sink = [0u8; 64];
+    while matches!(woken.read(&mut sink), Ok(n) if n > 0) {}
+}
+
 fn bind_listener(addr: SocketAddr) -> std::io::Result<(TcpListener, RawFd)> {
     let s = listen_socket(addr, true)?;
     s.listen(BACKLOG)?;
@@ -823,15 +835,8 @@ async fn shard_main(
     // Housekeeping runs on the nudger's tick: every byte on the wake socket
     // wakes this executor, which then also runs any timer that is due (a
     // parked shard has been seen to miss a timer's own wake-up).
-    let mut sink = [0u8; 64];
     while !stop.load(Ordering::Relaxed) {
-        if glommio::net::wait_readable(woken.as_raw_fd())
-            .await
-            .is_err()
-        {
-            glommio::timer::sleep(NUDGE).await;
-        }
-        while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
+        next_nudge(&woken).await;
         if let Some(l) = &shard.log {
             l.flush();
         }
@@ -863,13 +868,7 @@ async fn shard_main(
     });
     let nudged = async {
         loop {
-            if glommio::net::wait_readable(woken.as_raw_fd())
-                .await
-                .is_err()
-            {
-                glommio::timer::sleep(NUDGE).await;
-            }
-            while matches!((&woken).read(&mut sink), Ok(n) if n > 0) {}
+            next_nudge(&woken).await;
         }
     };
     futures_lite::future::or(drained, nudged).await;
