@@ -976,6 +976,7 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
         let timeout_at = inflight.front().map_or(0, |f| f.sent_ns) + timeout_ns;
         let deadline = wait_until.map_or(timeout_at, |w| w.min(timeout_at));
         let mut completed_any = false;
+        let mut refill = false;
         loop {
             // Parse what is buffered.
             while c.start < c.end || c.reader.skipped_to_end() {
@@ -1009,12 +1010,16 @@ async fn connection(id: usize, shared: Arc<Shared>, stats: Rc<RefCell<Stats>>) {
             if completed_any || inflight.is_empty() {
                 continue 'run;
             }
-            let got = match c.fill(&shared, deadline).await {
-                // A response whose bytes keep coming is still bounded by
-                // its timeout (and an open loop's next send by its slot).
-                Io::Ok if shared.now_ns() >= deadline => Io::TimedOut,
-                got => got,
+            // A response whose bytes keep coming is still bounded by its
+            // timeout (and an open loop's next send by its slot): looked at
+            // before each read after the first, so that a response that
+            // comes in one read costs no clock reading here.
+            let got = if refill && shared.now_ns() >= deadline {
+                Io::TimedOut
+            } else {
+                c.fill(&shared, deadline).await
             };
+            refill = true;
             match got {
                 Io::Ok => {}
                 Io::TimedOut => {

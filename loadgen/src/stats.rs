@@ -208,6 +208,7 @@ fn json_escape(s: &str) -> String {
 pub fn at_percentile(h: &Histogram<u64>, p: f64) -> u64 {
     h.value_at_quantile((p / 100.0 - 1e-12).clamp(0.0, 1.0))
 }
+
 fn fmt_us(us: f64) -> String {
     if us >= 1_000_000.0 {
         format!("{:.2}s", us / 1e6)
