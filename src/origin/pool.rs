@@ -19,6 +19,7 @@ use crate::http::response::ResponseHead;
 use crate::http::BodyKind;
 use crate::shard::net::Sock;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -261,8 +262,9 @@ pub struct UpstreamPool {
     figures: RefCell<PoolFigures>,
     epoch: Instant,
     /// Idle connections per backend, most recently used last (LIFO reuse
-    /// keeps the working set warm and lets the oldest expire).
-    idle: Vec<RefCell<Vec<(Sock, Instant)>>>,
+    /// keeps the working set warm and lets the oldest expire; a full pool
+    /// closes its oldest, as nginx's `keepalive` does).
+    idle: Vec<RefCell<VecDeque<(Sock, Instant)>>>,
 }
 
 /// How long a shard avoids a backend it could not connect to. The owner
@@ -289,7 +291,7 @@ impl UpstreamPool {
         });
         UpstreamPool {
             backend_names: cfg.backends.iter().map(|b| b.name.clone()).collect(),
-            idle: (0..n).map(|_| RefCell::new(Vec::new())).collect(),
+            idle: (0..n).map(|_| RefCell::new(VecDeque::new())).collect(),
             rr: RefCell::new(SmoothRoundRobin::new(n)),
             rng: RefCell::new(Rng::new(seed)),
             ring,
@@ -579,7 +581,7 @@ impl UpstreamPool {
     /// idle socket stir.
     pub fn checkout(&self, b: usize, now: Instant, verify: bool) -> Option<Sock> {
         let mut idle = self.idle.get(b)?.borrow_mut();
-        while let Some((sock, since)) = idle.pop() {
+        while let Some((sock, since)) = idle.pop_back() {
             // A socket the poller saw an edge on while it sat idle has an
             // EOF or stray bytes (a late 408, say) waiting: it is checked,
             // whatever the caller asked, so those bytes are never read as
@@ -600,10 +602,16 @@ impl UpstreamPool {
     /// Returns a connection whose last exchange completed cleanly.
     pub fn checkin(&self, b: usize, sock: Sock, now: Instant) {
         if let Some(idle) = self.idle.get(b) {
-            let mut idle = idle.borrow_mut();
-            if idle.len() < self.cfg.keepalive {
-                idle.push((sock, now));
+            if self.cfg.keepalive == 0 {
+                return;
             }
+            let mut idle = idle.borrow_mut();
+            // The oldest has idled longest: the likeliest to meet the
+            // backend's own idle timeout first.
+            while idle.len() >= self.cfg.keepalive {
+                idle.pop_front();
+            }
+            idle.push_back((sock, now));
         }
     }
 
