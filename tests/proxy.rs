@@ -355,6 +355,73 @@ fn pooled_connections_the_backend_closed_are_let_go() {
 }
 
 #[test]
+fn a_full_pool_keeps_its_newest_connection() {
+    // keepalive = 1: two exchanges end 1.4 s apart and only one connection
+    // may stay. The older one is let go (as nginx's keepalive does), so the
+    // one kept is still within its 2 s idle time when the next request
+    // comes 2.3 s after the first ended; keeping the first instead would
+    // make that request open a third connection.
+    let origin = Origin::start();
+    let p = one_pool_proxy(
+        "pool-lru",
+        &origin,
+        "",
+        "keepalive = 1\nkeepalive_timeout = \"2s\"\n",
+    );
+    let addr = p.addr;
+    let slow = std::thread::spawn(move || get(addr, "/delay/1500").status);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(get(p.addr, "/delay/100").status, 200);
+    let first_done = Instant::now();
+    assert_eq!(slow.join().unwrap(), 200);
+    let conns = || origin.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(conns(), 2);
+    std::thread::sleep(Duration::from_millis(2300).saturating_sub(first_done.elapsed()));
+    assert_eq!(get(p.addr, "/x").text(), "ok /x");
+    assert_eq!(
+        conns(),
+        2,
+        "the newest idle connection was not the one kept"
+    );
+}
+
+#[test]
+fn a_client_gone_before_the_answer_leaves_the_backend_connection_pooled() {
+    // The client resets its connection while the origin takes 300 ms: the
+    // origin's whole answer is read, the write to the client fails, and
+    // the backend connection, clean, serves the next client.
+    let origin = Origin::start();
+    let p = one_pool_proxy("gone-client", &origin, "", "");
+    let mut s = p.connect();
+    // A POST: a GET would be a cache fill, which runs to its end anyway.
+    s.write_all(b"POST /delay/300 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let off = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid struct linger.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&off as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(origin.requests(), 1);
+    assert_eq!(get(p.addr, "/x").text(), "ok /x");
+    assert_eq!(
+        origin.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[test]
 fn backend_down_is_502() {
     // A port with nothing listening: bind, note the port, close.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

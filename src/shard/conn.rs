@@ -704,8 +704,13 @@ impl ClientConn {
                 Outcome::Close
             }
             Err(StreamFail::Client) => Outcome::Close,
-            Err(StreamFail::ClientAfterBody) => {
+            Err(StreamFail::ClientAfterBody { reusable }) => {
+                // The backend's exchange ended cleanly: its connection
+                // serves the next request whatever became of this client.
                 pool.completed(backend, self.rhead.code);
+                if reusable {
+                    pool.checkin(backend, up, Instant::now());
+                }
                 Outcome::Close
             }
             Ok((reusable, close)) => {
@@ -1140,12 +1145,12 @@ impl ClientConn {
                     if framing == ClientFraming::Chunked {
                         self.out.extend_from_slice(chunked::LAST_CHUNK);
                     }
-                    self.write_client(send_timeout)
-                        .await
-                        .map_err(|_| StreamFail::ClientAfterBody)?;
                     // Bytes past the body are a backend protocol error:
                     // never reuse that connection.
                     let reusable = body.reusable() && !up_close && self.ubuf.is_empty();
+                    self.write_client(send_timeout)
+                        .await
+                        .map_err(|_| StreamFail::ClientAfterBody { reusable })?;
                     return Ok((reusable, close));
                 }
                 Err(e) => {
@@ -1178,8 +1183,8 @@ enum StreamFail {
     /// The client went away (or would not read).
     Client,
     /// The same, once the backend's whole response was read: the backend
-    /// did its part.
-    ClientAfterBody,
+    /// did its part, and its connection may serve another request.
+    ClientAfterBody { reusable: bool },
     /// The backend failed or stalled mid-body.
     Backend,
 }
