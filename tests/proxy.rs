@@ -514,6 +514,8 @@ fn malformed_requests_get_4xx_and_close() {
         (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "400"),
         (b"GET / HTTP/1.1\r\nHost: a.example:8o\r\n\r\n", "400"),
         (b"GET http://:80/x HTTP/1.1\r\nHost: t\r\n\r\n", "400"),
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", "505 HTTP Version Not Supported"),
+        (b"GET / HTTP/1.10\r\nHost: t\r\n\r\n", "400"),
     ];
     for (req, code) in cases {
         let out = raw_exchange(p.addr, req);
@@ -527,6 +529,13 @@ fn malformed_requests_get_4xx_and_close() {
     // Nothing malformed reached the origin, and the proxy still serves.
     assert_eq!(origin.requests(), 0);
     assert_eq!(get(p.addr, "/fine").status, 200);
+    // A later 1.x minor version is served as HTTP/1.1 (RFC 9112 §2.3).
+    let out = raw_exchange(
+        p.addr,
+        b"GET /v HTTP/1.2\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out:?}");
+    assert!(out.ends_with("ok /v"), "{out:?}");
 }
 
 #[test]

@@ -26,6 +26,8 @@ pub enum ClientError {
     HeaderTooLarge,
     /// 501: a transfer-coding corral does not know.
     NotImplemented(&'static str),
+    /// 505: an HTTP major version other than 1.
+    VersionNotSupported,
 }
 
 impl ClientError {
@@ -37,6 +39,7 @@ impl ClientError {
             ClientError::UriTooLong => 414,
             ClientError::HeaderTooLarge => 431,
             ClientError::NotImplemented(_) => 501,
+            ClientError::VersionNotSupported => 505,
         }
     }
 
@@ -47,6 +50,7 @@ impl ClientError {
             ClientError::BodyTooLarge => "request body larger than max_body_bytes",
             ClientError::UriTooLong => "request target longer than max_uri_bytes",
             ClientError::HeaderTooLarge => "request head larger than max_header_bytes",
+            ClientError::VersionNotSupported => "HTTP major version other than 1",
         }
     }
 }
@@ -93,6 +97,7 @@ pub fn reason_phrase(code: u16) -> &'static str {
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }
 }

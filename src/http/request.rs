@@ -212,6 +212,60 @@ pub fn valid_authority(v: &[u8]) -> bool {
         }
 }
 
+/// httparse knows HTTP/1.0 and 1.1 only. A later 1.x minor is served as
+/// 1.1 (RFC 9112 §2.3: a recipient processes a higher minor version as the
+/// highest one it implements, as nginx does), another major version is
+/// 505, and a version that is not `HTTP/` DIGIT `.` DIGIT is 400.
+fn later_version(
+    buf: &[u8],
+    limits: &HeadLimits,
+    head: &mut RequestHead,
+) -> Result<bool, ClientError> {
+    // The request line, past the empty lines httparse skips.
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line_end = memchr::memchr(b'\n', &buf[start..]).map(|i| start + i);
+    let line = &buf[start..line_end.unwrap_or(buf.len())];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let at = memchr::memrchr(b' ', line).map_or(0, |i| i + 1);
+    let version = &line[at..];
+    const SHAPE: &[u8] = b"HTTP/0.0";
+    let fits = version.len() <= SHAPE.len()
+        && version.iter().zip(SHAPE).all(|(&c, &s)| {
+            if s == b'0' {
+                c.is_ascii_digit()
+            } else {
+                c == s
+            }
+        });
+    if !fits {
+        return Err(ClientError::BadRequest("invalid HTTP version"));
+    }
+    if version.len() < SHAPE.len() || line_end.is_none() {
+        // The rest of the line has yet to come (a longer version is 400
+        // once it has).
+        if buf.len() > limits.max_header_bytes {
+            return Err(ClientError::HeaderTooLarge);
+        }
+        return Ok(false);
+    }
+    if version[5] != b'1' {
+        return Err(ClientError::VersionNotSupported);
+    }
+    if version[7] <= b'1' {
+        // 1.0 and 1.1 parse: what httparse took for the version was not
+        // the line's last word (a space in the target).
+        return Err(ClientError::BadRequest("invalid HTTP version"));
+    }
+    // The same head with the minor digit made 1: every range parsed from
+    // the copy is the same in `buf`.
+    let mut copy = buf.to_vec();
+    copy[start + at + SHAPE.len() - 1] = b'1';
+    parse_request(&copy, limits, head)
+}
+
 /// Parses the head at the start of `buf` into `head` (whose field table is
 /// reused). `Ok(false)` means the head is incomplete and within limits.
 pub fn parse_request(
@@ -228,9 +282,7 @@ pub fn parse_request(
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => return Err(ClientError::HeaderTooLarge),
         Err(httparse::Error::Token) => return Err(ClientError::BadRequest("invalid method token")),
-        Err(httparse::Error::Version) => {
-            return Err(ClientError::BadRequest("invalid HTTP version"))
-        }
+        Err(httparse::Error::Version) => return later_version(buf, limits, head),
         Err(httparse::Error::HeaderName) => {
             return Err(ClientError::BadRequest("invalid header name"))
         }
@@ -591,7 +643,19 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+            (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 200),
+            (b"GET / HTTP/1.9\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/12.0\r\nHost: a\r\n\r\n", 400),
+            (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\n", 505),
+            (b"GET / HTTP/2", 0),
+            (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET /a b HTTP/1.2\r\nHost: a\r\n\r\n", 400),
+            (b"\r\nGET / HTTP/1.3\r\nHost: a\r\n\r\n", 200),
             (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"G\x01T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n", 400),
@@ -648,6 +712,26 @@ mod tests {
         }
         assert_eq!(full.head_len, buf.len());
         assert_eq!(full.body(), BodyKind::Chunked);
+    }
+
+    /// The same for a later 1.x minor version (served as 1.1) and for 505,
+    /// whose answer must not come before the version is whole.
+    #[test]
+    fn every_split_point_of_other_versions() {
+        let buf: &[u8] = b"GET /v HTTP/1.2\r\nHost: h\r\nConnection: close\r\n\r\n";
+        let full = parse(buf).unwrap().unwrap();
+        for i in 0..buf.len() {
+            assert!(parse(&buf[..i]).unwrap().is_none(), "prefix {i} parsed");
+        }
+        assert_eq!((full.head_len, full.minor), (buf.len(), 1));
+        assert_eq!(full.target(buf), b"/v");
+        assert!(full.close);
+        let buf: &[u8] = b"GET /v HTTP/3.0\r\nHost: h\r\n\r\n";
+        let line = b"GET /v HTTP/3.0\r\n".len();
+        for i in 0..buf.len() {
+            let want = if i >= line { 505 } else { 0 };
+            assert_eq!(status(&buf[..i]), want, "prefix {i}");
+        }
     }
 
     #[test]
