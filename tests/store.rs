@@ -256,6 +256,7 @@ fn unsafe_paths_and_methods_are_refused() {
         // A file named as a directory (nginx: ENOTDIR, 404); a directory
         // named as one is still a directory.
         ("/one/", 404),
+        ("/one/.", 404),
         ("/sub/", 403),
         ("/sub/page.html/", 404),
         (long_name.as_str(), 404),
@@ -377,6 +378,23 @@ fn clustered_concurrent_readers_share_reads() {
     // Nothing read twice, nothing read that was not asked for.
     assert_eq!(bytes, 56.0 * 16384.0);
     assert_eq!(metric(&p, "corral_store_blocks_requested_total"), 224.0);
+}
+
+#[test]
+fn a_file_asked_for_as_a_directory_stays_kept() {
+    // `/b4096/` is a 404 that must not drop the open file `b4096` and its
+    // cached blocks (`Path` compares `b4096/.` equal to `b4096`): asking for
+    // it again costs no read of the store.
+    let dir = tree("dirname");
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    assert_eq!(ask(&p, "/b4096", "").body, content(4096));
+    let reads = metric(&p, "corral_store_reads_total");
+    assert!(reads >= 1.0);
+    for path in ["/b4096/", "/b4096/."] {
+        assert_eq!(ask(&p, path, "").status, 404, "{path}");
+    }
+    assert_eq!(ask(&p, "/b4096", "").body, content(4096));
+    assert_eq!(metric(&p, "corral_store_reads_total"), reads);
 }
 
 #[test]

@@ -193,8 +193,12 @@ impl StoreShard {
             Ok(m) => m,
             Err(e) => {
                 // Gone (or unreadable): its descriptor, if kept, goes too,
-                // so a deleted file's space is freed.
-                self.files.borrow_mut().remove(rel);
+                // so a deleted file's space is freed. Not for a name that
+                // must be a directory (`a.txt/.`, from `/a.txt/`): `Path`
+                // compares it equal to `a.txt`, which is still there.
+                if !names_directory(rel) {
+                    self.files.borrow_mut().remove(rel);
+                }
                 return match lookup_error(e) {
                     // Not a 404 for a name under a directory out of the
                     // root: that would tell which files exist out there.
@@ -620,6 +624,13 @@ fn find_nonempty(root: &Path, budget: usize) -> Option<PathBuf> {
 /// through a file (`ENOTDIR`) or with a name too long names nothing (404),
 /// a symlink loop or a denied directory is forbidden (403); anything else
 /// is the server's failure (500).
+/// A path from `decode_path` for a request ending in `/`: its final `.`
+/// makes the stat fail unless it is a directory.
+fn names_directory(rel: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    rel.as_os_str().as_bytes().ends_with(b"/.")
+}
+
 fn lookup_error(e: std::io::Error) -> Lookup {
     use std::io::ErrorKind;
     match (e.kind(), e.raw_os_error()) {

@@ -29,8 +29,8 @@ pub enum BadPath {
 /// The request path (without query), percent-decoded, as a relative path
 /// of normal components: `.` and empty segments dropped, `..` refused. A
 /// path ending in `/` (but `/` itself) keeps a final `.`, so that it names
-/// a directory: `/a.txt/` is not the file `a.txt` (a 404, as nginx's
-/// ENOTDIR), `/dir/` is the directory.
+/// a directory: `/a.txt/` and `/a.txt/.` are not the file `a.txt` (a 404,
+/// as nginx's ENOTDIR), `/dir/` is the directory.
 pub fn decode_path(path: &[u8]) -> Result<PathBuf, BadPath> {
     let (raw, clean) = crate::http::percent_decode(path);
     if !clean {
@@ -47,7 +47,9 @@ pub fn decode_path(path: &[u8]) -> Result<PathBuf, BadPath> {
             s => rel.push(std::ffi::OsStr::from_bytes(s)),
         }
     }
-    if raw.len() > 1 && raw.ends_with(b"/") && !rel.as_os_str().is_empty() {
+    // `/a.txt/.` is `/a.txt/` (RFC 3986 §5.2.4).
+    let dir = raw.ends_with(b"/") || raw.ends_with(b"/.");
+    if raw.len() > 1 && dir && !rel.as_os_str().is_empty() {
         rel.push(".");
     }
     Ok(rel)
