@@ -709,6 +709,44 @@ fn stale_if_error_answers_for_a_failing_origin() {
 }
 
 #[test]
+fn a_stale_empty_chunked_body_keeps_the_connection_in_step() {
+    // An empty body the origin sent chunked, stored, then served stale for
+    // a failing origin: the answer is framed once (no second last-chunk
+    // left on the connection), so the next response on it reads right.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let addr = scripted_origin(move |_head, s| {
+        let answer: &[u8] = if c.fetch_add(1, Ordering::SeqCst) == 0 {
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1, stale-if-error=60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"
+        };
+        s.write_all(answer).is_ok()
+    });
+    let b = addr.to_string();
+    let p = Proxy::start(&["--backend", &b, "--shards", "1"]);
+    assert_eq!(get(p.addr, "/e").status, 200);
+    std::thread::sleep(Duration::from_millis(2100));
+    let s = p.connect();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for path in ["/e", "/e", "/other"] {
+        write!(w, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        if path == "/e" {
+            assert_eq!(resp.status, 200);
+            assert!(resp.body.is_empty());
+            assert_eq!(
+                resp.header("Cache-Status"),
+                Some("corral; fwd=stale; detail=stale-if-error")
+            );
+        } else {
+            assert_eq!(resp.status, 500);
+        }
+    }
+}
+
+#[test]
 fn ranges_are_cut_from_the_stored_object() {
     let origin = Origin::start();
     let p = proxy(&origin, "1");

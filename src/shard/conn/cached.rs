@@ -632,6 +632,9 @@ impl ClientConn {
                             }
                             return Some(self.keep_or_close());
                         }
+                    } else if c.is_empty() {
+                        // Nothing to frame (chunked, an empty chunk would
+                        // be the last-chunk marker).
                     } else {
                         if chunked_out {
                             chunked::encode_chunk_head(&mut self.out, c.len());
@@ -1123,8 +1126,15 @@ impl FillJob {
     /// current age (`shareable`: every reader may read it).
     fn serve_stored(&self, o: &Object, shareable: bool) {
         let age = o.timing.current_age(unix_now());
-        self.start(with_age(&o.meta, age), shareable);
-        self.push_with(Arc::from(&o.body[..]), true);
+        // The stored body is whole: it goes out with its length, even when
+        // the origin sent it chunked or close-delimited.
+        let mut meta = (*o.meta).clone();
+        meta.facts.age = Some(age);
+        meta.content_length = Some(o.body.len() as u64);
+        self.start(Arc::new(meta), shareable);
+        if !o.body.is_empty() {
+            self.push_with(Arc::from(&o.body[..]), true);
+        }
         self.finish();
     }
 
@@ -1467,13 +1477,4 @@ fn fill_key_of(key: u64, obj: &Object) -> u64 {
         Some(_) => crate::cache::variant_key(key, &obj.vary_values),
         None => key,
     }
-}
-
-/// `meta` whose `Age` (what fill readers send) is `age`: a stored response
-/// served through a fill (stale on error, or refreshed by a 304) has aged
-/// since the origin's Age (RFC 9111 §5.1).
-fn with_age(meta: &Arc<Meta>, age: u64) -> Arc<Meta> {
-    let mut m = (**meta).clone();
-    m.facts.age = Some(age);
-    Arc::new(m)
 }
