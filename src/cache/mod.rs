@@ -185,25 +185,40 @@ impl Partitions {
     }
 
     /// Records `vk` as a stored variant of `primary`. Variants evicted
-    /// since linger in the index; it is pruned when it outgrows its
-    /// partition.
+    /// since linger in the index: a URL's list is pruned to its live
+    /// variants whenever it reaches a power of two from 64 (one URL asked
+    /// with ever new `Vary` values cannot grow it without bound), and the
+    /// whole index when it outgrows the partition. A variant lives in its
+    /// own key's partition, looked at one lock at a time.
     fn note_variant(&self, primary: u64, vk: u64) {
         let mut index = self.variants[self.owner(primary)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let live = |k: &u64| self.part(*k).peek(*k).is_some();
         let list = index.entry(primary).or_default();
-        if !list.contains(&vk) {
-            list.push(vk);
+        if list.contains(&vk) {
+            return;
         }
-        if index.len() > 1024 {
-            let p = self.part(primary);
-            if index.len() > 2 * p.len() {
-                index.retain(|_, l| {
-                    l.retain(|k| p.peek(*k).is_some());
-                    !l.is_empty()
-                });
-            }
+        list.push(vk);
+        if list.len() >= 64 && list.len().is_power_of_two() {
+            list.retain(live);
         }
+        if index.len() > 1024 && index.len() > 2 * self.part(primary).len() {
+            index.retain(|_, l| {
+                l.retain(live);
+                !l.is_empty()
+            });
+        }
+    }
+
+    /// The variant keys recorded for `primary` (for tests).
+    #[cfg(test)]
+    pub fn variants_noted(&self, primary: u64) -> usize {
+        self.variants[self.owner(primary)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&primary)
+            .map_or(0, Vec::len)
     }
 
     /// Drops `primary` and every variant of it; whether anything was stored.

@@ -571,6 +571,38 @@ mod tests {
     }
 
     #[test]
+    fn a_url_s_variant_index_stays_bounded_by_its_live_variants() {
+        // One URL stored under ever new Vary values in a cache that holds
+        // few of them: the index of its variants keeps up with evictions
+        // (and a variant in another partition than its URL's is kept).
+        use crate::cache::{Partitions, ShardCache};
+        let parts = Arc::new(Partitions::new(64 << 10, 2));
+        let cache = ShardCache::new(0, parts.clone(), 64 << 10);
+        let head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: X-V\r\nContent-Length: 500\r\n\r\n";
+        let primary = 7u64;
+        let mut keys = Vec::new();
+        for i in 0..2000u32 {
+            let mut o = object(meta(head), vec![b'x'; 500]);
+            let values = vec![Some(i.to_string().into_bytes())];
+            let vk = parts.variant_key(primary, &values);
+            o.vary_values = values;
+            o.variant_of = Some(primary);
+            assert!(cache.insert(vk, o));
+            keys.push(vk);
+        }
+        let live = keys
+            .iter()
+            .filter(|k| cache.lookup(**k, 0).is_some())
+            .count();
+        let noted = parts.variants_noted(primary);
+        assert!(live > 0 && live < 200, "{live}");
+        assert!(
+            noted >= live && noted <= 2 * live.max(64),
+            "{noted} for {live}"
+        );
+    }
+
+    #[test]
     fn removing_a_revalidated_copy_spares_a_newer_one() {
         // A 304 path drops the copy it revalidated, not one stored since.
         use crate::cache::{Partitions, ShardCache};

@@ -104,8 +104,9 @@ impl<V> Store<V> {
     }
 
     /// Stores `value` of `size` bytes under `key`, replacing any earlier one,
-    /// and evicts until the budget holds. An object larger than the whole
-    /// budget is not stored (returns false).
+    /// and evicts until the budget holds. Whether it is stored: not an
+    /// object larger than the whole budget, nor one evicted at once to
+    /// make room.
     pub fn insert(&mut self, key: u64, value: V, size: u64) -> bool {
         if size > self.budget {
             // The earlier version is outdated all the same.
@@ -128,9 +129,11 @@ impl<V> Store<V> {
                     break;
                 }
             }
-            return true;
+            return self.map.contains_key(&key);
         }
-        let queue = if self.ghost.remove(&key) {
+        // An object larger than the small queue's share would push itself
+        // out of it at once in a full store: it starts in the main queue.
+        let queue = if self.ghost.remove(&key) || size * 100 > self.budget * SMALL_SHARE_PERCENT {
             Queue::Main
         } else {
             Queue::Small
@@ -159,7 +162,9 @@ impl<V> Store<V> {
                 break;
             }
         }
-        true
+        // Making room may have taken the newcomer itself (a large object
+        // entering a small queue it fills): then it is not stored.
+        self.map.contains_key(&key)
     }
 
     /// Drops `key`; its value if it was stored.
@@ -335,6 +340,25 @@ mod tests {
         }
         assert!(!s.insert(9999, 0, 1001));
         assert!(s.evictions > 0);
+    }
+
+    #[test]
+    fn a_large_object_is_stored_in_a_full_store() {
+        // Larger than the small queue's share (10%): admitted to the main
+        // queue, where older objects make room, not pushed out at once.
+        let mut s: Store<u32> = Store::new(10_000);
+        for k in 0..200u64 {
+            s.insert(k, 0, 100);
+        }
+        // Evicted once, so back in the main queue.
+        for k in 0..100u64 {
+            s.insert(k, 0, 100);
+        }
+        assert!(!s.main.is_empty());
+        assert!(s.bytes() > 9_000);
+        assert!(s.insert(5000, 1, 3000));
+        assert_eq!(s.peek(5000), Some(&1));
+        assert!(s.bytes() <= 10_000);
     }
 
     #[test]
