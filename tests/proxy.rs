@@ -1100,6 +1100,13 @@ fn routes_pick_pools_by_host_and_prefix() {
     assert_eq!((a.requests(), b.requests()), (1, 1));
     req("b.example:8080", "/x");
     assert_eq!((a.requests(), b.requests()), (1, 2));
+    // Spellings of /api/ that a backend (or a store) reads as /api/ take
+    // its route too, and go upstream as the client wrote them.
+    for path in ["/%61pi/v2", "//api/v3", "/x/../api/v4", "/./api/v5"] {
+        req("a.example", path);
+        assert_eq!(b.last_seen().path, path);
+    }
+    assert_eq!((a.requests(), b.requests()), (1, 6));
 }
 
 #[test]

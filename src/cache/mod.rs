@@ -48,6 +48,15 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
         .unwrap_or(host);
     let mut lower = [0u8; 256];
     let target = head.origin_target(buf);
+    // `GET http://h?q` is `GET /?q` (the rewriter puts the `/` in), and
+    // `/%7Ea` is `/~a` (RFC 9110 §4.2.3).
+    let normal;
+    let target = if target.first() == Some(&b'?') || memchr::memchr(b'%', target).is_some() {
+        normal = normal_target(target);
+        &normal[..]
+    } else {
+        target
+    };
     if host.len() > lower.len() {
         return cache_key(&host.to_ascii_lowercase(), target);
     }
@@ -55,6 +64,40 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
     lower.copy_from_slice(host);
     lower.make_ascii_lowercase();
     cache_key(lower, target)
+}
+
+/// A target with a `/` before a bare query, percent-encoded unreserved
+/// characters decoded and the hex digits of the other escapes upper-cased
+/// (RFC 3986 §6.2.2): one spelling for the cache key.
+fn normal_target(target: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(target.len() + 1);
+    if target.first() == Some(&b'?') {
+        out.push(b'/');
+    }
+    let mut i = 0;
+    while i < target.len() {
+        if target[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                target.get(i + 1).and_then(|&c| hex(c)),
+                target.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                } else {
+                    out.push(b'%');
+                    out.push(target[i + 1].to_ascii_uppercase());
+                    out.push(target[i + 2].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(target[i]);
+        i += 1;
+    }
+    out
 }
 
 /// SipHash under keys drawn at random once per process.
@@ -631,6 +674,35 @@ mod tests {
         assert_eq!(purge_form(b"http://h:80/a?q"), b"/a");
         assert_eq!(purge_form(b"HTTPS://h"), b"/");
         assert_eq!(purge_form(b"/a%2Fb"), b"/a/b");
+    }
+
+    #[test]
+    fn every_spelling_of_a_uri_has_one_key() {
+        use super::request_key;
+        use crate::http::request::{parse_request, HeadLimits, RequestHead};
+        let limits = HeadLimits {
+            max_header_bytes: 8192,
+            max_headers: 64,
+            max_uri_bytes: 4096,
+        };
+        let key = |req: &str| {
+            let mut h = RequestHead::default();
+            assert!(parse_request(req.as_bytes(), &limits, &mut h).unwrap());
+            request_key(&h, req.as_bytes())
+        };
+        let one = |a: &str, b: &str| {
+            let ka = key(&format!("GET {a} HTTP/1.1\r\nHost: h\r\n\r\n"));
+            let kb = key(&format!("GET {b} HTTP/1.1\r\nHost: h\r\n\r\n"));
+            ka == kb
+        };
+        assert!(one("http://h?q", "/?q"));
+        assert!(one("http://H:80/a", "/a"));
+        assert!(one("/%7Ea", "/~a"));
+        assert!(one("/%41%2d%2E", "/A-."));
+        assert!(one("/a%2fb", "/a%2Fb"));
+        assert!(!one("/a%2Fb", "/a/b"));
+        assert!(!one("/a%3Fb", "/a?b"));
+        assert!(!one("/a", "/b"));
     }
 
     #[test]

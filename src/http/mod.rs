@@ -102,6 +102,43 @@ pub fn reason_phrase(code: u16) -> &'static str {
     }
 }
 
+/// The path routes are matched against: percent-decoded, with empty and
+/// `.` segments dropped and `..` taking the segment before it (RFC 3986
+/// §5.2.4), as nginx matches its locations, so that `/files/%70rivate/`
+/// or `/files//private/` cannot pass by a route for `/files/private/`
+/// (a store decodes what it serves). A trailing `/` stays. Paths without
+/// `%`, `//` or `/.` (nearly all) are returned as they are.
+pub fn route_path(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    let plain = memchr::memchr(b'%', path).is_none()
+        && memchr::memmem::find(path, b"//").is_none()
+        && memchr::memmem::find(path, b"/.").is_none();
+    if plain {
+        return Cow::Borrowed(path);
+    }
+    let (decoded, _) = percent_decode(path);
+    let mut segs: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&c| c == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len());
+    for s in &segs {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    let dir = decoded.ends_with(b"/") || decoded.ends_with(b"/.") || decoded.ends_with(b"/..");
+    if out.is_empty() || dir {
+        out.push(b'/');
+    }
+    Cow::Owned(out)
+}
+
 /// `%XX` decoding: the decoded bytes (an invalid escape is kept as it is),
 /// and whether every escape was valid.
 pub fn percent_decode(s: &[u8]) -> (Vec<u8>, bool) {
@@ -305,6 +342,37 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_paths_are_decoded_and_normalised() {
+        for (raw, want) in [
+            ("/files/a", "/files/a"),
+            ("/files/%70rivate/x", "/files/private/x"),
+            ("/files//private/x", "/files/private/x"),
+            ("/files/./private/x", "/files/private/x"),
+            ("/public/../files/private/x", "/files/private/x"),
+            ("/files/private/../../public/x", "/public/x"),
+            ("/../../x", "/x"),
+            ("/a/b/", "/a/b/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a%2Fb", "/a/b"),
+            ("//", "/"),
+            ("/.", "/"),
+            ("/%2e%2e/x", "/x"),
+            ("/.well-known/x", "/.well-known/x"),
+        ] {
+            assert_eq!(
+                route_path(raw.as_bytes()).as_ref(),
+                want.as_bytes(),
+                "{raw}"
+            );
+        }
+        assert!(matches!(
+            route_path(b"/plain/path"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn content_length_values() {

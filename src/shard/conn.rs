@@ -491,7 +491,8 @@ impl ClientConn {
         let shard = self.shard.clone();
         let cfg = &shard.cfg;
         let buf = self.inbuf.filled();
-        let pool_idx = match cfg.route(self.head.host(buf), self.head.path(buf)) {
+        let path = crate::http::route_path(self.head.path(buf));
+        let pool_idx = match cfg.route(self.head.host(buf), &path) {
             // Boxed like forward().
             Some(Target::Store(i)) => return Box::pin(self.serve_store(i)).await,
             Some(Target::Pool(i)) => i,
