@@ -1036,3 +1036,71 @@ fn with_every_backend_down_a_stale_response_answers_where_allowed() {
     let r = Client::new(&p).get("/cached/never", "");
     assert_eq!(r.status, 503);
 }
+
+/// The shard a kept-alive connection lives on: the one whose request count
+/// its next request raises.
+fn shard_of(p: &Proxy, c: &mut Client) -> usize {
+    let counts = || -> Vec<u64> {
+        let r = get(p.admin_addr(), "/status");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .collect()
+    };
+    let before = counts();
+    assert_eq!(c.get("/which", "").status, 200);
+    let after = counts();
+    (0..before.len()).find(|&i| after[i] > before[i]).unwrap()
+}
+
+#[test]
+fn failures_seen_on_one_shard_do_not_eject_a_backend_another_finds_working() {
+    // One client gets 500s (with on_5xx, failures) on one shard while
+    // clients on the other shard get good answers from the same backends
+    // in between: no backend has `failures` consecutive failures, and none
+    // is ejected. (Before, a shard reported successes only after failures
+    // of its own, so the other shard's never reset the streak.)
+    let (x, y) = (Origin::start(), Origin::start());
+    let cfg = write_config(
+        "cross-shard-streak",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\nadmin = \"127.0.0.1:0\"\n\
+             [cache]\nsize = 0\n[[pool]]\nname = \"app\"\n\
+             backends = [{{ addr = \"{}\" }}, {{ addr = \"{}\" }}]\n\
+             eject = {{ failures = 3, on_5xx = true, cooldown = \"30s\" }}\n",
+            x.addr, y.addr
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let mut failing = Client::new(&p);
+    let s = shard_of(&p, &mut failing);
+    let mut others = Vec::new();
+    for _ in 0..64 {
+        if others.len() == 2 {
+            break;
+        }
+        let mut c = Client::new(&p);
+        if shard_of(&p, &mut c) != s {
+            others.push(c);
+        }
+    }
+    assert_eq!(others.len(), 2, "no connection landed on the other shard");
+    for round in 0..12 {
+        assert_eq!(failing.get("/status/500", "").status, 500);
+        // The owner publishes the streak at its next tick (20 ms).
+        std::thread::sleep(Duration::from_millis(80));
+        for c in &mut others {
+            assert_eq!(c.get(&format!("/ok{round}"), "").status, 200);
+        }
+        std::thread::sleep(Duration::from_millis(80));
+    }
+    assert_eq!(
+        metric_sum(p.admin_addr(), "corral_backend_ejections_total"),
+        0.0,
+        "{}",
+        p.stderr.lock().unwrap()
+    );
+}

@@ -117,9 +117,14 @@ impl Health {
                 self.active_up = true;
                 self.passive_streak = 0;
                 self.back_since = Some(now);
-                // A backend that comes up from down starts a fresh record.
-                self.ejected_until = None;
-                self.ejections = 0;
+                // An ejection still cooling down stands: it ends at the
+                // first good check after its cool-down (below), and its
+                // back-off record stays, so a crash-looping backend's
+                // ejections keep growing longer (forgiven, as any, after
+                // four good cool-downs).
+                if self.ejected_until.is_some_and(|t| now >= t) {
+                    self.ejected_until = None;
+                }
                 return Some(Change::Up);
             }
             if self.ejected_until.is_some_and(|t| now >= t) && self.active_up {
@@ -174,6 +179,11 @@ impl Health {
     /// A request to it succeeded after failures were reported.
     pub fn passive_success(&mut self) {
         self.passive_streak = 0;
+    }
+
+    /// Consecutive failures reported since the last success or ejection.
+    pub fn passive_streak(&self) -> u32 {
+        self.passive_streak
     }
 
     /// Time passing: without active checks an ejection ends with its
@@ -285,6 +295,32 @@ mod tests {
             h.passive_failure(t2, true),
             Some(Change::Ejected(Duration::from_secs(5))),
             "capped at max_cooldown"
+        );
+    }
+
+    #[test]
+    fn coming_up_from_down_keeps_an_ejection_and_its_back_off() {
+        let t = Instant::now();
+        let mut h = Health::new(params(true));
+        h.passive_failure(t, true);
+        assert_eq!(
+            h.passive_failure(t, true),
+            Some(Change::Ejected(Duration::from_secs(1)))
+        );
+        for _ in 0..3 {
+            h.probe(false, t);
+        }
+        h.probe(true, t);
+        assert_eq!(h.probe(true, t), Some(Change::Up));
+        assert!(!h.usable(), "still within its cool-down");
+        let t1 = t + Duration::from_secs(1);
+        assert_eq!(h.probe(true, t1), Some(Change::Returned));
+        assert!(h.usable());
+        h.passive_failure(t1, true);
+        assert_eq!(
+            h.passive_failure(t1, true),
+            Some(Change::Ejected(Duration::from_secs(2))),
+            "the back-off went on growing"
         );
     }
 

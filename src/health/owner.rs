@@ -37,6 +37,8 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
     let n = cfg.backends.len();
     let mut states: Vec<Health> = (0..n).map(|_| Health::new(params)).collect();
     let mut last_failure: Vec<&'static str> = vec![""; n];
+    // Failure reports per backend: the streak marks published to shards.
+    let mut failures_seen: Vec<u64> = vec![0; n];
     // Probes run on this shard and hand their results over directly: a
     // queue full of other shards' failure reports cannot lose them.
     let probes: Rc<RefCell<Vec<Report>>> = Rc::default();
@@ -75,6 +77,7 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
                         .any(|(i, s)| i != backend && s.usable());
                     let may = others_usable && ejected < max_ejected(n, cfg.eject.max_percent);
                     last_failure[backend] = kind.describe();
+                    failures_seen[backend] += 1;
                     if let Some(c) = states[backend].passive_failure(now, may) {
                         let why = format!(
                             "{} consecutive failures, last: {}",
@@ -125,6 +128,15 @@ pub async fn run(shard: Rc<Shard>, pool_idx: usize) {
             sb.permille.store(s.weight_permille(now), Ordering::Relaxed);
             sb.up.store(s.active_up(), Ordering::Relaxed);
             sb.ejected.store(s.is_ejected(), Ordering::Relaxed);
+            let mark = if s.passive_streak() > 0 {
+                failures_seen[b]
+            } else {
+                0
+            };
+            // Written on change only: every shard reads it per success.
+            if sb.streak.load(Ordering::Relaxed) != mark {
+                sb.streak.store(mark, Ordering::Relaxed);
+            }
         }
         // Quiet for a second (no reports, nothing ejected or ramping up):
         // look less often, so that an idle proxy seldom wakes.

@@ -85,6 +85,12 @@ pub struct BackendShared {
     pub reported_at_ms: AtomicU64,
     /// Times it has been ejected.
     pub ejections: AtomicU64,
+    /// Owner-written: 0 while its passive failure streak is 0, else a mark
+    /// that changes with every failure extending the streak. A shard that
+    /// sees a success while the mark is one it has not answered reports
+    /// the success, whoever reported the failures: a streak is of failures
+    /// with no success in between on any shard.
+    pub streak: AtomicU64,
 }
 
 impl Default for BackendShared {
@@ -97,6 +103,7 @@ impl Default for BackendShared {
             reported_load: AtomicU32::new(0),
             reported_at_ms: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            streak: AtomicU64::new(0),
         }
     }
 }
@@ -246,6 +253,9 @@ pub struct UpstreamPool {
     budget: RefCell<RetryBudget>,
     /// This shard reported a failure of the backend and no success since.
     reported: Vec<Cell<bool>>,
+    /// The owner's failure-streak mark this shard last answered with a
+    /// success report (see [`BackendShared::streak`]).
+    answered_streak: Vec<Cell<u64>>,
     /// Scratch: effective weights for one pick.
     weights: RefCell<Vec<u32>>,
     /// This shard saw a connection to the backend fail: it skips the
@@ -298,6 +308,7 @@ impl UpstreamPool {
             ewma: RefCell::new(vec![PeakEwma::new(cfg.ewma_decay.as_nanos() as u64); n]),
             budget: RefCell::new(RetryBudget::new(cfg.retry_budget, MIN_RETRIES_PER_SEC)),
             reported: (0..n).map(|_| Cell::new(false)).collect(),
+            answered_streak: (0..n).map(|_| Cell::new(0)).collect(),
             weights: RefCell::new(vec![0; n]),
             held_until: (0..n).map(|_| Cell::new(None)).collect(),
             any_held: Cell::new(false),
@@ -535,23 +546,34 @@ impl UpstreamPool {
             .try_send(Report::Failure { backend: b, kind });
     }
 
-    /// Tells the owner that `b` works again, if this shard reported it failing.
+    /// Tells the owner that `b` works again, if this shard reported it
+    /// failing or the owner has a failure streak for it (from any shard)
+    /// that this shard has not answered yet.
     fn succeeded(&self, b: usize) {
-        if let Some(h) = self.held_until.get(b) {
-            h.set(None);
+        let (Some(h), Some(r), Some(answered), Some(sb)) = (
+            self.held_until.get(b),
+            self.reported.get(b),
+            self.answered_streak.get(b),
+            self.shared.backends.get(b),
+        ) else {
+            return;
+        };
+        h.set(None);
+        let mark = sb.streak.load(Ordering::Relaxed);
+        if !r.get() && (mark == 0 || answered.get() == mark) {
+            return;
         }
         // Forgotten only once the owner has it: a success lost to a full
         // queue would leave the failure streak standing, and the next
         // failure would eject a healthy backend.
-        if let Some(r) = self.reported.get(b).filter(|r| r.get()) {
-            if self
-                .shared
-                .reports
-                .try_send(Report::Success { backend: b })
-                .is_ok()
-            {
-                r.set(false);
-            }
+        if self
+            .shared
+            .reports
+            .try_send(Report::Success { backend: b })
+            .is_ok()
+        {
+            r.set(false);
+            answered.set(mark);
         }
     }
 
