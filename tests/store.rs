@@ -398,6 +398,32 @@ fn a_file_asked_for_as_a_directory_stays_kept() {
 }
 
 #[test]
+fn a_deleted_file_is_let_go_without_being_asked_for_again() {
+    // Served once, then deleted: within the next sweep (a second) corral
+    // no longer holds it open, so its space is freed.
+    let dir = tree("deleted");
+    std::fs::write(dir.join("doomed.bin"), content(100_000)).unwrap();
+    let p = store_proxy(&dir, &["--shards", "1"]);
+    assert_eq!(ask(&p, "/doomed.bin", "").body, content(100_000));
+    let held = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.to_string_lossy().contains("doomed.bin"))
+            .count()
+    };
+    assert_eq!(held(), 1, "the file is kept open while it exists");
+    std::fs::remove_file(dir.join("doomed.bin")).unwrap();
+    let t = std::time::Instant::now();
+    while held() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "still held");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ask(&p, "/doomed.bin", "").status, 404);
+    assert_eq!(ask(&p, "/one", "").body, content(1));
+}
+
+#[test]
 fn tmpfs_falls_back_to_buffered_reads_and_says_so() {
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {

@@ -845,6 +845,9 @@ async fn shard_main(
             for p in &shard.pools {
                 p.sweep(now);
             }
+            for s in &shard.stores {
+                s.sweep();
+            }
             last_sweep = now;
         }
     }
