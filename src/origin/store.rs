@@ -83,6 +83,9 @@ pub struct OpenFile {
     /// `None` for an empty file (never opened: nothing to read).
     handle: Option<Rc<Handle>>,
     pub path: PathBuf,
+    /// The device and inode: an inode number is unique on its device only
+    /// (two mounted images under the root may share one).
+    pub dev: u64,
     pub ino: u64,
     pub mtime: i64,
     mtime_ns: i64,
@@ -98,8 +101,8 @@ impl OpenFile {
     /// A strong validator from the file's identity, times and size.
     pub fn etag(&self) -> String {
         format!(
-            "\"{:x}-{:x}-{:x}-{:x}\"",
-            self.ino, self.mtime_ns as u64, self.ctime_ns as u64, self.size
+            "\"{:x}-{:x}-{:x}-{:x}-{:x}\"",
+            self.dev, self.ino, self.mtime_ns as u64, self.ctime_ns as u64, self.size
         )
     }
 }
@@ -235,11 +238,12 @@ impl StoreShard {
             Ok(_) => return Lookup::Forbidden,
             Err(e) => return lookup_error(e),
         };
-        let (handle, ino, mtime, mtime_nanos, ctime_nanos, size) = if meta.len() == 0 {
+        let (handle, dev, ino, mtime, mtime_nanos, ctime_nanos, size) = if meta.len() == 0 {
             // Never opened: glommio's first open on a device probes with a
             // read, and an empty file would fool the probe (GLOMMIO.md).
             (
                 None,
+                meta.dev(),
                 meta.ino(),
                 meta.mtime(),
                 mtime_ns(&meta),
@@ -275,6 +279,7 @@ impl StoreShard {
             }
             (
                 Some(Rc::new(h)),
+                st.dev(),
                 st.ino(),
                 st.mtime(),
                 mtime_ns(&st),
@@ -291,6 +296,7 @@ impl StoreShard {
             id,
             handle,
             path: real,
+            dev,
             ino,
             mtime,
             mtime_ns: mtime_nanos,
@@ -382,6 +388,7 @@ impl StoreShard {
         let files = self.files.borrow();
         let f = files.get(rel)?;
         if f.ino == meta.ino()
+            && f.dev == meta.dev()
             && f.mtime_ns == mtime_ns(meta)
             && f.ctime_ns == ctime_ns(meta)
             && f.size == meta.len()
@@ -629,7 +636,12 @@ fn find_nonempty(root: &Path, budget: usize) -> Option<PathBuf> {
     let mut dirs = std::collections::VecDeque::from([root.to_path_buf()]);
     let mut left = budget;
     while let Some(dir) = dirs.pop_front() {
-        for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        // An unreadable directory (`lost+found` at a mount's root) is
+        // passed by, not the end of the search.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
             if left == 0 {
                 return None;
             }
@@ -706,6 +718,7 @@ mod tests {
             id: 1,
             handle: None,
             path: PathBuf::from("x"),
+            dev: 0,
             ino: 0,
             mtime: 0,
             mtime_ns: 0,
