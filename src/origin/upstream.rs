@@ -20,6 +20,11 @@ pub enum UpstreamFail {
     /// A reused keep-alive connection failed before any response byte: safe
     /// to retry on a fresh connection when the request had no body.
     Stale,
+    /// The same, failing already at the write of a bodiless request's head
+    /// (a small write to an idle connection is taken whole or not at all):
+    /// the request never reached the backend, so any method may be retried
+    /// on a fresh connection.
+    Unsent,
     /// The client's body broke a rule (413, 400): answer it and close.
     Client(crate::http::ClientError),
     /// The client went away mid-request: close quietly.

@@ -634,10 +634,22 @@ impl ClientConn {
                         fresh = true;
                         continue;
                     }
-                    Err(UpstreamFail::Stale) => {
+                    // Never sent: any method goes again, as a connect
+                    // failure does.
+                    Err(UpstreamFail::Unsent) if stale_left > 0 => {
+                        stale_left -= 1;
+                        fresh = true;
+                        continue;
+                    }
+                    Err(f @ (UpstreamFail::Stale | UpstreamFail::Unsent)) => {
                         pool.failed(backend, FailKind::Reset);
                         let addr = pool.cfg.backends[backend].describe();
-                        break (502, format!("{addr} closed the connection"), repeatable);
+                        let unsent = matches!(f, UpstreamFail::Unsent);
+                        break (
+                            502,
+                            format!("{addr} closed the connection"),
+                            repeatable || unsent,
+                        );
                     }
                     Err(UpstreamFail::Bad(m)) => {
                         pool.failed(backend, FailKind::Reset);
@@ -857,7 +869,7 @@ impl ClientConn {
         if let Err(e) = up.write_all(&self.out, pool_timeout).await {
             return Err(match e {
                 NetError::TimedOut => UpstreamFail::Timeout("sending request timed out".into()),
-                _ if reused && req_body == BodyKind::Empty => UpstreamFail::Stale,
+                _ if reused && req_body == BodyKind::Empty => UpstreamFail::Unsent,
                 NetError::Io(e) => UpstreamFail::Bad(format!("sending request failed: {e}")),
             });
         }
