@@ -117,14 +117,12 @@ impl Health {
                 self.active_up = true;
                 self.passive_streak = 0;
                 self.back_since = Some(now);
-                // An ejection still cooling down stands: it ends at the
-                // first good check after its cool-down (below), and its
-                // back-off record stays, so a crash-looping backend's
+                // Checks that pass again end an ejection (as Envoy's
+                // default does: a restarted backend is back at once), but
+                // its back-off record stays, so a crash-looping backend's
                 // ejections keep growing longer (forgiven, as any, after
                 // four good cool-downs).
-                if self.ejected_until.is_some_and(|t| now >= t) {
-                    self.ejected_until = None;
-                }
+                self.ejected_until = None;
                 return Some(Change::Up);
             }
             if self.ejected_until.is_some_and(|t| now >= t) && self.active_up {
@@ -299,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn coming_up_from_down_keeps_an_ejection_and_its_back_off() {
+    fn coming_up_from_down_ends_an_ejection_but_keeps_its_back_off() {
         let t = Instant::now();
         let mut h = Health::new(params(true));
         h.passive_failure(t, true);
@@ -312,10 +310,8 @@ mod tests {
         }
         h.probe(true, t);
         assert_eq!(h.probe(true, t), Some(Change::Up));
-        assert!(!h.usable(), "still within its cool-down");
+        assert!(h.usable(), "checks that pass again end the ejection");
         let t1 = t + Duration::from_secs(1);
-        assert_eq!(h.probe(true, t1), Some(Change::Returned));
-        assert!(h.usable());
         h.passive_failure(t1, true);
         assert_eq!(
             h.passive_failure(t1, true),
