@@ -1325,22 +1325,36 @@ impl FillJob {
         if let Some(old) = &self.stale {
             if rhead.code == 304 {
                 let answer = meta_from_response(ubuf.filled(), &rhead);
-                fn strong(t: &Option<Vec<u8>>) -> Option<&[u8]> {
-                    t.as_deref().filter(|t| !t.starts_with(b"W/"))
+                fn opaque(t: &[u8]) -> &[u8] {
+                    t.strip_prefix(b"W/").unwrap_or(t)
                 }
-                if let Some(tag) = strong(&answer.etag) {
-                    if strong(&old.meta.etag) != Some(tag) {
-                        // The 304 names another representation than the one
-                        // stored (RFC 9111 §4.3.4: it must not update it):
-                        // the stored copy goes, and the waiting requests go
-                        // to the origin on their own.
-                        cache.remove_if_still(cache.slot_of(self.key, old), old);
-                        self.fill.go_alone();
-                        if let Some(p) = &self.publish {
-                            p.fill.fail(0);
-                        }
-                        return Ok(());
+                // Whether the 304 is for the stored response (RFC 9111
+                // §4.3.4): a strong ETag must equal the stored one, a weak
+                // one match it weakly; without an ETag, a Last-Modified
+                // must equal the stored one. A 304 with no validator at all
+                // updates the one stored response (as nginx and Varnish
+                // do; the RFC asks for a stored response without
+                // validators then).
+                let stored_tag = old.meta.etag.as_deref();
+                let other = match answer.etag.as_deref() {
+                    Some(tag) if !tag.starts_with(b"W/") => stored_tag != Some(tag),
+                    Some(tag) => stored_tag.map(opaque) != Some(opaque(tag)),
+                    None => answer
+                        .facts
+                        .last_modified
+                        .is_some_and(|lm| old.meta.facts.last_modified != Some(lm)),
+                };
+                if other {
+                    // The 304 names another representation than the one
+                    // stored (it must not update it): the stored copy goes,
+                    // and the waiting requests go to the origin on their
+                    // own.
+                    cache.remove_if_still(cache.slot_of(self.key, old), old);
+                    self.fill.go_alone();
+                    if let Some(p) = &self.publish {
+                        p.fill.fail(0);
                     }
+                    return Ok(());
                 }
                 let mut update = answer.fields;
                 // A 304 without Date is dated on arrival (RFC 9110 §6.6.1):
