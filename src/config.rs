@@ -1461,12 +1461,22 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
                 Target::Pool(0)
             }
         };
-        let path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
+        let mut path_prefix = r.path_prefix.clone().unwrap_or_else(|| "/".into());
         if !path_prefix.starts_with('/') {
             err(
                 &format!("route[{i}].path_prefix"),
                 "must start with `/`".into(),
             );
+        } else {
+            // Requests are matched in normal form (decoded, no `//`, `.` or
+            // `..` segments): so is the prefix, or it could never match.
+            match String::from_utf8(crate::http::route_path(path_prefix.as_bytes()).into_owned()) {
+                Ok(p) => path_prefix = p,
+                Err(_) => err(
+                    &format!("route[{i}].path_prefix"),
+                    "its percent-escapes decode to bytes that are not UTF-8".into(),
+                ),
+            }
         }
         let host = r
             .host
@@ -1870,6 +1880,13 @@ backends = [{ addr = "127.0.0.1:3" }]
         assert_eq!(st.merge_window, Duration::ZERO);
         assert_eq!(c.route(None, b"/files/a"), Some(Target::Store(0)));
         assert_eq!(c.route(None, b"/other"), Some(Target::Pool(0)));
+        // Prefixes are kept in the normal form requests are matched in.
+        let c = cfg(
+            "[[pool]]\nname = \"app\"\nbackends = [{ addr = \"127.0.0.1:1\" }]\n\
+             [[route]]\npath_prefix = \"/a%20b//c/./\"\nto = \"app\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].path_prefix, "/a b/c/");
         let e = cfg("[[store]]\nname = \"s\"\nroot = \"/no/such/dir\"\nblock_size = 1000\n")
             .unwrap_err()
             .to_string();

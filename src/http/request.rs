@@ -243,13 +243,16 @@ fn later_version(
     if !fits {
         return Err(ClientError::BadRequest("invalid HTTP version"));
     }
-    if version.len() < SHAPE.len() || line_end.is_none() {
+    if line_end.is_none() {
         // The rest of the line has yet to come (a longer version is 400
         // once it has).
         if buf.len() > limits.max_header_bytes {
             return Err(ClientError::HeaderTooLarge);
         }
         return Ok(false);
+    }
+    if version.len() != SHAPE.len() {
+        return Err(ClientError::BadRequest("invalid HTTP version"));
     }
     if version[5] != b'1' {
         return Err(ClientError::VersionNotSupported);
@@ -653,6 +656,9 @@ mod tests {
             (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET / HTTP/2.0\r\n", 505),
             (b"GET / HTTP/2", 0),
+            (b"GET / HTTP/2\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/2.0 \r\nHost: a\r\n\r\n", 400),
             (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"GET /a b HTTP/1.2\r\nHost: a\r\n\r\n", 400),
             (b"\r\nGET / HTTP/1.3\r\nHost: a\r\n\r\n", 200),

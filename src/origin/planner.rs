@@ -352,6 +352,14 @@ impl Planner {
         self.cache.retain(|k, _| (k >> 32) as FileId != file);
     }
 
+    /// The same for several files, in one pass over the cache.
+    pub fn forget_files(&mut self, files: &std::collections::HashSet<FileId>) {
+        if !files.is_empty() {
+            self.cache
+                .retain(|k, _| !files.contains(&((k >> 32) as FileId)));
+        }
+    }
+
     /// Bytes the block cache holds.
     pub fn cached_bytes(&self) -> u64 {
         self.cache.bytes()

@@ -339,10 +339,14 @@ impl StoreShard {
             .filter(|(_, f)| f.handle.as_ref().is_some_and(|h| h.links() == Some(0)))
             .map(|(k, f)| (k.clone(), f.id))
             .collect();
+        let mut ids = std::collections::HashSet::new();
         for (k, id) in gone {
             self.files.borrow_mut().remove(&k);
-            self.planner.borrow_mut().forget_file(id);
+            ids.insert(id);
         }
+        // One pass over the block cache, however many went (a deploy may
+        // replace hundreds of kept files at once).
+        self.planner.borrow_mut().forget_files(&ids);
     }
 
     /// Whether the deepest existing directory on the way to `full` (which
@@ -663,13 +667,6 @@ fn find_nonempty(root: &Path, budget: usize) -> Option<PathBuf> {
 /// through a file (`ENOTDIR`) or with a name too long names nothing (404),
 /// a symlink loop or a denied directory is forbidden (403); anything else
 /// is the server's failure (500).
-/// A path from `decode_path` for a request ending in `/`: its final `.`
-/// makes the stat fail unless it is a directory.
-fn names_directory(rel: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    rel.as_os_str().as_bytes().ends_with(b"/.")
-}
-
 fn lookup_error(e: std::io::Error) -> Lookup {
     use std::io::ErrorKind;
     match (e.kind(), e.raw_os_error()) {
@@ -678,6 +675,13 @@ fn lookup_error(e: std::io::Error) -> Lookup {
         (ErrorKind::PermissionDenied, _) | (_, Some(libc::ELOOP)) => Lookup::Forbidden,
         _ => Lookup::Failed(e.to_string()),
     }
+}
+
+/// A path from `decode_path` for a request ending in `/`: its final `.`
+/// makes the stat fail unless it is a directory.
+fn names_directory(rel: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    rel.as_os_str().as_bytes().ends_with(b"/.")
 }
 
 #[cfg(test)]
