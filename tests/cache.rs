@@ -1605,16 +1605,7 @@ fn a_reader_far_behind_a_stream_that_outgrew_the_cache_is_cut() {
     let slow = std::thread::spawn(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         let small: libc::c_int = 64 * 1024;
-        // SAFETY: setsockopt on our own socket with a valid int.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        set_socket_option(&s, libc::SO_RCVBUF, &small);
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.write_all(b"GET /big HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .unwrap();

@@ -401,16 +401,7 @@ fn a_client_gone_before_the_answer_leaves_the_backend_connection_pooled() {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt on our own socket with a valid struct linger.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&off as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    set_socket_option(&s, libc::SO_LINGER, &off);
     drop(s);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(origin.requests(), 1);

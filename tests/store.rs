@@ -199,6 +199,16 @@ fn whole_files_ranges_and_validators() {
     assert_eq!(r.status, 200);
 }
 
+/// How many of the proxy's descriptors are open on a file whose path
+/// contains `name`.
+fn held_open(p: &Proxy, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains(name))
+        .count()
+}
+
 #[test]
 fn a_deleted_file_is_let_go() {
     // Its descriptor was kept open for later requests; once a request finds
@@ -207,12 +217,7 @@ fn a_deleted_file_is_let_go() {
     std::fs::write(dir.join("victim"), content(10_000)).unwrap();
     let p = store_proxy(&dir, &["--shards", "1"]);
     assert_eq!(ask(&p, "/victim", "").body, content(10_000));
-    let held = || {
-        std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .any(|t| t.to_string_lossy().contains("victim"))
-    };
+    let held = || held_open(&p, "victim") > 0;
     assert!(held(), "the file is kept open between requests");
     std::fs::remove_file(dir.join("victim")).unwrap();
     assert_eq!(ask(&p, "/victim", "").status, 404);
@@ -405,13 +410,7 @@ fn a_deleted_file_is_let_go_without_being_asked_for_again() {
     std::fs::write(dir.join("doomed.bin"), content(100_000)).unwrap();
     let p = store_proxy(&dir, &["--shards", "1"]);
     assert_eq!(ask(&p, "/doomed.bin", "").body, content(100_000));
-    let held = || {
-        std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|t| t.to_string_lossy().contains("doomed.bin"))
-            .count()
-    };
+    let held = || held_open(&p, "doomed.bin");
     assert_eq!(held(), 1, "the file is kept open while it exists");
     std::fs::remove_file(dir.join("doomed.bin")).unwrap();
     let t = std::time::Instant::now();

@@ -70,29 +70,22 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
 /// characters decoded and the hex digits of the other escapes upper-cased
 /// (RFC 3986 §6.2.2): one spelling for the cache key.
 fn normal_target(target: &[u8]) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(target.len() + 1);
     if target.first() == Some(&b'?') {
         out.push(b'/');
     }
     let mut i = 0;
     while i < target.len() {
-        if target[i] == b'%' {
-            if let (Some(h), Some(l)) = (
-                target.get(i + 1).and_then(|&c| hex(c)),
-                target.get(i + 2).and_then(|&c| hex(c)),
-            ) {
-                let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c);
-                } else {
-                    out.push(b'%');
-                    out.push(target[i + 1].to_ascii_uppercase());
-                    out.push(target[i + 2].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+        if let Some(c) = crate::http::escape_at(target, i) {
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                out.push(c);
+            } else {
+                out.push(b'%');
+                out.push(target[i + 1].to_ascii_uppercase());
+                out.push(target[i + 2].to_ascii_uppercase());
             }
+            i += 3;
+            continue;
         }
         out.push(target[i]);
         i += 1;

@@ -139,20 +139,25 @@ pub fn route_path(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+/// The byte a valid `%XX` escape at `s[i]` stands for.
+pub fn escape_at(s: &[u8], i: usize) -> Option<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    if s.get(i) != Some(&b'%') {
+        return None;
+    }
+    Some(hex(*s.get(i + 1)?)? << 4 | hex(*s.get(i + 2)?)?)
+}
+
 /// `%XX` decoding: the decoded bytes (an invalid escape is kept as it is),
 /// and whether every escape was valid.
 pub fn percent_decode(s: &[u8]) -> (Vec<u8>, bool) {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(s.len());
     let mut clean = true;
     let mut i = 0;
     while i < s.len() {
         if s[i] == b'%' {
-            if let (Some(h), Some(l)) = (
-                s.get(i + 1).and_then(|&c| hex(c)),
-                s.get(i + 2).and_then(|&c| hex(c)),
-            ) {
-                out.push(h << 4 | l);
+            if let Some(c) = escape_at(s, i) {
+                out.push(c);
                 i += 3;
                 continue;
             }

@@ -608,3 +608,19 @@ pub fn metric_sum(admin: SocketAddr, name: &str) -> f64 {
     assert!(!samples.is_empty(), "no {name}");
     samples.iter().sum()
 }
+
+/// `setsockopt(SOL_SOCKET, name, value)` on a test's own socket.
+pub fn set_socket_option<T>(s: &TcpStream, name: libc::c_int, value: &T) {
+    // SAFETY: our own open socket, and `value` points at a live T of the
+    // size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt {name}");
+}
