@@ -1966,3 +1966,140 @@ fn a_slow_steady_reader_gets_a_large_hit_whole() {
         started.elapsed()
     );
 }
+
+/// A proxy with one shard in front of `origin`.
+fn one_shard(name: &str, origin: std::net::SocketAddr) -> Proxy {
+    let cfg = write_config(
+        name,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{origin}\" }}]\n"
+        ),
+    );
+    Proxy::start(&["-c", &cfg])
+}
+
+#[test]
+fn a_public_response_s_cookie_goes_only_to_the_client_that_fetched_it() {
+    // A public response that sets a cookie is stored without it: the client
+    // whose request fetched it gets the cookie (and Proxy-Authenticate,
+    // which RFC 9111 §3.1 keeps out of caches), the requests that joined
+    // the fetch and every later hit get neither. The same for a 304 that
+    // sets a cookie on a public response: the revalidating client only.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |head, s| {
+        n.fetch_add(1, Ordering::SeqCst);
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            s.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nCache-Control: public, max-age=600\r\nSet-Cookie: sid=B\r\n\r\n").is_ok()
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: public, max-age=3\r\nETag: \"v1\"\r\nSet-Cookie: sid=A\r\nProxy-Authenticate: Basic realm=\"r\"\r\nContent-Length: 5\r\n\r\nhello").is_ok()
+        }
+    });
+    let p = one_shard("public-cookie", origin);
+    let answers = herd(&p, "/c", 6);
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "one fetch for the herd");
+    let with_cookie: Vec<_> = answers
+        .iter()
+        .filter(|r| r.header("Set-Cookie").is_some())
+        .collect();
+    assert_eq!(
+        with_cookie.len(),
+        1,
+        "only the fetching client gets the cookie"
+    );
+    assert_eq!(with_cookie[0].header("Set-Cookie"), Some("sid=A"));
+    assert_eq!(
+        with_cookie[0].header("Proxy-Authenticate"),
+        Some("Basic realm=\"r\"")
+    );
+    for r in &answers {
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+        if r.header("Set-Cookie").is_none() {
+            assert_eq!(r.header("Proxy-Authenticate"), None);
+        }
+    }
+    let hit = get(p.addr, "/c");
+    assert!(hit.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(
+        (hit.header("Set-Cookie"), hit.header("Proxy-Authenticate")),
+        (None, None)
+    );
+    // Stale: revalidated, and the 304's cookie goes to this client only.
+    std::thread::sleep(Duration::from_millis(4100));
+    let mine = get(p.addr, "/c");
+    assert_eq!((mine.status, mine.text().as_str()), (200, "hello"));
+    assert_eq!(mine.header("Set-Cookie"), Some("sid=B"));
+    let hit = get(p.addr, "/c");
+    assert!(hit.header("Cache-Status").unwrap().contains("hit"));
+    assert_eq!(
+        hit.header("Set-Cookie"),
+        None,
+        "another client got the 304's cookie"
+    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_response_stale_on_arrival_is_neither_shared_nor_stored() {
+    // max-age=60 with Age: 120 is stale as it arrives (RFC 9111 §4.2.3):
+    // the requests waiting for it go to the origin on their own, as for any
+    // response the cache cannot reuse, and it is not stored. With Age: 30
+    // it is fresh for 30 s: one fetch in all.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |head, s| {
+        n.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        let age = if head.starts_with("GET /old") {
+            120
+        } else {
+            30
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nAge: {age}\r\nContent-Length: 2\r\n\r\nok"
+        );
+        s.write_all(resp.as_bytes()).is_ok()
+    });
+    let p = one_shard("stale-on-arrival", origin);
+    for r in herd(&p, "/young", 4) {
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    get(p.addr, "/young");
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    for r in herd(&p, "/old", 4) {
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 5, "each waiter went alone");
+    let again = get(p.addr, "/old");
+    assert_eq!(again.text(), "ok");
+    assert_eq!(fetches.load(Ordering::SeqCst), 6, "not stored");
+}
+
+#[test]
+fn a_response_the_cache_does_not_keep_is_not_made_a_304_by_its_date() {
+    // The fill asks without the client's conditionals and evaluates them on
+    // the answer; one the cache does not keep has no stored Date to stand
+    // in for a missing Last-Modified (RFC 9111 §4.3.2): an If-Modified-Since
+    // at or after its Date gets the 200 the origin sent. A stored one does answer
+    // 304 by its Date.
+    let date = httpdate_now();
+    let ims = format!("If-Modified-Since: {date}\r\n");
+    let origin = scripted_origin(move |head, s| {
+        let cc = if head.starts_with("GET /private") {
+            "private, max-age=60"
+        } else {
+            "max-age=60"
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nCache-Control: {cc}\r\nDate: {date}\r\nContent-Length: 2\r\n\r\nok"
+        );
+        s.write_all(resp.as_bytes()).is_ok()
+    });
+    let p = one_shard("ims-date", origin);
+    let r = request(p.addr, "GET", "/private", &ims);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = request(p.addr, "GET", "/shared", &ims);
+    assert_eq!(r.status, 304);
+}

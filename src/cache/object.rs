@@ -28,6 +28,13 @@ pub struct Meta {
     pub request_vary: Vec<Option<Vec<u8>>>,
     /// The request target it answers (for purging by path).
     pub target: Vec<u8>,
+    /// The response's `Set-Cookie`, `Proxy-Authenticate` and
+    /// `Proxy-Authentication-Info` lines, apart from `fields`: they go to
+    /// the client whose request fetched the response and never into the
+    /// cache (a stored copy carries none; RFC 9111 §3.1 for the proxy
+    /// fields), so one client's cookie is never handed to the others (see
+    /// [`Meta::for_storage`]).
+    pub fetcher_fields: Vec<u8>,
 }
 
 /// A plain 200 `Meta` for tests of the modules that carry one.
@@ -43,6 +50,7 @@ pub fn test_meta() -> Arc<Meta> {
         vary: Vec::new(),
         request_vary: Vec::new(),
         target: Vec::new(),
+        fetcher_fields: Vec::new(),
     })
 }
 
@@ -116,6 +124,17 @@ impl Meta {
                 .map(|v| heap(v.capacity()))
                 .sum::<usize>()
             + heap(self.target.capacity())
+            + heap(self.fetcher_fields.capacity())
+    }
+
+    /// The copy the cache keeps: without the fetching client's fields.
+    pub fn for_storage(meta: Arc<Meta>) -> Arc<Meta> {
+        if meta.fetcher_fields.is_empty() {
+            return meta;
+        }
+        let mut m = (*meta).clone();
+        m.fetcher_fields = Vec::new();
+        Arc::new(m)
     }
 }
 
@@ -149,6 +168,14 @@ fn skip_stored(name: &[u8]) -> bool {
         .any(|s| name_is(name, s))
 }
 
+/// Fields for the client whose request fetched the response only
+/// ([`Meta::fetcher_fields`]).
+fn for_fetcher(name: &[u8]) -> bool {
+    name_is(name, b"set-cookie")
+        || name_is(name, b"proxy-authenticate")
+        || name_is(name, b"proxy-authentication-info")
+}
+
 /// Extracts the cache's view of an upstream response head.
 pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
     let mut facts = ResponseFacts {
@@ -166,6 +193,7 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
     }
     let mut content_length = None;
     let mut vary = Vec::new();
+    let mut fetcher_fields = Vec::new();
     for f in &head.fields {
         let (name, value) = (f.name(buf), f.value(buf));
         if name_is(name, b"cache-control") {
@@ -215,10 +243,15 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         {
             continue;
         }
-        fields.extend_from_slice(name);
-        fields.extend_from_slice(b": ");
-        fields.extend_from_slice(value);
-        fields.extend_from_slice(b"\r\n");
+        let out = if for_fetcher(name) {
+            &mut fetcher_fields
+        } else {
+            &mut fields
+        };
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     facts.cc = CacheControl::parse(cc_values);
     // Kept as long as the object: no spare room (it counts in the budget).
@@ -232,6 +265,7 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
         vary,
         request_vary: Vec::new(),
         target: Vec::new(),
+        fetcher_fields,
         // A Transfer-Encoding overrides any Content-Length (RFC 9112
         // §6.3): the body was chunked or runs to the close, whatever
         // length the backend also claimed.
@@ -491,6 +525,9 @@ pub struct HitHead<'a> {
     pub client_minor: u8,
     /// Extra field lines (e.g. `Content-Range`), each ending in CRLF.
     pub extra: &'a str,
+    /// Lines for this client only (the one whose request fetched the
+    /// response: [`Meta::fetcher_fields`]), each ending in CRLF.
+    pub fetcher_fields: &'a [u8],
 }
 
 impl HitHead<'_> {
@@ -516,6 +553,7 @@ impl HitHead<'_> {
         out.extend_from_slice(self.status_tail.as_bytes());
         out.extend_from_slice(b"\r\nVia: 1.1 corral\r\n");
         out.extend_from_slice(self.extra.as_bytes());
+        out.extend_from_slice(self.fetcher_fields);
         if self.status != 304 && self.status != 204 {
             match self.length {
                 Some(n) => {
@@ -824,6 +862,7 @@ mod tests {
             close: false,
             client_minor: 1,
             extra: "",
+            fetcher_fields: b"",
         }
         .write(&mut out);
         assert_eq!(

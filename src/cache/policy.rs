@@ -242,6 +242,21 @@ impl Timing {
     }
 }
 
+/// Whether a response arrived too old to be reused at all: its age as it
+/// left the upstream (`Age`, or the apparent age from its `Date`) is past
+/// its freshness lifetime and any stale-while-revalidate window (RFC 9111
+/// §4.2.3). The response delay, which `Timing::initial_age` also counts,
+/// is left out here: the requests waiting for this fetch waited it too,
+/// and counting it in whole seconds would make a `max-age=1` response
+/// stale or not by where a second boundary fell. So is one second of the
+/// apparent age (a `Date` is in whole seconds).
+pub fn stale_on_arrival(resp: &ResponseFacts, lifetime: u64, response_time: i64) -> bool {
+    let apparent_age = resp.date.map_or(0, |d| (response_time - d).max(0) as u64);
+    let age = resp.age.unwrap_or(0).max(apparent_age.saturating_sub(1));
+    let window = resp.cc.stale_while_revalidate.map_or(0, |w| w.max(1));
+    lifetime.saturating_add(window) <= age
+}
+
 /// What to do with a stored response for a request (RFC 9111 §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
@@ -579,6 +594,30 @@ mod tests {
             ..resp(200, "")
         };
         assert_eq!(Timing::new(&r, 1000, 1000).current_age(1000), 0);
+    }
+
+    #[test]
+    fn stale_on_arrival_counts_the_upstream_s_age_only() {
+        let at = |cc: &str, age: Option<u64>, date: Option<i64>| {
+            let r = ResponseFacts {
+                age,
+                date,
+                ..resp(200, cc)
+            };
+            stale_on_arrival(&r, freshness_lifetime(&r, 1000), 1000)
+        };
+        assert!(!at("max-age=60", Some(59), None));
+        assert!(at("max-age=60", Some(60), None));
+        assert!(at("max-age=60", Some(120), None));
+        // A Date two minutes old; one second of a Date is its rounding.
+        assert!(at("max-age=60", None, Some(880)));
+        assert!(!at("max-age=60", None, Some(940)));
+        assert!(at("max-age=60", None, Some(939)));
+        // max-age=1 dated in the previous second is still usable.
+        assert!(!at("max-age=1", None, Some(999)));
+        // A stale-while-revalidate window keeps it usable (stale, refreshed).
+        assert!(!at("max-age=60, stale-while-revalidate=30", Some(80), None));
+        assert!(at("max-age=60, stale-while-revalidate=30", Some(90), None));
     }
 
     #[test]

@@ -9,12 +9,12 @@ use crate::cache::body::FILE_MIN;
 use crate::cache::collapse::{Fill, Next, Phase, Reader, Source};
 use crate::cache::object::Meta;
 use crate::cache::object::{
-    merge_fields, meta_from_response, not_modified, precondition_fails, range_ask, vary_values,
-    HitHead, Object, RangeAsk,
+    conditional_not_modified, merge_fields, meta_from_response, not_modified, precondition_fails,
+    range_ask, vary_values, HitHead, Object, RangeAsk,
 };
 use crate::cache::policy::{
-    format_http_date, freshness_lifetime, stale_if_error_ok, storable, usable, CacheControl,
-    RequestFacts, Timing, Use,
+    format_http_date, freshness_lifetime, stale_if_error_ok, stale_on_arrival, storable, usable,
+    CacheControl, RequestFacts, Timing, Use,
 };
 use crate::cache::shared::{Claim, End, Relay, SharedFill, SharedFills};
 use crate::cache::{unix_now, ShardCache};
@@ -298,6 +298,8 @@ impl ClientConn {
             close,
             client_minor: self.head.minor,
             extra: &extra,
+            // A hit: stored copies have none.
+            fetcher_fields: b"",
         }
         .write(&mut self.out);
         self.inbuf.consume(self.head.head_len);
@@ -502,11 +504,18 @@ impl ClientConn {
                             self.send_error(412, "precondition failed", close).await;
                             return Some(self.keep_or_close());
                         }
-                        let mut status = if two_xx && not_modified(buf, &self.head, &meta) {
-                            304
+                        // A response the cache does not keep is compared by
+                        // its own validators only: with no Last-Modified,
+                        // its Date stands in only for a stored copy (RFC
+                        // 9111 §4.3.2), else an If-Modified-Since at or
+                        // after the Date would get a 304 the origin never
+                        // sent.
+                        let matches = if fill.exclusive() {
+                            conditional_not_modified(buf, &self.head, etag, last_modified)
                         } else {
-                            meta.status
+                            not_modified(buf, &self.head, &meta)
                         };
+                        let mut status = if two_xx && matches { 304 } else { meta.status };
                         // A Range on a GET is answered from the stream
                         // when the length is known (206, or 416), as nginx
                         // and Varnish do on a miss; otherwise the whole 200.
@@ -585,6 +594,14 @@ impl ClientConn {
                             close,
                             client_minor: minor,
                             extra: &extra,
+                            // Set-Cookie and the like go to the client
+                            // whose request this shard fetched for, and
+                            // to no one who joined.
+                            fetcher_fields: if reader.first && !fill.relayed() {
+                                &meta.fetcher_fields
+                            } else {
+                                b""
+                            },
                         }
                         .write(&mut self.out);
                         head_sent = true;
@@ -1190,6 +1207,7 @@ impl FillJob {
                 .mark_uncacheable(self.fill.key, Instant::now() + hit_for_miss);
             return Ok(());
         }
+        obj.meta = Meta::for_storage(obj.meta);
         let slot = cache.place(self.key, &mut obj);
         if cache.insert_fetched(generation, slot, obj) {
             ShardCache::bump(&cache.stored);
@@ -1357,6 +1375,10 @@ impl FillJob {
                     return Ok(());
                 }
                 let mut update = answer.fields;
+                // Its Set-Cookie (and the like) goes to the client that
+                // revalidated: back among the fields, the merged head
+                // sorts it out again.
+                update.extend_from_slice(&answer.fetcher_fields);
                 // A 304 without Date is dated on arrival (RFC 9110 §6.6.1):
                 // else the stored Date, as old as the first fetch, would
                 // make the refreshed copy look that old (apparent age).
@@ -1390,10 +1412,13 @@ impl FillJob {
             .content_length
             .is_none_or(|n| n <= cfg.max_object_bytes);
         // A response with no freshness at all is not shared with waiting
-        // requests either: using it for them would be using a stale response.
+        // requests either: using it for them would be using a stale
+        // response. Nor is one that was stale when the upstream sent it (an
+        // Age or a Date older than its lifetime).
         let mut cacheable = store.is_ok()
             && fits
-            && (lifetime > 0 || meta.facts.cc.stale_while_revalidate.is_some());
+            && (lifetime > 0 || meta.facts.cc.stale_while_revalidate.is_some())
+            && !stale_on_arrival(&meta.facts, lifetime, response_time);
         // Except an error (5xx) that only its status or its lack of
         // freshness keeps out of the cache: it is the origin's answer to the
         // requests waiting, as a failed connection's 502 would be, and
@@ -1465,7 +1490,7 @@ impl FillJob {
         if cacheable {
             if let Some(body) = self.fill.body() {
                 let mut obj = Object {
-                    meta,
+                    meta: Meta::for_storage(meta),
                     body: Arc::new(body),
                     timing,
                     lifetime,
