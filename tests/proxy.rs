@@ -564,6 +564,59 @@ fn limits_414_431_413() {
 }
 
 #[test]
+fn heads_trickled_in_small_pieces_get_the_same_answers() {
+    // A head arriving a few bytes at a time is parsed again only when a
+    // line ends, the buffer doubles or a limit is crossed (not at every
+    // read from its first byte): the answers are those of a head sent
+    // whole, and a bad request line is still refused as soon as it ends.
+    let origin = Origin::start();
+    let p = one_pool_proxy(
+        "trickle",
+        &origin,
+        "[limits]\nmax_header_bytes = \"4KiB\"\nmax_uri_bytes = 1024\nheader_timeout = \"20s\"\n",
+        "",
+    );
+    let trickle = |bytes: &[u8]| -> (String, Duration) {
+        let mut s = p.connect();
+        s.set_nodelay(true).unwrap();
+        let t = Instant::now();
+        for piece in bytes.chunks(3) {
+            if s.write_all(piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut got = String::new();
+        let _ = s.read_to_string(&mut got);
+        (got, t.elapsed())
+    };
+    let headers: String = (0..30)
+        .map(|i| format!("X-Field-{i}: {}\r\n", "v".repeat(i * 3)))
+        .collect();
+    let ok = format!("GET /echo HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n");
+    let (got, _) = trickle(ok.as_bytes());
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    let seen = origin.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("X-Field-29"), Some("v".repeat(87).as_str()));
+    drop(seen);
+    let (got, took) = trickle(format!("G@T / HTTP/1.1\r\nHost: t\r\n{headers}").as_bytes());
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert!(took < Duration::from_secs(10));
+    let long_uri = format!("GET /{} HTTP/1.1\r\n", "u".repeat(2000));
+    let (got, _) = trickle(long_uri.as_bytes());
+    assert!(got.starts_with("HTTP/1.1 414"), "{got:?}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+        "h".repeat(5000)
+    );
+    let (got, _) = trickle(big.as_bytes());
+    assert!(got.starts_with("HTTP/1.1 431"), "{got:?}");
+}
+
+#[test]
 fn urgent_data_inside_a_request_does_not_stall_it() {
     // A head with a TCP urgent byte in the middle, all in one segment:
     // `recv` stops short at the urgent mark with the rest already queued
