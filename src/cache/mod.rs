@@ -161,7 +161,17 @@ pub struct Partitions {
     /// purge or an invalidation drops a URL's variants without sweeping
     /// the partition. Locked before the partition when both are held.
     variants: Vec<std::sync::Mutex<std::collections::HashMap<u64, Vec<u64>>>>,
+    /// Invalidation stamps by primary key (hashed into a few buckets): an
+    /// unsafe request's invalidation bumps its URL's bucket, and a hot copy
+    /// taken under an older stamp is not used. It works whether or not the
+    /// owner still held the object (a hot copy may outlive the owner's) and
+    /// costs the other hot copies of one bucket in `INVALIDATION_BUCKETS`,
+    /// not every hot set as a purge-generation bump would.
+    invalidations: Box<[std::sync::atomic::AtomicU64]>,
 }
+
+/// How many invalidation stamps (a power of two).
+const INVALIDATION_BUCKETS: usize = 4096;
 
 /// Purges numbered in order, the last [`PURGE_LOG`] of them with what they
 /// dropped.
@@ -217,7 +227,22 @@ impl Partitions {
             purge_count: Default::default(),
             purge_log: Default::default(),
             variants: (0..shards).map(|_| Default::default()).collect(),
+            invalidations: (0..INVALIDATION_BUCKETS)
+                .map(|_| Default::default())
+                .collect(),
         }
+    }
+
+    /// The invalidation stamp of the URL whose key (primary key) is
+    /// `primary`.
+    fn stamp(&self, primary: u64) -> u64 {
+        self.invalidations[primary as usize & (INVALIDATION_BUCKETS - 1)]
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump_stamp(&self, primary: u64) {
+        self.invalidations[primary as usize & (INVALIDATION_BUCKETS - 1)]
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Records `vk` as a stored variant of `primary`. Variants evicted
@@ -398,6 +423,17 @@ impl Partitions {
     }
 }
 
+/// A hot-set entry: the object, with the purge generation and its URL's
+/// invalidation stamp from before it was copied (either moved since: not
+/// used).
+type HotCopy = (object::Object, u64, u64);
+
+/// The key of the URL `obj`, stored under `key`, answers: a variant's
+/// primary key, else `key`.
+fn primary_of(key: u64, obj: &object::Object) -> u64 {
+    obj.variant_of.unwrap_or(key)
+}
+
 /// One hot-set hit in this many is counted at the owner as well.
 const HOT_HIT_SAMPLE: u64 = 16;
 
@@ -413,7 +449,7 @@ pub struct ShardCache {
     /// Objects owned elsewhere, by key, with the purge generation they were
     /// taken at. They share their bytes with the owner's copy (`Arc`); the
     /// budget bounds how much they can keep alive after the owner evicts.
-    hot: std::cell::RefCell<store::Store<(object::Object, u64)>>,
+    hot: std::cell::RefCell<store::Store<HotCopy>>,
     pub collapse: collapse::CollapseTable,
     pub hits: std::cell::Cell<u64>,
     pub misses: std::cell::Cell<u64>,
@@ -467,8 +503,11 @@ impl ShardCache {
         }
         let generation = self.parts.purges.load(std::sync::atomic::Ordering::Acquire);
         let mut hot = self.hot.borrow_mut();
-        if let Some((o, g)) = hot.get(key) {
-            if *g == generation && o.timing.current_age(now) < o.lifetime {
+        if let Some((o, g, stamp)) = hot.get(key) {
+            if *g == generation
+                && *stamp == self.parts.stamp(primary_of(key, o))
+                && o.timing.current_age(now) < o.lifetime
+            {
                 let o = o.clone();
                 // Every so often the owner hears of a hot-set hit too, so
                 // its eviction does not take the most popular objects
@@ -482,10 +521,27 @@ impl ShardCache {
                 return Some(o);
             }
         }
+        // The stamp is read before the copy is taken: an invalidation that
+        // removes the object after the copy moves it on.
+        let own_stamp = self.parts.stamp(key);
         let found = self.parts.part(key).get(key).cloned();
         match &found {
             Some(o) => {
-                hot.insert(key, (o.clone(), generation), o.cost());
+                // A variant carries its URL's stamp, known only from the
+                // copy: read after it, it holds if the object is still
+                // stored (the invalidation removes, then stamps).
+                let primary = primary_of(key, o);
+                let stamp = if primary == key {
+                    own_stamp
+                } else {
+                    let stamp = self.parts.stamp(primary);
+                    let same = |x: &object::Object| std::sync::Arc::ptr_eq(&x.meta, &o.meta);
+                    if !self.parts.part(key).peek(key).is_some_and(same) {
+                        return found;
+                    }
+                    stamp
+                };
+                hot.insert(key, (o.clone(), generation, stamp), o.cost());
             }
             None => {
                 hot.remove(key);
@@ -557,6 +613,7 @@ impl ShardCache {
     /// stored.
     pub fn insert_fetched(&self, since: u64, key: u64, obj: object::Object) -> bool {
         let cost = obj.cost();
+        let stamp = self.parts.stamp(primary_of(key, &obj));
         let Some(generation) = self
             .parts
             .insert_unless_purged(since, key, obj.clone(), cost)
@@ -564,7 +621,9 @@ impl ShardCache {
             return false;
         };
         if self.parts.owner(key) != self.id {
-            self.hot.borrow_mut().insert(key, (obj, generation), cost);
+            self.hot
+                .borrow_mut()
+                .insert(key, (obj, generation, stamp), cost);
         }
         true
     }
@@ -577,18 +636,15 @@ impl ShardCache {
     }
 
     /// Invalidates `key` and its variants after a successful unsafe request
-    /// to its URL (RFC 9111 §4.4). Not logged as a purge (a fill under way
-    /// may still store what it fetched), and other shards' hot copies are
-    /// invalidated only when the owner still held something: a POST stream
-    /// must not flush every hot set or the purge log.
+    /// to its URL (RFC 9111 §4.4), in every shard's hot set too, whether or
+    /// not the owner still held them (its URL's invalidation stamp moves,
+    /// after the removal). Not logged as a purge (a fill under way may
+    /// still store what it fetched), and not a purge-generation bump: a
+    /// POST stream must not flush every hot set or the purge log.
     pub fn invalidate(&self, key: u64) -> bool {
         self.hot.borrow_mut().remove(key);
         let removed = self.parts.drop_with_variants(key);
-        if removed {
-            self.parts
-                .purges
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
+        self.parts.bump_stamp(key);
         removed
     }
 
@@ -608,7 +664,7 @@ impl ShardCache {
             }
         };
         let mut hot = self.hot.borrow_mut();
-        if hot.peek(key).is_some_and(|(o, _)| same(o)) {
+        if hot.peek(key).is_some_and(|(o, _, _)| same(o)) {
             hot.remove(key);
         }
         drop(hot);
@@ -644,6 +700,53 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::key_hash;
+
+    #[test]
+    fn an_invalidation_reaches_hot_copies_the_owner_no_longer_holds() {
+        // Shard 1 keeps a hot copy of an object shard 0 owns; shard 0
+        // evicts it; an unsafe request's invalidation on shard 0 (which has
+        // nothing left to drop) must still keep shard 1 from serving it.
+        // Its variants too, and only their URL's copies go.
+        use super::body::Body;
+        use super::object::{test_meta, Object};
+        use super::policy::Timing;
+        use super::{Partitions, ShardCache};
+        use std::sync::Arc;
+        let object = |variant_of: Option<u64>| Object {
+            meta: test_meta(),
+            body: Arc::new(Body::new(b"x".to_vec())),
+            timing: Timing::new(&Default::default(), super::unix_now(), super::unix_now()),
+            lifetime: 600,
+            vary_values: Vec::new(),
+            variant_of,
+        };
+        let parts = Arc::new(Partitions::new(64 << 20, 2));
+        let (owner, other) = (
+            ShardCache::new(0, parts.clone(), 64 << 20),
+            ShardCache::new(1, parts.clone(), 64 << 20),
+        );
+        let now = super::unix_now();
+        // Keys owned by shard 0 (even); a variant of 10 lives with it.
+        let (url, variant, neighbour) = (10u64, parts.variant_key(10, &[None]), 12u64);
+        assert!(owner.insert(url, object(None)));
+        assert!(owner.insert(variant, object(Some(url))));
+        assert!(owner.insert(neighbour, object(None)));
+        for k in [url, variant, neighbour] {
+            assert!(other.lookup(k, now).is_some(), "hot copy of {k}");
+        }
+        // Evicted by the owner (as its FIFO would): the hot copies stay.
+        for k in [url, variant, neighbour] {
+            parts.part(k).remove(k);
+            assert!(other.lookup(k, now).is_some(), "{k} outlives the owner's");
+        }
+        assert!(!owner.invalidate(url));
+        assert!(other.lookup(url, now).is_none());
+        assert!(other.lookup(variant, now).is_none());
+        assert!(
+            other.lookup(neighbour, now).is_some(),
+            "another URL's copy stays"
+        );
+    }
 
     #[test]
     fn the_largest_storable_object_fits_its_partition() {
