@@ -2103,3 +2103,40 @@ fn a_response_the_cache_does_not_keep_is_not_made_a_304_by_its_date() {
     let r = request(p.addr, "GET", "/shared", &ims);
     assert_eq!(r.status, 304);
 }
+
+#[test]
+fn a_graceful_stop_waits_for_a_fill_whose_client_has_its_answer() {
+    // A cacheable fetch goes on after its client has what it asked for (a
+    // range cut from the stream; other shards may be relaying it too): the
+    // drain waits for it as for a connection, rather than exiting under it.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let a = answered.clone();
+    let origin = scripted_origin(move |_, s| {
+        let ok = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nok",
+            )
+            .is_ok();
+        std::thread::sleep(Duration::from_millis(1200));
+        let ok = ok && s.write_all(b"ok").is_ok();
+        a.fetch_add(1, Ordering::SeqCst);
+        ok
+    });
+    let mut p = one_shard("drain-fill", origin);
+    let r = request(
+        p.addr,
+        "GET",
+        "/slow",
+        "Range: bytes=0-0\r\nConnection: close\r\n",
+    );
+    assert_eq!((r.status, r.text().as_str()), (206, "o"));
+    let t = Instant::now();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "exited {:?} after the signal, under the fill",
+        t.elapsed()
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+}

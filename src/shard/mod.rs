@@ -77,6 +77,9 @@ pub struct Shard {
     pub log: Option<crate::admin::log::ShardLog>,
     /// Open client connections.
     conns: Cell<usize>,
+    /// Cache fill tasks under way (a fetch may outlive its connection, and
+    /// other shards may be relaying it): the drain waits for them too.
+    fills: Cell<usize>,
     /// Connections refused at the cap that are in their lingering close.
     refused_lingering: Cell<usize>,
     /// Connections refused at the cap since start (their 503s are not
@@ -140,6 +143,7 @@ impl Shard {
                 })
                 .collect(),
             conns: Cell::new(0),
+            fills: Cell::new(0),
             refused_lingering: Cell::new(0),
             refused: Cell::new(0),
             draining: Cell::new(false),
@@ -227,15 +231,42 @@ impl Drop for DrainSignal<'_> {
     }
 }
 
-/// Counts a connection for its whole life, even if its task panics.
-struct ConnGuard(Rc<Shard>);
+/// Counts a connection (or a cache fill) for its whole life, even if its
+/// task panics or is dropped unrun: the drain waits for both.
+pub struct Busy {
+    shard: Rc<Shard>,
+    fill: bool,
+}
 
-impl Drop for ConnGuard {
+impl Busy {
+    fn conn(shard: Rc<Shard>) -> Busy {
+        shard.conns.set(shard.conns.get() + 1);
+        Busy { shard, fill: false }
+    }
+
+    pub fn fill(shard: Rc<Shard>) -> Busy {
+        shard.fills.set(shard.fills.get() + 1);
+        Busy { shard, fill: true }
+    }
+}
+
+impl Shard {
+    /// No connection and no cache fill left.
+    fn idle(&self) -> bool {
+        self.conns.get() == 0 && self.fills.get() == 0
+    }
+}
+
+impl Drop for Busy {
     fn drop(&mut self) {
-        let left = self.0.conns.get() - 1;
-        self.0.conns.set(left);
-        if left == 0 {
-            if let Some(w) = self.0.drained.borrow_mut().take() {
+        let count = if self.fill {
+            &self.shard.fills
+        } else {
+            &self.shard.conns
+        };
+        count.set(count.get() - 1);
+        if self.shard.idle() {
+            if let Some(w) = self.shard.drained.borrow_mut().take() {
                 w.wake();
             }
         }
@@ -856,13 +887,15 @@ async fn shard_main(
     for t in accept_tasks {
         t.await;
     }
-    // Until the last connection ends (its guard wakes us) or the timeout;
-    // the nudger's bytes go on waking the executor meanwhile, so that the
-    // drain's timers (its own, its connections') are not missed either.
+    // Until the last connection and the last cache fill end (their guards
+    // wake us) or the timeout: a fill whose client is gone may still be
+    // storing, or streaming to other shards' relays. The nudger's bytes go
+    // on waking the executor meanwhile, so that the drain's timers (its
+    // own, its connections') are not missed either.
     let drained = futures_lite::future::or(glommio::timer::sleep(cfg.drain_timeout), {
         let shard = &shard;
         std::future::poll_fn(move |cx| {
-            if shard.conns.get() == 0 {
+            if shard.idle() {
                 return Poll::Ready(());
             }
             *shard.drained.borrow_mut() = Some(cx.waker().clone());
@@ -875,10 +908,11 @@ async fn shard_main(
         }
     };
     futures_lite::future::or(drained, nudged).await;
-    if shard.conns.get() > 0 {
+    if !shard.idle() {
         eprintln!(
-            "corral[{id}]: drain timeout: closing {} connections",
-            shard.conns.get()
+            "corral[{id}]: drain timeout: closing {} connections, {} cache fills",
+            shard.conns.get(),
+            shard.fills.get()
         );
     }
     for p in &shard.pools {
@@ -976,8 +1010,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
             }
             continue;
         }
-        shard.conns.set(shard.conns.get() + 1);
-        let guard = ConnGuard(shard.clone());
+        let guard = Busy::conn(shard.clone());
         let conn = conn::ClientConn::new(shard.clone(), sock);
         let task = glommio::spawn_local_into(conn.run(guard), queue);
         match task {

@@ -383,8 +383,10 @@ impl ClientConn {
         };
         // A panic in the fill (origin bytes are parsed there) ends this
         // task only: its Drop guards release the readers and the claim.
+        let busy = crate::shard::Busy::fill(self.shard.clone());
         let spawned = glommio::spawn_local_into(
             async move {
+                let _busy = busy;
                 if AssertUnwindSafe(job.run()).catch_unwind().await.is_err() {
                     eprintln!("corral: a cache fill task panicked; the shard goes on");
                 }
