@@ -2140,3 +2140,84 @@ fn a_graceful_stop_waits_for_a_fill_whose_client_has_its_answer() {
     );
     assert_eq!(answered.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn ranges_of_a_revalidated_large_object_are_cut_for_every_waiting_request() {
+    // A 304 hands the stored body to every request waiting on the
+    // revalidation as one piece; each cuts its own range from it (written
+    // from the shared body, not copied per request).
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = body.clone();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |head, s| {
+        n.fetch_add(1, Ordering::SeqCst);
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            std::thread::sleep(Duration::from_millis(300));
+            s.write_all(
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"r1\"\r\nCache-Control: max-age=60\r\n\r\n",
+            )
+            .is_ok()
+        } else {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"r1\"\r\nContent-Length: {}\r\n\r\n",
+                sent.len()
+            );
+            s.write_all(head.as_bytes()).is_ok() && s.write_all(&sent).is_ok()
+        }
+    });
+    let p = one_shard("range-304", origin);
+    assert_eq!(get(p.addr, "/big").body.len(), body.len());
+    std::thread::sleep(Duration::from_millis(2100));
+    let ranges = [
+        (0usize, 999_999usize),
+        (10, 20),
+        (4_000, 900_000),
+        (999_000, 999_999),
+    ];
+    let answers = herd_with(&p, "/big", ranges.len(), |i| {
+        format!("Range: bytes={}-{}\r\n", ranges[i].0, ranges[i].1)
+    });
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "one revalidation");
+    for ((a, b), r) in ranges.iter().zip(&answers) {
+        assert_eq!(r.status, 206, "{a}-{b}");
+        assert_eq!(r.body, &body[*a..=*b], "{a}-{b}");
+    }
+}
+
+#[test]
+fn a_304_that_changes_vary_drops_the_stored_copy() {
+    // Stored under Vary: X-A by a request without X-A; the revalidation's
+    // 304 says the response now varies on X-B, and the request that
+    // revalidated had X-B: one. The stored copy's request values were for
+    // X-A: kept, they made it answer a request without X-B as a hit. It is
+    // dropped instead, and such a request goes to the origin.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |head, s| {
+        let k = n.fetch_add(1, Ordering::SeqCst);
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            s.write_all(b"HTTP/1.1 304 Not Modified\r\nETag: \"v\"\r\nVary: X-B\r\nCache-Control: max-age=60\r\n\r\n")
+                .is_ok()
+        } else {
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"v\"\r\nVary: X-A\r\nContent-Length: 2\r\n\r\nv{k}"
+            );
+            s.write_all(resp.as_bytes()).is_ok()
+        }
+    });
+    let p = one_shard("vary-304", origin);
+    assert_eq!(get(p.addr, "/v").text(), "v0");
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = request(p.addr, "GET", "/v", "X-B: one\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v0"));
+    assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    let r = get(p.addr, "/v");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        3,
+        "{:?}",
+        r.header("Cache-Status")
+    );
+    assert_eq!(r.text(), "v2");
+}

@@ -219,10 +219,17 @@ pub fn meta_from_response(buf: &[u8], head: &ResponseHead) -> Meta {
             // must make the response stale, not wrap the arithmetic.
             facts.age = super::policy::delta_seconds(crate::http::trim_ows(value));
         } else if name_is(name, b"last-modified") {
-            facts.last_modified = parse_http_date(value);
+            // The first valid one counts (a second, broken line must not
+            // take heuristic freshness and If-Modified-Since away).
+            if facts.last_modified.is_none() {
+                facts.last_modified = parse_http_date(value);
+            }
         } else if name_is(name, b"etag") {
+            // The first is the one compared (as Date and Expires).
             facts.has_etag = true;
-            etag = Some(value.to_vec());
+            if etag.is_none() {
+                etag = Some(value.to_vec());
+            }
         } else if name_is(name, b"set-cookie") {
             facts.has_set_cookie = true;
         } else if name_is(name, b"vary") {
@@ -467,7 +474,11 @@ pub fn range_ask(buf: &[u8], req: &RequestHead, len: u64) -> RangeAsk {
             range = Some(crate::http::trim_ows(f.value(buf)));
         }
     }
-    let Some(spec) = range.and_then(|r| r.strip_prefix(b"bytes=")) else {
+    // The unit is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = range
+        .filter(|r| r.len() >= 6 && r[..6].eq_ignore_ascii_case(b"bytes="))
+        .map(|r| &r[6..])
+    else {
         return RangeAsk::Whole;
     };
     if spec.contains(&b',') {
@@ -476,12 +487,16 @@ pub fn range_ask(buf: &[u8], req: &RequestHead, len: u64) -> RangeAsk {
     let Some(dash) = memchr::memchr(b'-', spec) else {
         return RangeAsk::Whole;
     };
+    // Digits beyond u64 saturate: a position past any length (416 as a
+    // first byte, the end as a last one, the whole as a suffix).
     let num = |s: &[u8]| -> Option<u64> {
         let s = crate::http::trim_ows(s);
-        if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        std::str::from_utf8(s).ok()?.parse().ok()
+        Some(s.iter().fold(0u64, |n, d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        }))
     };
     let (a, b) = (&spec[..dash], &spec[dash + 1..]);
     match (num(a), num(b), a.is_empty()) {
@@ -494,15 +509,14 @@ pub fn range_ask(buf: &[u8], req: &RequestHead, len: u64) -> RangeAsk {
             }
         }
         (Some(first), last, false) if b.is_empty() || last.is_some() => {
+            if last.is_some_and(|l| l < first) {
+                // Not a valid range at all (§14.1.1): ignored.
+                return RangeAsk::Whole;
+            }
             if first >= len {
                 return RangeAsk::Unsatisfiable;
             }
-            let last = last.map_or(len - 1, |l| l.min(len - 1));
-            if last < first {
-                RangeAsk::Whole
-            } else {
-                RangeAsk::Part(first, last)
-            }
+            RangeAsk::Part(first, last.map_or(len - 1, |l| l.min(len - 1)))
         }
         _ => RangeAsk::Whole,
     }
@@ -816,6 +830,26 @@ mod tests {
     }
 
     #[test]
+    fn the_first_validators_count_and_fetcher_fields_stay_apart() {
+        let m = meta(
+            b"HTTP/1.1 200 OK\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\n\
+              Last-Modified: not a date\r\nETag: \"a\"\r\nETag: \"b\"\r\n\
+              Set-Cookie: s=1\r\nProxy-Authenticate: Basic\r\nX-Other: y\r\n\
+              Content-Length: 0\r\n\r\n",
+        );
+        assert_eq!(m.facts.last_modified, Some(784111777));
+        assert_eq!(m.etag.as_deref(), Some(&b"\"a\""[..]));
+        assert!(m.facts.has_set_cookie);
+        assert_eq!(
+            String::from_utf8_lossy(&m.fetcher_fields),
+            "Set-Cookie: s=1\r\nProxy-Authenticate: Basic\r\n"
+        );
+        let fields = String::from_utf8_lossy(&m.fields);
+        assert!(!fields.contains("Set-Cookie") && !fields.contains("Proxy-Auth"));
+        assert!(fields.contains("X-Other: y\r\n"));
+    }
+
+    #[test]
     fn merging_a_304() {
         let stored = b"Cache-Control: max-age=1\r\nETag: \"a\"\r\nX-Old: 1\r\n";
         let update = b"Cache-Control: max-age=60\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n";
@@ -841,6 +875,25 @@ mod tests {
         assert_eq!(ask("Range: bytes=0-1,5-6\r\n"), RangeAsk::Whole);
         assert_eq!(ask("Range: bytes=5-1\r\n"), RangeAsk::Whole);
         assert_eq!(ask("Range: items=0-1\r\n"), RangeAsk::Whole);
+        // The unit in any case; positions beyond u64; an invalid range
+        // (last before first) past the end is ignored, not a 416.
+        assert_eq!(ask("Range: Bytes=0-9\r\n"), RangeAsk::Part(0, 9));
+        assert_eq!(ask("Range: BYTES=-5\r\n"), RangeAsk::Part(95, 99));
+        assert_eq!(
+            ask("Range: bytes=99999999999999999999-\r\n"),
+            RangeAsk::Unsatisfiable
+        );
+        assert_eq!(
+            ask("Range: bytes=5-99999999999999999999\r\n"),
+            RangeAsk::Part(5, 99)
+        );
+        assert_eq!(
+            ask("Range: bytes=-99999999999999999999\r\n"),
+            RangeAsk::Part(0, 99)
+        );
+        assert_eq!(ask("Range: bytes=200-150\r\n"), RangeAsk::Whole);
+        assert_eq!(ask("Range: bytes=\r\n"), RangeAsk::Whole);
+        assert_eq!(ask("Range: byte=0-1\r\n"), RangeAsk::Whole);
         assert_eq!(
             ask("Range: bytes=0-1\r\nIf-Range: \"x\"\r\n"),
             RangeAsk::Whole

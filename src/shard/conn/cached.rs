@@ -178,7 +178,7 @@ impl ClientConn {
             reader
         };
         // Boxed: a fill's reader has large state (see forward()).
-        Box::pin(self.serve_fill(reader, fwd, pool_idx, Some(key))).await
+        Box::pin(self.serve_fill(reader, fwd, pool_idx, Some(key), None)).await
     }
 
     /// Joins the shard's fill for `key`, unless it began before a purge
@@ -204,11 +204,10 @@ impl ClientConn {
         }
     }
 
-    /// Counts a request answered by joining another's fetch (a reader not
-    /// first, or any reader of a fetch relayed from another shard), where
-    /// that answer starts going out.
+    /// Counts a request answered by joining another's fetch ([`joined`]),
+    /// where that answer starts going out.
     fn count_collapsed(&self, first: bool, fill: &Fill) {
-        if !first || fill.relayed() {
+        if joined(first, fill) {
             if let Some(cache) = &self.shard.cache {
                 ShardCache::bump(&cache.collapsed);
             }
@@ -399,6 +398,20 @@ impl ClientConn {
         }
     }
 
+    /// Adds body bytes from a fill to the output: a large piece (a whole
+    /// stored body is pushed as one chunk) is written at once from the
+    /// fill's own buffer, with what the output holds, rather than copied
+    /// into this reader's: buffering per follower stays small.
+    async fn put_body(&mut self, piece: &[u8], timeout: std::time::Duration) -> Result<(), ()> {
+        if piece.len() <= INLINE_BODY {
+            self.out.extend_from_slice(piece);
+            return Ok(());
+        }
+        let r = Box::pin(self.sock.write_two(&self.out, piece, timeout)).await;
+        self.out.clear();
+        r.map(|_| ()).map_err(|_| ())
+    }
+
     /// Answers from a fill: the response head as soon as the origin's is
     /// known, then each chunk as it arrives. `None`: go to the origin alone.
     /// `primary`: the request's key, when a response for another `Vary`
@@ -409,7 +422,9 @@ impl ClientConn {
         fwd: &str,
         pool_idx: usize,
         primary: Option<u64>,
+        waited_since: Option<Instant>,
     ) -> Option<Outcome> {
+        let started = Instant::now();
         let fill = reader.fill.clone();
         let shard = self.shard.clone();
         let cfg = &shard.cfg;
@@ -426,7 +441,12 @@ impl ClientConn {
         } else {
             cfg.cache.collapse_timeout
         };
-        let wait_deadline = Instant::now() + wait;
+        // A follower sent on to its variant's fill keeps the deadline of
+        // its first wait: collapse_timeout bounds the two together.
+        let wait_deadline = match waited_since {
+            Some(t) if !reader.first => t + wait,
+            _ => Instant::now() + wait,
+        };
         let body_timeout = cfg.limits.body_timeout;
         let head_only = self.head.method() == Method::Head;
         let minor = self.head.minor;
@@ -490,7 +510,14 @@ impl ClientConn {
                             // Nothing of the URL's fill is kept while this
                             // reads its variant's.
                             drop((reader, fill, meta));
-                            return Box::pin(self.serve_fill(variant, fwd, pool_idx, None)).await;
+                            return Box::pin(self.serve_fill(
+                                variant,
+                                fwd,
+                                pool_idx,
+                                None,
+                                Some(waited_since.unwrap_or(started)),
+                            ))
+                            .await;
                         }
                         // The fill asked for the whole representation, without
                         // this request's conditionals: they are evaluated on its
@@ -549,15 +576,7 @@ impl ClientConn {
                             return None;
                         }
                         extra.push_str(&self.set_cookie);
-                        // The first reader of a fetch relayed from
-                        // another shard joined that fetch too.
-                        let joined = !reader.first
-                            || (fill.relayed()
-                                && matches!(
-                                    fill.source(),
-                                    Source::Origin | Source::Refreshed | Source::Stored
-                                ));
-                        let status_text = if joined {
+                        let status_text = if joined(reader.first, &fill) {
                             format!("{fwd}; collapsed")
                         } else if fill.exclusive() {
                             format!("{fwd}; detail=uncacheable")
@@ -639,8 +658,9 @@ impl ClientConn {
                         seen_bytes += c.len() as u64;
                         let lo = a.max(from) - from;
                         let hi = (b + 1).min(seen_bytes).saturating_sub(from);
-                        if lo < hi {
-                            self.out.extend_from_slice(&c[lo as usize..hi as usize]);
+                        let part = &c[lo.min(hi) as usize..hi as usize];
+                        if self.put_body(part, body_timeout).await.is_err() {
+                            return Some(Outcome::Close);
                         }
                         if seen_bytes > b {
                             // The range is complete: the rest of the fill
@@ -658,18 +678,8 @@ impl ClientConn {
                         if chunked_out {
                             chunked::encode_chunk_head(&mut self.out, c.len());
                         }
-                        if c.len() > INLINE_BODY {
-                            // A large chunk (a whole stored body, pushed at
-                            // once) is written from the fill's own buffer,
-                            // not copied into this reader's.
-                            let r =
-                                Box::pin(self.sock.write_two(&self.out, &c, body_timeout)).await;
-                            self.out.clear();
-                            if r.is_err() {
-                                return Some(Outcome::Close);
-                            }
-                        } else {
-                            self.out.extend_from_slice(&c);
+                        if self.put_body(&c, body_timeout).await.is_err() {
+                            return Some(Outcome::Close);
                         }
                         if chunked_out {
                             self.out.extend_from_slice(chunked::CHUNK_END);
@@ -1180,7 +1190,14 @@ impl FillJob {
         }
         let mut meta = meta_from_response(&synthetic, &rhead);
         meta.reason = old.meta.reason.clone();
-        meta.request_vary = old.meta.request_vary.clone();
+        // The request values the response answers: the stored ones, or if
+        // the 304 changed Vary, those of the request that revalidated (the
+        // 304 was its answer; the copy is not kept then, see below).
+        meta.request_vary = if meta.vary == old.meta.vary {
+            old.meta.request_vary.clone()
+        } else {
+            vary_values(&self.request, &self.head, &meta.vary)
+        };
         meta.target = old.meta.target.clone();
         // The 304's Age (an upstream cache's) counts in the refreshed
         // copy's age as a 200's would (RFC 9111 §4.2.3); it is not stored
@@ -1195,18 +1212,24 @@ impl FillJob {
             vary_values: old.vary_values.clone(),
             variant_of: None,
         };
-        // The 304's fields may make the response unstorable (Set-Cookie,
-        // private, no-store): then it answers the request that revalidated
-        // it only, and the stored copy goes.
-        let shareable = storable(&self.facts, &obj.meta.facts).is_ok();
+        // The 304's fields may make the response unstorable (private,
+        // no-store, a Set-Cookie without public): then it answers the
+        // request that revalidated it only, and the stored copy goes. So
+        // does a copy whose Vary the 304 changed: the request values it was
+        // stored under no longer say which requests it answers (the next
+        // request fetches it whole again).
+        let vary_changed = obj.meta.vary != old.meta.vary;
+        let shareable = storable(&self.facts, &obj.meta.facts).is_ok() && !vary_changed;
         self.fill.set_source(Source::Refreshed);
         self.serve_stored(&obj, shareable);
         if !shareable {
             cache.remove_if_still(cache.slot_of(self.key, old), old);
-            let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
-            cache
-                .collapse
-                .mark_uncacheable(self.fill.key, Instant::now() + hit_for_miss);
+            if !vary_changed {
+                let hit_for_miss = self.shard.cfg.cache.hit_for_miss;
+                cache
+                    .collapse
+                    .mark_uncacheable(self.fill.key, Instant::now() + hit_for_miss);
+            }
             return Ok(());
         }
         obj.meta = Meta::for_storage(obj.meta);
@@ -1509,6 +1532,19 @@ impl FillJob {
         }
         Ok(())
     }
+}
+
+/// Whether a reader's answer joined another request's fetch (its
+/// Cache-Status says `collapsed`, `corral_collapsed_total` counts it): a
+/// reader not first; the first reader of a fetch relayed from another shard
+/// (of the origin's answer, or a refreshed or stored copy); the first
+/// reader of a fill that found the response stored by another shard's
+/// fetch meanwhile. Not a relayed error or stale-if-error answer, which
+/// says what it is instead.
+fn joined(first: bool, fill: &Fill) -> bool {
+    !first
+        || matches!(fill.source(), Source::Stored)
+        || (fill.relayed() && matches!(fill.source(), Source::Origin | Source::Refreshed))
 }
 
 /// The key a fill for `obj`, stored for `key`, collapses under: `key`, or
