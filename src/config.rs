@@ -1482,7 +1482,8 @@ pub fn build(file: FileConfig, ov: &Overrides, online_cpus: usize) -> Result<Con
             .host
             .as_deref()
             .filter(|h| *h != "*")
-            .map(|h| h.to_ascii_lowercase());
+            // `a.example.` is `a.example`, as requests are matched.
+            .map(|h| h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase());
         if host
             .as_deref()
             .is_some_and(|h| h.contains(':') && !h.starts_with('['))

@@ -1144,13 +1144,18 @@ fn routes_pick_pools_by_host_and_prefix() {
     assert_eq!((a.requests(), b.requests()), (1, 1));
     req("b.example:8080", "/x");
     assert_eq!((a.requests(), b.requests()), (1, 2));
+    // A fully qualified name with its trailing dot is the same host (and
+    // goes upstream as the client wrote it).
+    req("b.example.", "/x");
+    assert_eq!((a.requests(), b.requests()), (1, 3));
+    assert_eq!(b.last_seen().header("Host"), Some("b.example."));
     // Spellings of /api/ that a backend (or a store) reads as /api/ take
     // its route too, and go upstream as the client wrote them.
     for path in ["/%61pi/v2", "//api/v3", "/x/../api/v4", "/./api/v5"] {
         req("a.example", path);
         assert_eq!(b.last_seen().path, path);
     }
-    assert_eq!((a.requests(), b.requests()), (1, 6));
+    assert_eq!((a.requests(), b.requests()), (1, 7));
 }
 
 #[test]

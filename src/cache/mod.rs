@@ -46,6 +46,17 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
         .strip_suffix(b":80")
         .or_else(|| host.strip_suffix(b":"))
         .unwrap_or(host);
+    // `a.example.` is `a.example` (as routes see it): with a port kept,
+    // the dot before it goes.
+    let undotted;
+    let host = match memchr::memrchr(b':', host) {
+        Some(i) if i > 0 && host[i - 1] == b'.' && host.first() != Some(&b'[') => {
+            undotted = [&host[..i - 1], &host[i..]].concat();
+            &undotted[..]
+        }
+        None => host.strip_suffix(b".").unwrap_or(host),
+        _ => host,
+    };
     let mut lower = [0u8; 256];
     let target = head.origin_target(buf);
     // `GET http://h?q` is `GET /?q` (the rewriter puts the `/` in), and
@@ -799,6 +810,17 @@ mod tests {
         assert!(!one("/a%2Fb", "/a/b"));
         assert!(!one("/a%3Fb", "/a?b"));
         assert!(!one("/a", "/b"));
+        // A trailing dot on the host is the same host, with or without a
+        // port; a different port is not.
+        let host = |h: &str| key(&format!("GET /a HTTP/1.1\r\nHost: {h}\r\n\r\n"));
+        assert_eq!(host("h."), host("h"));
+        assert_eq!(host("H.:80"), host("h"));
+        assert_eq!(host("h.:8080"), host("h:8080"));
+        assert_ne!(host("h:8080"), host("h"));
+        assert_eq!(
+            key("GET http://h./a HTTP/1.1\r\nHost: x\r\n\r\n"),
+            host("h")
+        );
     }
 
     #[test]

@@ -129,18 +129,20 @@ impl RequestHead {
     pub fn path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         path_of(self.origin_target(buf))
     }
-    /// The host the request is for, without port, lower-cased by the caller
-    /// when needed.
+    /// The host the request is for, without port and without a trailing
+    /// dot (`a.example.` is `a.example`, the DNS root's empty label, as
+    /// nginx takes it), lower-cased by the caller when needed.
     pub fn host<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
         let h = &buf[self.host.clone()?];
         // Strip a port, minding IPv6 literals.
         if h.first() == Some(&b'[') {
             return memchr::memchr(b']', h).map(|i| &h[..=i]);
         }
-        Some(match memchr::memrchr(b':', h) {
+        let h = match memchr::memrchr(b':', h) {
             Some(i) => &h[..i],
             None => h,
-        })
+        };
+        Some(h.strip_suffix(b".").unwrap_or(h))
     }
 }
 
@@ -556,6 +558,20 @@ mod tests {
             Ok(Some(_)) => 200,
             Ok(None) => 0,
             Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn a_host_s_trailing_dot_is_dropped() {
+        for (host, want) in [
+            ("a.example.", "a.example"),
+            ("a.example.:8080", "a.example"),
+            ("a.example", "a.example"),
+            ("[::1]:80", "[::1]"),
+        ] {
+            let buf = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let h = parse(buf.as_bytes()).unwrap().unwrap();
+            assert_eq!(h.host(buf.as_bytes()), Some(want.as_bytes()), "{host}");
         }
     }
 
