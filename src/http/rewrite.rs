@@ -162,6 +162,7 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     // the first of several would let a later one pass for the last hop.
     let mut xff: Vec<&[u8]> = Vec::new();
     let mut via: Vec<&[u8]> = Vec::new();
+    let mut forwarded: Vec<&[u8]> = Vec::new();
     let hop = HopByHop::new(buf, &head.fields);
     for f in &head.fields {
         let name = f.name(buf);
@@ -173,6 +174,10 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
             || name_is(name, b"expect")
             || name_is(name, b"x-forwarded-proto")
             || (fill && FILL_DROPS.iter().any(|d| name_is(name, d)))
+            // As nginx (`underscores_in_headers off`): CGI-style backends
+            // read `X_Forwarded_Proto` as `X-Forwarded-Proto`, which would
+            // pass a client's claim by the one corral replaces.
+            || name.contains(&b'_')
         {
             continue;
         }
@@ -186,6 +191,10 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
         }
         if name_is(name, b"via") {
             via.push(f.value(buf));
+            continue;
+        }
+        if name_is(name, b"forwarded") {
+            forwarded.push(f.value(buf));
             continue;
         }
         out.extend_from_slice(name);
@@ -203,6 +212,18 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, fwd: &Forwar
     out.extend_from_slice(fwd.proto.as_bytes());
     out.extend_from_slice(b"\r\n");
     write_list(out, b"Via", &via, b"1.1 corral");
+    // A client's `Forwarded` (RFC 7239) gets this hop's element at its end,
+    // as X-Forwarded-For does: the last element is the one corral vouches
+    // for. Not added when the client sent none (X-Forwarded-* say it).
+    if !forwarded.is_empty() {
+        let ip = &fwd.client_ip;
+        let last = if ip.contains(':') {
+            format!("for=\"[{ip}]\";proto={}", fwd.proto)
+        } else {
+            format!("for={ip};proto={}", fwd.proto)
+        };
+        write_list(out, b"Forwarded", &forwarded, last.as_bytes());
+    }
     match head.body() {
         BodyKind::Length(n) => {
             let _ = write!(out, "Content-Length: {n}\r\n");
@@ -385,6 +406,24 @@ mod tests {
         );
         assert_eq!(s.matches("Via").count(), 1, "{s}");
         assert!(s.contains("Via: 1.0 a, 1.1 b, 1.1 corral\r\n"), "{s}");
+    }
+
+    #[test]
+    fn forwarded_gets_this_hop_and_underscored_names_are_dropped() {
+        let buf = b"GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=6.6.6.6;proto=https\r\nX_Forwarded_Proto: https\r\nX_Real_IP: 6.6.6.6\r\nX-Ok: 1\r\n\r\n";
+        let s = String::from_utf8(upstream(buf)).unwrap();
+        assert!(
+            s.contains("Forwarded: for=6.6.6.6;proto=https, for=127.0.0.1;proto=http\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains('_'), "{s}");
+        assert!(
+            s.contains("X-Ok: 1\r\n") && s.contains("X-Forwarded-Proto: http\r\n"),
+            "{s}"
+        );
+        // None from the client: none added (X-Forwarded-* say it).
+        let s = String::from_utf8(upstream(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")).unwrap();
+        assert!(!s.contains("Forwarded:"), "{s}");
     }
 
     #[test]
