@@ -2221,3 +2221,35 @@ fn a_304_that_changes_vary_drops_the_stored_copy() {
     );
     assert_eq!(r.text(), "v2");
 }
+
+#[test]
+fn a_revalidation_herd_over_two_shards_is_one_origin_request() {
+    // Every request of the herd finds the stored copy stale; the shards'
+    // claims make one of them revalidate, and a shard that claims after
+    // that revalidation ended finds the refreshed copy rather than asking
+    // again. Repeated: each round is one conditional request.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |head, s| {
+        n.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        if head.to_ascii_lowercase().contains("if-none-match") {
+            s.write_all(
+                b"HTTP/1.1 304 Not Modified\r\nETag: \"h\"\r\nCache-Control: max-age=2\r\n\r\n",
+            )
+            .is_ok()
+        } else {
+            s.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nETag: \"h\"\r\nContent-Length: 2\r\n\r\nok")
+                .is_ok()
+        }
+    });
+    let p = Proxy::start(&["--backend", &origin.to_string(), "--shards", "2"]);
+    assert_eq!(get(p.addr, "/h").text(), "ok");
+    for round in 1..=2 {
+        std::thread::sleep(Duration::from_millis(3200));
+        for r in herd(&p, "/h", 40) {
+            assert_eq!((r.status, r.text().as_str()), (200, "ok"), "round {round}");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1 + round, "round {round}");
+    }
+}
