@@ -2253,3 +2253,43 @@ fn a_revalidation_herd_over_two_shards_is_one_origin_request() {
         assert_eq!(fetches.load(Ordering::SeqCst), 1 + round, "round {round}");
     }
 }
+
+#[test]
+fn a_fetch_alive_on_interim_answers_is_not_given_up_by_other_shards() {
+    // The origin sends a 103 every 200 ms for 3 s before its answer: each
+    // restarts the fetch's response timeout (600 ms), so the fetch is alive,
+    // but the other shard's relay heard nothing for longer than its bound
+    // for a dead fetching shard (here about 2.2 s). The interim answers now
+    // reach the relays as progress: still one origin request, and every
+    // request of the herd gets the 200.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let n = fetches.clone();
+    let origin = scripted_origin(move |_, s| {
+        n.fetch_add(1, Ordering::SeqCst);
+        for _ in 0..15 {
+            std::thread::sleep(Duration::from_millis(200));
+            if s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+                .is_err()
+            {
+                return false;
+            }
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok")
+            .is_ok()
+    });
+    let cfg = write_config(
+        "interim-relay",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 2\n\
+             [limits]\nbody_timeout = \"200ms\"\n\
+             [cache]\ncollapse_timeout = \"10s\"\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{origin}\" }}]\n\
+             retries = 0\nconnect_timeout = \"200ms\"\nresponse_timeout = \"600ms\"\nbody_timeout = \"200ms\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    for r in herd(&p, "/early", 16) {
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}

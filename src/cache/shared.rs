@@ -190,6 +190,13 @@ impl SharedFill {
         });
     }
 
+    /// The fetch is alive without news for the relays (a new attempt, an
+    /// interim response): their wait for the fetching shard starts again,
+    /// so a slow but live fetch is not taken for a dead one.
+    pub fn progress(&self) {
+        self.update(|_| {});
+    }
+
     /// It outgrew the object size limit: relays whose readers have started
     /// go on (each cut [`MAX_LAG`] behind), the others are told to go to
     /// the origin on their own, and chunks are released behind the

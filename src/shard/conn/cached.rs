@@ -904,6 +904,13 @@ impl FillJob {
         }
     }
 
+    /// Tells other shards' relays the fetch is alive ([`SharedFill::progress`]).
+    fn progress(&self) {
+        if let Some(p) = &self.publish {
+            p.fill.progress();
+        }
+    }
+
     fn push(&self, chunk: Arc<[u8]>) {
         self.push_with(chunk, false);
     }
@@ -1278,6 +1285,7 @@ impl FillJob {
             // (a fill is a GET without a body, so it is safe to repeat).
             let (err, retryable) = loop {
                 attempt += 1;
+                self.progress();
                 // After a stale pooled connection, a fresh one (see proxy).
                 let (mut up, reused) = match connection(pool, backend, false, attempt > 1).await {
                     Ok(c) => c,
@@ -1328,6 +1336,7 @@ impl FillJob {
                             interim += 1;
                             ubuf.consume(rhead.head_len);
                             deadline = Instant::now() + pool.cfg.response_timeout;
+                            self.progress();
                         }
                         Err(e) => break Err(e),
                     }
