@@ -2254,18 +2254,11 @@ fn a_revalidation_herd_over_two_shards_is_one_origin_request() {
     }
 }
 
-#[test]
-fn a_fetch_alive_on_interim_answers_is_not_given_up_by_other_shards() {
-    // The origin sends a 103 every 200 ms for 3 s before its answer: each
-    // restarts the fetch's response timeout (600 ms), so the fetch is alive,
-    // but the other shard's relay heard nothing for longer than its bound
-    // for a dead fetching shard (here about 2.2 s). The interim answers now
-    // reach the relays as progress: still one origin request, and every
-    // request of the herd gets the 200.
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let n = fetches.clone();
-    let origin = scripted_origin(move |_, s| {
-        n.fetch_add(1, Ordering::SeqCst);
+/// An origin that sends a 103 every 200 ms for 3 s, then a cacheable 200
+/// `ok`, counting its requests in `fetches`.
+fn early_hints_origin(fetches: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    scripted_origin(move |_, s| {
+        fetches.fetch_add(1, Ordering::SeqCst);
         for _ in 0..15 {
             std::thread::sleep(Duration::from_millis(200));
             if s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
@@ -2276,7 +2269,19 @@ fn a_fetch_alive_on_interim_answers_is_not_given_up_by_other_shards() {
         }
         s.write_all(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok")
             .is_ok()
-    });
+    })
+}
+
+#[test]
+fn a_fetch_alive_on_interim_answers_is_not_given_up_by_other_shards() {
+    // The origin sends a 103 every 200 ms for 3 s before its answer: each
+    // restarts the fetch's response timeout (600 ms), so the fetch is alive,
+    // but the other shard's relay heard nothing for longer than its bound
+    // for a dead fetching shard (here about 2.2 s). The interim answers now
+    // reach the relays as progress: still one origin request, and every
+    // request of the herd gets the 200.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let origin = early_hints_origin(fetches.clone());
     let cfg = write_config(
         "interim-relay",
         &format!(
@@ -2291,5 +2296,29 @@ fn a_fetch_alive_on_interim_answers_is_not_given_up_by_other_shards() {
     for r in herd(&p, "/early", 16) {
         assert_eq!((r.status, r.text().as_str()), (200, "ok"));
     }
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_fetch_alive_on_interim_answers_keeps_its_leading_request() {
+    // One request, the origin sending 103s for 3 s before its answer: the
+    // request leading the fill waits for the head at most its bound
+    // ((connect + response timeout) × 2 here, 1.6 s) without news; every
+    // interim answer is news, so it does not give up and send a second
+    // request of its own.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let origin = early_hints_origin(fetches.clone());
+    let cfg = write_config(
+        "interim-leader",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nshards = 1\n\
+             [cache]\ncollapse_timeout = \"1s\"\n\
+             [[pool]]\nname = \"p\"\nbackends = [{{ addr = \"{origin}\" }}]\n\
+             retries = 0\nconnect_timeout = \"200ms\"\nresponse_timeout = \"600ms\"\n"
+        ),
+    );
+    let p = Proxy::start(&["-c", &cfg]);
+    let r = get(p.addr, "/early");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
 }

@@ -257,6 +257,14 @@ impl Fill {
         self.state.borrow().bytes
     }
 
+    /// The fetch is alive without news for the readers (a new attempt, an
+    /// interim answer): the leading reader's wait for the head starts
+    /// again.
+    pub fn progress(&self) {
+        let mut st = self.state.borrow_mut();
+        self.bump(&mut st);
+    }
+
     fn bump(&self, st: &mut State) {
         st.version += 1;
         for w in st.wakers.drain(..) {

@@ -443,7 +443,7 @@ impl ClientConn {
         };
         // A follower sent on to its variant's fill keeps the deadline of
         // its first wait: collapse_timeout bounds the two together.
-        let wait_deadline = match waited_since {
+        let mut wait_deadline = match waited_since {
             Some(t) if !reader.first => t + wait,
             _ => Instant::now() + wait,
         };
@@ -697,7 +697,13 @@ impl ClientConn {
                     } else {
                         wait_deadline
                     };
-                    if until(deadline, fill.changed(seen)).await.is_none() {
+                    let changed = until(deadline, fill.changed(seen)).await;
+                    if changed.is_some() && reader.first && !head_sent {
+                        // News of a live fetch (a new attempt, an interim
+                        // answer): the leader's wait starts again.
+                        wait_deadline = Instant::now() + wait;
+                    }
+                    if changed.is_none() {
                         if consumed {
                             self.cut_mid_body(chunked_out, &fill);
                             return Some(Outcome::Close);
@@ -904,8 +910,10 @@ impl FillJob {
         }
     }
 
-    /// Tells other shards' relays the fetch is alive ([`SharedFill::progress`]).
+    /// Tells the fill's leading reader and other shards' relays that the
+    /// fetch is alive ([`Fill::progress`], [`SharedFill::progress`]).
     fn progress(&self) {
+        self.fill.progress();
         if let Some(p) = &self.publish {
             p.fill.progress();
         }
@@ -1112,10 +1120,14 @@ impl FillJob {
             }
             match u.end {
                 End::Open => {
-                    if until(Instant::now() + quiet, shared.changed(u.version))
-                        .await
-                        .is_none()
-                    {
+                    let changed = until(Instant::now() + quiet, shared.changed(u.version)).await;
+                    if changed.is_some() && !started {
+                        // News of the fetch without its head yet (an
+                        // attempt, an interim answer): this shard's leading
+                        // reader hears it too.
+                        self.fill.progress();
+                    }
+                    if changed.is_none() {
                         // Its fetcher is gone, or slower than the pool's
                         // timeouts should allow: this shard's readers get
                         // a 504 and later misses claim afresh, but other
