@@ -41,23 +41,14 @@ pub fn cache_key(host: &[u8], target: &[u8]) -> u64 {
 /// `GET /a` with `Host: example.com` stored, and a `POST` to any of them
 /// invalidates it (RFC 9111 §4.4).
 pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 {
-    let host = head.host.clone().map_or(&b""[..], |r| &buf[r]);
-    let host = host
-        .strip_suffix(b":80")
-        .or_else(|| host.strip_suffix(b":"))
-        .unwrap_or(host);
-    // `a.example.` is `a.example` (as routes see it): with a port kept,
-    // the dot before it goes.
-    let undotted;
-    let host = match memchr::memrchr(b':', host) {
-        Some(i) if i > 0 && host[i - 1] == b'.' && host.first() != Some(&b'[') => {
-            undotted = [&host[..i - 1], &host[i..]].concat();
-            &undotted[..]
-        }
-        None => host.strip_suffix(b".").unwrap_or(host),
-        _ => host,
+    let authority = head.host.clone().map_or(&b""[..], |r| &buf[r]);
+    // `a.example.:80` is `a.example` (as routes see it).
+    let (name, port) = crate::http::request::split_authority(authority);
+    let port = if port == b":80" || port == b":" {
+        &b""[..]
+    } else {
+        port
     };
-    let mut lower = [0u8; 256];
     let target = head.origin_target(buf);
     // `GET http://h?q` is `GET /?q` (the rewriter puts the `/` in), and
     // `/%7Ea` is `/~a` (RFC 9110 §4.2.3).
@@ -68,13 +59,19 @@ pub fn request_key(head: &crate::http::request::RequestHead, buf: &[u8]) -> u64 
     } else {
         target
     };
-    if host.len() > lower.len() {
-        return cache_key(&host.to_ascii_lowercase(), target);
-    }
-    let lower = &mut lower[..host.len()];
-    lower.copy_from_slice(host);
-    lower.make_ascii_lowercase();
-    cache_key(lower, target)
+    let len = name.len() + port.len();
+    let mut short = [0u8; 256];
+    let mut long = Vec::new();
+    let host: &mut [u8] = if len <= short.len() {
+        &mut short[..len]
+    } else {
+        long.resize(len, 0);
+        &mut long
+    };
+    host[..name.len()].copy_from_slice(name);
+    host[name.len()..].copy_from_slice(port);
+    host.make_ascii_lowercase();
+    cache_key(host, target)
 }
 
 /// A target with a `/` before a bare query, percent-encoded unreserved

@@ -133,17 +133,22 @@ impl RequestHead {
     /// dot (`a.example.` is `a.example`, the DNS root's empty label, as
     /// nginx takes it), lower-cased by the caller when needed.
     pub fn host<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
-        let h = &buf[self.host.clone()?];
-        // Strip a port, minding IPv6 literals.
-        if h.first() == Some(&b'[') {
-            return memchr::memchr(b']', h).map(|i| &h[..=i]);
-        }
-        let h = match memchr::memrchr(b':', h) {
-            Some(i) => &h[..i],
-            None => h,
-        };
-        Some(h.strip_suffix(b".").unwrap_or(h))
+        Some(split_authority(&buf[self.host.clone()?]).0)
     }
+}
+
+/// A validated authority ([`valid_authority`]) split into its host,
+/// without a trailing dot (`a.example.` is `a.example`, the DNS root's
+/// empty label, as nginx takes it), and its port part (`:8080`, `:` or
+/// empty), minding IPv6 literals.
+pub fn split_authority(a: &[u8]) -> (&[u8], &[u8]) {
+    let at = if a.first() == Some(&b'[') {
+        memchr::memchr(b']', a).map_or(a.len(), |i| i + 1)
+    } else {
+        memchr::memrchr(b':', a).unwrap_or(a.len())
+    };
+    let (host, port) = a.split_at(at);
+    (host.strip_suffix(b".").unwrap_or(host), port)
 }
 
 /// The path of an origin-form target, without its query (`/` for `?q`).

@@ -848,23 +848,15 @@ impl FillJob {
         // Another shard's fetch may have stored the response between this
         // shard's miss and its claim: then it answers, not a second fetch.
         // So may a revalidation: another shard's 304 refreshed the copy
-        // this one found stale (a fresh copy, not the one it found).
-        {
-            let values = |names: &[Vec<u8>]| vary_values(&self.request, &self.head, names);
-            if let Ok(o) = cache.find(self.key, unix_now(), values) {
-                let age = o.timing.current_age(unix_now());
-                let found_stale = self
-                    .stale
-                    .as_ref()
-                    .is_some_and(|s| Arc::ptr_eq(&s.meta, &o.meta));
-                if !found_stale
-                    && usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh
-                {
-                    self.fill.set_source(Source::Stored);
-                    self.serve_stored(&o, true);
-                    cache.collapse.remove(&self.fill);
-                    return;
-                }
+        // this one found stale (which is no fresher for this request now).
+        let values = |names: &[Vec<u8>]| vary_values(&self.request, &self.head, names);
+        if let Ok(o) = cache.find(self.key, unix_now(), values) {
+            let age = o.timing.current_age(unix_now());
+            if usable(&o.meta.facts.cc, o.lifetime, age, &self.facts) == Use::Fresh {
+                self.fill.set_source(Source::Stored);
+                self.serve_stored(&o, true);
+                cache.collapse.remove(&self.fill);
+                return;
             }
         }
         let result = self.fetch(cache).await;
